@@ -1,0 +1,3 @@
+from lowmem_cnn.cli import main
+
+main()

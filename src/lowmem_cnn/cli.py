@@ -1,0 +1,275 @@
+"""The command line: parse, build the objects, call them, print."""
+
+import json
+import sys
+from functools import wraps
+from pathlib import Path
+
+import click
+import numpy as np
+
+from lowmem_cnn import __version__
+from lowmem_cnn.budget import format_size, peak_rss, resolve_budget
+from lowmem_cnn.config import DEFAULT_CONFIG, OPTIMIZERS, load_config
+from lowmem_cnn.errors import LowmemError
+from lowmem_cnn.model import Network
+
+BUDGET_HELP = ("Peak RAM (resident set size) the process may use: bytes, or K/M/G/T and "
+               "KiB..TiB (powers of 1024), KB..TB (powers of 1000), e.g. 512M, 2G, 1.5GiB. "
+               "Default: half of the RAM available now (cgroup limit included).")
+
+
+def _user_errors(command):
+    """LowmemError becomes a one-line message and exit status 1."""
+    @wraps(command)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except LowmemError as err:
+            raise click.ClickException(str(err)) from None
+    return run
+
+
+def _common(command):
+    options = [
+        click.option("--max-ram", metavar="SIZE", help=BUDGET_HELP),
+        click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
+                     help="Directory of the four IDX files (gzipped or not). Default: "
+                          "$LOWMEM_CNN_DATA, else the user cache (MNIST is downloaded there)."),
+        click.option("--config", "config_name", default=DEFAULT_CONFIG, show_default=True,
+                     help="Network config: a name in configs/ or a .toml path."),
+        click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32",
+                     show_default=True, help="Float type of the arithmetic (float64: the book's)."),
+        click.option("--json", "as_json", is_flag=True,
+                     help="End stdout with one line of JSON holding the results."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return _user_errors(command)
+
+
+def _progress_bar(total, description):
+    from tqdm import tqdm
+
+    return tqdm(total=total or None, desc=description, unit="B", unit_scale=True, leave=False)
+
+
+def _say(text, as_json):
+    # With --json, stdout ends with the JSON line; the story goes to stderr.
+    click.echo(text, err=as_json)
+
+
+class _Run:
+    """What every command sets up: budget, network, data and the memory plan."""
+
+    def __init__(self, max_ram, config_name, dtype, as_json):
+        self.as_json = as_json
+        self.budget = resolve_budget(max_ram)
+        source = f"--max-ram {max_ram}" if max_ram else "half of the available RAM"
+        _say(f"budget: {self.budget:,} bytes ({format_size(self.budget)}, {source})", as_json)
+        self.config = load_config(config_name)
+        self.network = Network(self.config.network, np.dtype(dtype))
+
+    def make_plan(self, train, batch_size, fixed):
+        from lowmem_cnn.planner import make_plan, measure_baseline
+
+        baseline = measure_baseline(self.network, train)
+        self.plan = make_plan(self.network, self.budget, baseline, train, batch_size, fixed)
+        self.plan.apply(self.network)
+        return self.plan
+
+    def open_data(self, data_dir):
+        from lowmem_cnn.data import open_data
+
+        data = open_data(data_dir, progress=_progress_bar)
+        _say(f"data: {data.describe()}", self.as_json)
+        c, h, w = self.config.network.input_shape
+        if c != 1 or (data.test.images.rows, data.test.images.cols) != (h, w):
+            raise LowmemError(f"{data.test.images.path}: images are "
+                              f"{data.test.images.rows}x{data.test.images.cols}, the network "
+                              f"{self.config.network.name} takes {c}x{h}x{w}")
+        return data
+
+    def describe_plan(self):
+        p = self.plan
+        tiles = ", ".join(f"{rows:,}" for rows in p.tile_rows)
+        _say(f"plan: {p.micro_batch} images at a time (evaluation {p.eval_micro_batch}), "
+             f"conv column tiles of {tiles} rows; planned peak {format_size(p.peak)} "
+             f"(baseline {format_size(p.baseline)})", self.as_json)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(__version__, prog_name="lowmem-cnn")
+def main():
+    """Train and evaluate the convolutional networks of "Deep Learning from Scratch"
+    on MNIST-style data, with peak RAM kept under --max-ram."""
+
+
+@main.command()
+@click.option("--epochs", type=click.IntRange(min=1), help="Passes over the training data. "
+              "[default: from the config, 20]")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Images per update. "
+              "[default: from the config, 100]")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True, max=1e6),
+              help="Learning rate. [default: from the config, 0.001]")
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), help="[default: from the config, adam]")
+@click.option("--seed", type=int, default=0, help="Seed of the initial weights and the shuffling.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("params.pkl"),
+              help="Parameter file written at the end (the book's format).")
+@click.option("--limit", type=click.IntRange(min=1),
+              help="Train on the first N training images only (quick runs).")
+@_common
+def train(epochs, batch_size, lr, optimizer, seed, out, limit, max_ram, data_dir, config_name,
+          dtype, as_json):
+    """Train the network on the training images; report test accuracy after each epoch."""
+    from tqdm import tqdm
+
+    from lowmem_cnn.optimizers import make_optimizer
+    from lowmem_cnn.params import save_params
+    from lowmem_cnn.planner import training_state_bytes
+    from lowmem_cnn.training import TRAIN_SAMPLE, Trainer, evaluate
+
+    run = _Run(max_ram, config_name, dtype, as_json)
+    defaults = run.config.training
+    epochs = epochs or defaults.epochs
+    batch_size = batch_size or defaults.batch_size
+    lr = lr or defaults.lr
+    optimizer_name = optimizer or defaults.optimizer
+    if not np.isfinite(lr):
+        raise click.BadParameter(f"{lr} is not a finite number", param_hint="--lr")
+
+    rng = np.random.default_rng(seed)
+    network = run.network
+    network.init_params(rng)
+    optimizer = make_optimizer(optimizer_name, lr)
+    state = training_state_bytes(network, optimizer.state_copies)
+    batch_buffers = batch_size * network.input_size  # the uint8 rows of one batch
+    # Refuse a budget that is too small before touching (or downloading) the data.
+    run.make_plan(True, batch_size, state + batch_buffers)
+    data = run.open_data(data_dir)
+    trainer = Trainer(network, optimizer, data.train, run.plan.micro_batch, batch_size, rng, limit)
+    eval_batch = 1000
+    run.make_plan(True, batch_size, state + trainer.buffer_bytes() + eval_batch * network.input_size)
+    trainer.micro_batch = run.plan.micro_batch
+    run.describe_plan()
+    _say(f"training {run.config.network.name} ({dtype}) on {trainer.count:,} images: {epochs} "
+         f"epochs, batches of {batch_size}, {optimizer_name} lr {lr}", as_json)
+
+    history = []
+    for epoch in range(1, epochs + 1):
+        with tqdm(total=trainer.count, desc=f"epoch {epoch}/{epochs}", unit="img", leave=False,
+                  mininterval=0.5) as bar:
+            def on_batch(loss, n, bar=bar):
+                bar.update(n)
+                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            loss, seconds = trainer.epoch(on_batch)
+        test = evaluate(network, data.test, run.plan.eval_micro_batch, eval_batch)
+        sample = evaluate(network, data.train, run.plan.eval_micro_batch, eval_batch,
+                          count=min(TRAIN_SAMPLE, trainer.count))
+        history.append({"epoch": epoch, "loss": loss, "seconds": seconds,
+                        "train_accuracy": sample.accuracy, "test_accuracy": test.accuracy})
+        _say(f"epoch {epoch:>3}: loss {loss:.4f}  train accuracy {sample.accuracy:.4f} "
+             f"(first {sample.n:,})  test accuracy {test.accuracy:.4f}  {seconds:.1f} s "
+             f"({trainer.count / seconds:,.0f} img/s)", as_json)
+
+    save_params(out, network)
+    peak = peak_rss()
+    _say(f"saved {out}; peak RSS {peak:,} bytes ({format_size(peak)})", as_json)
+    if as_json:
+        click.echo(json.dumps({
+            "epochs": epochs,
+            "train_accuracy": history[-1]["train_accuracy"],
+            "test_accuracy": history[-1]["test_accuracy"],
+            "seconds_per_epoch": [h["seconds"] for h in history],
+            "history": history,
+            "peak_rss_bytes": peak,
+            "max_ram_bytes": run.budget,
+            "params": str(out),
+        }))
+
+
+@main.command("eval")
+@click.argument("params", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--batch-size", type=click.IntRange(min=1), default=100,
+              help="Images read and reported at a time (memory is planned separately).")
+@click.option("--split", type=click.Choice(["test", "train"]), default="test")
+@_common
+def evaluate_command(params, batch_size, split, max_ram, data_dir, config_name, dtype, as_json):
+    """Accuracy, per-class accuracy and confusion matrix of a parameter file."""
+    from lowmem_cnn.params import load_params
+    from lowmem_cnn.training import evaluate
+
+    run = _Run(max_ram, config_name, dtype, as_json)
+    load_params(params, run.network)
+    fixed = batch_size * (run.network.input_size + 8)  # uint8 rows and predicted labels
+    run.make_plan(False, batch_size, fixed)
+    data = run.open_data(data_dir)
+    run.make_plan(False, batch_size, fixed)
+    run.describe_plan()
+    result = evaluate(run.network, getattr(data, split), run.plan.eval_micro_batch, batch_size)
+    peak = peak_rss()
+    if as_json:
+        click.echo(json.dumps({
+            "accuracy": result.accuracy, "correct": result.correct, "n": result.n,
+            "per_class_accuracy": result.per_class().tolist(),
+            "confusion": result.confusion.tolist(), "split": split,
+            "peak_rss_bytes": peak, "max_ram_bytes": run.budget,
+        }))
+        return
+    click.echo(f"accuracy: {result.accuracy:.4f} ({result.correct:,} of {result.n:,} {split} images)")
+    click.echo("per class: " + "  ".join(f"{k}: {a:.4f}" for k, a in enumerate(result.per_class())))
+    click.echo("confusion matrix (rows: true label, columns: predicted):")
+    classes = len(result.confusion)
+    click.echo("     " + "".join(f"{k:>6}" for k in range(classes)))
+    for k, row in enumerate(result.confusion):
+        click.echo(f"{k:>5}" + "".join(f"{v:>6}" for v in row))
+    click.echo(f"peak RSS: {peak:,} bytes ({format_size(peak)}); budget {run.budget:,} bytes")
+
+
+@main.command("profile-memory")
+@click.option("--batch-size", type=click.IntRange(min=1), default=10_000,
+              help="Images in the batch to profile.")
+@click.option("--train/--eval", "train", default=False,
+              help="Profile forward and backward (training) or forward only.")
+@_common
+def profile_memory(batch_size, train, max_ram, data_dir, config_name, dtype, as_json):
+    """Per layer: what the book's whole-batch im2col would allocate against the tiles
+    used here; then the planned peak and the measured peak RSS of running the batch."""
+    from lowmem_cnn.profiling import layer_table, run_batch
+
+    run = _Run(max_ram, config_name, dtype, as_json)
+    network = run.network
+    network.init_params(np.random.default_rng(0))
+    fixed = batch_size * (network.input_size + 8)
+    if train:
+        from lowmem_cnn.planner import training_state_bytes
+
+        fixed += training_state_bytes(network, 0)
+    run.make_plan(train, batch_size, fixed)
+    data = run.open_data(data_dir)
+    run.make_plan(train, batch_size, fixed)
+    rows = layer_table(network, run.plan, batch_size)
+    measured = run_batch(network, data.test, run.plan, batch_size, train)
+    if as_json:
+        click.echo(json.dumps({
+            "batch_size": batch_size, "mode": "train" if train else "eval", "layers": rows,
+            "micro_batch": run.plan.micro_batch, "planned_peak_bytes": run.plan.peak,
+            "measured_peak_bytes": measured, "max_ram_bytes": run.budget,
+        }))
+        return
+    click.echo(f"{batch_size:,} images, {'forward and backward' if train else 'forward'}, "
+               f"{dtype}, {run.plan.micro_batch} images at a time")
+    click.echo(f"{'layer':<28}{'output (C,H,W)':>16}{'book im2col':>16}{'tiled':>14}{'tile rows':>11}")
+    for row in rows:
+        shape = "x".join(map(str, row["output_shape"]))
+        book = f"{row['book_im2col_bytes']:,}" if row["book_im2col_bytes"] else "-"
+        tiled = f"{row['tiled_bytes']:,}" if row["book_im2col_bytes"] else "-"
+        tile = f"{row['tile_rows']:,}" if row["tile_rows"] else "-"
+        click.echo(f"{row['layer']:<28}{shape:>16}{book:>16}{tiled:>14}{tile:>11}")
+    click.echo(f"planned peak: {run.plan.peak:,} bytes ({format_size(run.plan.peak)}); "
+               f"measured peak RSS: {measured:,} bytes ({format_size(measured)}); "
+               f"budget {run.budget:,} bytes")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

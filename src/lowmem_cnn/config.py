@@ -1,0 +1,81 @@
+"""Network and training settings from a TOML file in configs/ (or any path)."""
+
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from lowmem_cnn.errors import LowmemError
+
+DEFAULT_CONFIG = "simple_convnet"
+OPTIMIZERS = ("sgd", "momentum", "adagrad", "adam")
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    name: str
+    input_shape: tuple  # (C, H, W), as the book writes it
+    layers: tuple
+    weight_init_std: float
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    optimizer: str = "adam"
+    lr: float = 0.001
+    batch_size: int = 100
+    epochs: int = 20
+
+
+@dataclass(frozen=True)
+class Config:
+    source: str
+    network: NetworkConfig
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+
+def _read(name_or_path: str) -> tuple[str, dict]:
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.exists():
+        try:
+            return str(path), tomllib.loads(path.read_text())
+        except OSError as err:
+            raise LowmemError(f"{path}: cannot read config ({err.strerror})") from None
+        except tomllib.TOMLDecodeError as err:
+            raise LowmemError(f"{path}: not valid TOML ({err})") from None
+    shipped_dir = resources.files("lowmem_cnn") / "configs"
+    shipped = shipped_dir / f"{name_or_path}.toml"
+    if not shipped.is_file():
+        names = sorted(p.name.removesuffix(".toml") for p in shipped_dir.iterdir()
+                       if p.name.endswith(".toml"))
+        raise LowmemError(f"no config {name_or_path!r}: give a .toml path or one of {', '.join(names)}")
+    return name_or_path, tomllib.loads(shipped.read_text())
+
+
+def load_config(name_or_path: str = DEFAULT_CONFIG) -> Config:
+    source, data = _read(name_or_path)
+    try:
+        net = data["network"]
+        input_shape = tuple(int(v) for v in net["input_shape"])
+        if len(input_shape) != 3 or min(input_shape) < 1:
+            raise ValueError("input_shape must be [channels, height, width]")
+        layers = tuple(dict(layer) for layer in net["layers"])
+        for layer in layers:
+            for key, value in layer.items():
+                if key != "type" and (not isinstance(value, int) or value < (0 if key == "pad" else 1)):
+                    raise ValueError(f"layer {layer.get('type')!r}: {key} = {value!r} is not a "
+                                     f"{'non-negative' if key == 'pad' else 'positive'} whole number")
+        network = NetworkConfig(
+            name=str(net.get("name", source)), input_shape=input_shape, layers=layers,
+            weight_init_std=float(net.get("weight_init_std", 0.01)),
+        )
+        train = data.get("training", {})
+        training = TrainingConfig(**{k: train[k] for k in ("optimizer", "lr", "batch_size", "epochs")
+                                     if k in train})
+        if training.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer {training.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+    except KeyError as err:
+        raise LowmemError(f"{source}: missing {err.args[0]!r}") from None
+    except (TypeError, ValueError) as err:
+        raise LowmemError(f"{source}: {err}") from None
+    return Config(source, network, training)

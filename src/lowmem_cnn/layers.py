@@ -1,0 +1,315 @@
+"""The layers of the book's networks, NHWC, each with forward and backward.
+
+Shapes are per image: (H, W, C) for maps, (D,) for vectors. A layer keeps what its
+backward needs only when `forward(x, train=True)`. Layers may work in place on the
+array they are given (ReLU, dropout) and on the gradient they are handed back: the
+network never reuses either.
+
+`memory(m, itemsize, train)` states, for a micro-batch of m images, the bytes the
+layer allocates, so that the planner can add them up (see planner.py).
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from lowmem_cnn.columns import add_columns, column_tiles, windows
+from lowmem_cnn.errors import LowmemError
+
+
+@dataclass
+class LayerMemory:
+    out: int = 0  # new output array (0 when the layer works in place)
+    kept: int = 0  # kept from forward until backward (train only)
+    forward_scratch: int = 0  # temporaries that live during forward only
+    grad_in: int = 0  # new input-gradient array
+    backward_scratch: int = 0  # temporaries that live during backward only
+    keeps_input: bool = False  # the input array itself is kept until backward (train only)
+
+
+def _size(shape) -> int:
+    return int(np.prod(shape))
+
+
+class Convolution:
+    kind = "conv"
+
+    def __init__(self, in_shape, filters: int, size: int, stride: int = 1, pad: int = 0):
+        h, w, c = in_shape
+        if size > h + 2 * pad or size > w + 2 * pad:
+            raise ValueError(f"a {size}x{size} filter is larger than its {h}x{w} input (pad {pad})")
+        self.in_shape = (h, w, c)
+        self.size, self.stride, self.pad, self.filters = size, stride, pad, filters
+        oh, ow = (h + 2 * pad - size) // stride + 1, (w + 2 * pad - size) // stride + 1
+        self.out_shape = (oh, ow, filters)
+        self.width = size * size * c  # columns of the column matrix
+        self.rows_per_image = oh * ow
+        self.param_shapes = {"W": (self.width, filters), "b": (filters,)}
+        self.tile_rows = 1 << 30  # set by the planner
+        self.need_input_grad = True
+        self._x = None
+
+    def _padded(self, x):
+        if not self.pad:
+            return x
+        p = self.pad
+        return np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+
+    def forward(self, x, train):
+        x = self._padded(x)
+        view = windows(x, self.size, self.stride)
+        out = np.empty((x.shape[0] * self.rows_per_image, self.filters), x.dtype)
+        for start, stop, columns in column_tiles(view, self.tile_rows):
+            np.matmul(columns, self.W, out=out[start:stop])
+        out += self.b
+        if train:
+            self._x = x
+        return out.reshape(x.shape[0], *self.out_shape)
+
+    def backward(self, dout):
+        x, self._x = self._x, None
+        dout = dout.reshape(-1, self.filters)
+        self.db += dout.sum(axis=0)
+        grad = np.zeros_like(x) if self.need_input_grad else None
+        grad_view = windows(grad, self.size, self.stride, writeable=True) if grad is not None else None
+        for start, stop, columns in column_tiles(windows(x, self.size, self.stride), self.tile_rows):
+            self.dW += columns.T @ dout[start:stop]
+            if grad is not None:
+                add_columns(grad_view, start, stop, dout[start:stop] @ self.W.T)
+        if grad is None:
+            return None
+        p = self.pad
+        return np.ascontiguousarray(grad[:, p:-p, p:-p, :]) if p else grad
+
+    def memory(self, m, itemsize, train):
+        h, w, c = self.in_shape
+        padded = m * (h + 2 * self.pad) * (w + 2 * self.pad) * c * itemsize if self.pad else 0
+        tile = min(self.tile_rows, m * self.rows_per_image) * self.width * itemsize
+        return LayerMemory(
+            out=m * _size(self.out_shape) * itemsize,
+            # the padded copy is kept; without padding the input itself is kept (counted
+            # as the previous layer's output)
+            kept=padded if train else 0,
+            forward_scratch=padded + tile,
+            grad_in=(m * (h + 2 * self.pad) * (w + 2 * self.pad) * c * itemsize
+                     if self.need_input_grad else 0),
+            # the tile, its column gradients, a dW-sized product and the unpadded gradient
+            backward_scratch=2 * tile + self.width * self.filters * itemsize
+            + (m * h * w * c * itemsize if self.pad and self.need_input_grad else 0),
+            keeps_input=not self.pad,
+        )
+
+    def book_columns_bytes(self, n) -> int:
+        """What the book's whole-batch im2col allocates for n images (float64)."""
+        return n * self.rows_per_image * self.width * 8
+
+    # The book stores W as (F, C, FH, FW); columns here are in (FH, FW, C) order.
+    def from_book(self, name, array):
+        if name == "W":
+            return array.transpose(2, 3, 1, 0).reshape(self.width, self.filters)
+        return array
+
+    def to_book(self, name, array):
+        if name == "W":
+            c = self.in_shape[2]
+            return array.reshape(self.size, self.size, c, self.filters).transpose(3, 2, 0, 1)
+        return array
+
+    def book_shape(self, name):
+        c = self.in_shape[2]
+        return (self.filters, c, self.size, self.size) if name == "W" else (self.filters,)
+
+    def describe(self):
+        return f"conv {self.filters}x{self.size}x{self.size} stride {self.stride} pad {self.pad}"
+
+
+class ReLU:
+    kind = "relu"
+    param_shapes: dict = {}
+
+    def __init__(self, in_shape):
+        self.in_shape = self.out_shape = tuple(in_shape)
+        self._mask = None
+
+    def forward(self, x, train):
+        if train:
+            self._mask = x > 0
+        return np.maximum(x, 0, out=x)
+
+    def backward(self, dout):
+        mask, self._mask = self._mask, None
+        dout *= mask
+        return dout
+
+    def memory(self, m, itemsize, train):
+        return LayerMemory(kept=m * _size(self.in_shape) if train else 0)
+
+    def describe(self):
+        return "relu"
+
+
+class MaxPooling:
+    """Max over windows, taken over strided views: no column matrix at all.
+
+    Training keeps the position of the maximum (0..size*size-1) as uint8; ties go to
+    the first position, as the book's argmax does.
+    """
+
+    kind = "pool"
+    param_shapes: dict = {}
+
+    def __init__(self, in_shape, size: int, stride: int):
+        h, w, c = in_shape
+        if size > h or size > w:
+            raise ValueError(f"a {size}x{size} pool is larger than its {h}x{w} input")
+        self.in_shape = (h, w, c)
+        self.size, self.stride = size, stride
+        self.out_shape = ((h - size) // stride + 1, (w - size) // stride + 1, c)
+        self._argmax = None
+        self._in_shape_batch = None
+
+    def _views(self, x):
+        oh, ow, _ = self.out_shape
+        s = self.stride
+        for i in range(self.size):
+            for j in range(self.size):
+                yield x[:, i : i + s * (oh - 1) + 1 : s, j : j + s * (ow - 1) + 1 : s, :]
+
+    def forward(self, x, train):
+        views = self._views(x)
+        out = next(views).copy()
+        argmax = np.zeros(out.shape, np.uint8) if train else None
+        greater = np.empty(out.shape, bool)
+        for k, view in enumerate(views, start=1):
+            np.greater(view, out, out=greater)
+            np.copyto(out, view, where=greater)
+            if train:
+                np.copyto(argmax, k, where=greater)
+        if train:
+            self._argmax, self._in_shape_batch = argmax, x.shape
+        return out
+
+    def backward(self, dout):
+        argmax, self._argmax = self._argmax, None
+        grad = np.zeros(self._in_shape_batch, dout.dtype)
+        chosen = np.empty(argmax.shape, bool)
+        for k, view in enumerate(self._views(grad)):
+            np.equal(argmax, k, out=chosen)
+            np.add(view, dout, out=view, where=chosen)
+        return grad
+
+    def memory(self, m, itemsize, train):
+        out = m * _size(self.out_shape)
+        return LayerMemory(
+            out=out * itemsize,
+            kept=out if train else 0,
+            forward_scratch=out,
+            grad_in=m * _size(self.in_shape) * itemsize,
+            backward_scratch=out,
+        )
+
+    def book_columns_bytes(self, n) -> int:
+        oh, ow, c = self.out_shape
+        return n * oh * ow * c * self.size * self.size * 8
+
+    def describe(self):
+        return f"pool {self.size}x{self.size} stride {self.stride}"
+
+
+class Affine:
+    kind = "affine"
+
+    def __init__(self, in_shape, units: int):
+        self.in_shape = tuple(in_shape)
+        self.units = units
+        self.out_shape = (units,)
+        self.inputs = _size(self.in_shape)
+        self.param_shapes = {"W": (self.inputs, units), "b": (units,)}
+        self.need_input_grad = True
+        self._x = None
+
+    def forward(self, x, train):
+        x = x.reshape(x.shape[0], self.inputs)
+        if train:
+            self._x = x
+        out = x @ self.W
+        out += self.b
+        return out
+
+    def backward(self, dout):
+        x, self._x = self._x, None
+        self.dW += x.T @ dout
+        self.db += dout.sum(axis=0)
+        if not self.need_input_grad:
+            return None
+        return (dout @ self.W.T).reshape(dout.shape[0], *self.in_shape)
+
+    def memory(self, m, itemsize, train):
+        return LayerMemory(
+            out=m * self.units * itemsize,
+            grad_in=m * self.inputs * itemsize,
+            backward_scratch=self.inputs * self.units * itemsize,  # x.T @ dout before +=
+            keeps_input=True,
+        )
+
+    # The book flattens maps in (C, H, W) order; they are (H, W, C) here.
+    def _book_order(self):
+        if len(self.in_shape) == 3:
+            h, w, c = self.in_shape
+            return np.arange(self.inputs).reshape(c, h, w).transpose(1, 2, 0).ravel()
+        return None
+
+    def from_book(self, name, array):
+        order = self._book_order()
+        return array[order] if name == "W" and order is not None else array
+
+    def to_book(self, name, array):
+        order = self._book_order()
+        if name == "W" and order is not None:
+            book = np.empty_like(array)
+            book[order] = array
+            return book
+        return array
+
+    def book_shape(self, name):
+        return self.param_shapes[name]
+
+    def describe(self):
+        return f"affine {self.inputs}->{self.units}"
+
+
+def softmax_cross_entropy(scores: np.ndarray, labels: np.ndarray, batch_total: int):
+    """Summed loss of this micro-batch and d(mean loss over batch_total images)/d scores.
+
+    The book's cross-entropy: -log(p[label] + 1e-7). Works in place on `scores`.
+    """
+    scores -= scores.max(axis=1, keepdims=True)
+    np.exp(scores, out=scores)
+    scores /= scores.sum(axis=1, keepdims=True)
+    rows = np.arange(len(labels))
+    loss = -np.log(scores[rows, labels] + 1e-7).sum()
+    scores[rows, labels] -= 1
+    scores /= batch_total
+    return float(loss), scores
+
+
+def build_layer(spec: dict, in_shape):
+    """A layer from one [[network.layers]] table of a config."""
+    kind = spec.get("type")
+    try:
+        if kind == "conv":
+            return Convolution(in_shape, int(spec["filters"]), int(spec["size"]),
+                               int(spec.get("stride", 1)), int(spec.get("pad", 0)))
+        if kind == "relu":
+            return ReLU(in_shape)
+        if kind == "pool":
+            if len(in_shape) != 3:
+                raise ValueError("pooling needs a map, not a vector")
+            return MaxPooling(in_shape, int(spec["size"]), int(spec.get("stride", spec["size"])))
+        if kind == "affine":
+            return Affine(in_shape, int(spec["units"]))
+    except KeyError as err:
+        raise LowmemError(f"layer {kind!r}: missing {err.args[0]!r}") from None
+    except ValueError as err:
+        raise LowmemError(f"layer {kind!r}: {err}") from None
+    raise LowmemError(f"unknown layer type {kind!r} (conv, relu, pool, affine)")

@@ -1,0 +1,146 @@
+"""A network built from a config: its layers in order, its parameters, and micro-batches.
+
+Parameters are named as in the book's files (W1, b1, W2, ...: the conv and affine
+layers in order) and held in the layers' own layout; `book_params` and
+`load_book_params` convert from and to the book's layout.
+"""
+
+import numpy as np
+
+from lowmem_cnn.config import NetworkConfig
+from lowmem_cnn.errors import LowmemError
+from lowmem_cnn.layers import MaxPooling, ReLU, build_layer, softmax_cross_entropy
+
+
+class Network:
+    def __init__(self, config: NetworkConfig, dtype=np.float32):
+        self.config = config
+        self.dtype = np.dtype(dtype)
+        c, h, w = config.input_shape
+        self.input_shape = (h, w, c)
+        self.input_size = c * h * w  # bytes of one uint8 image
+        shape = self.input_shape
+        layers = []
+        for spec in config.layers:
+            layer = build_layer(spec, shape)
+            layers.append(layer)
+            shape = layer.out_shape
+        if len(shape) != 1:
+            raise LowmemError(f"{config.name}: the last layer must be affine (scores), not a map")
+        self.classes = shape[0]
+        self.layers = _pool_before_relu(layers)
+        self.param_layers = {}  # book index -> layer
+        for layer in self.layers:
+            if layer.param_shapes:
+                self.param_layers[len(self.param_layers) + 1] = layer
+        # The first layer's input gradient is never needed.
+        first = self.layers[0]
+        if hasattr(first, "need_input_grad"):
+            first.need_input_grad = False
+
+    # --- parameters -------------------------------------------------------------
+
+    def param_names(self):
+        for i, layer in self.param_layers.items():
+            for name in layer.param_shapes:
+                yield f"{name}{i}", layer, name
+
+    def init_params(self, rng: np.random.Generator):
+        std = self.config.weight_init_std
+        for _, layer, name in self.param_names():
+            shape = layer.param_shapes[name]
+            if name == "W":
+                value = std * rng.standard_normal(shape)
+            else:
+                value = np.zeros(shape)
+            setattr(layer, name, value.astype(self.dtype))
+        self.zero_grads()
+
+    def params(self) -> dict:
+        """Name -> the array the layer uses (updated in place by the optimizer)."""
+        return {key: getattr(layer, name) for key, layer, name in self.param_names()}
+
+    def grads(self) -> dict:
+        return {key: getattr(layer, "d" + name) for key, layer, name in self.param_names()}
+
+    def zero_grads(self):
+        for _, layer, name in self.param_names():
+            grad = getattr(layer, "d" + name, None)
+            if grad is None:
+                setattr(layer, "d" + name, np.zeros_like(getattr(layer, name)))
+            else:
+                grad.fill(0)
+
+    def expected_book_shapes(self) -> dict:
+        return {key: layer.book_shape(name) for key, layer, name in self.param_names()}
+
+    def load_book_params(self, params: dict):
+        """Take checked arrays in the book's layout (see params.check_params)."""
+        for key, layer, name in self.param_names():
+            array = np.asarray(params[key], dtype=self.dtype)
+            setattr(layer, name, np.ascontiguousarray(layer.from_book(name, array)))
+        self.zero_grads()
+
+    def book_params(self) -> dict:
+        return {key: np.ascontiguousarray(layer.to_book(name, getattr(layer, name)))
+                for key, layer, name in self.param_names()}
+
+    def param_bytes(self) -> int:
+        return sum(int(np.prod(layer.param_shapes[name])) for _, layer, name in self.param_names()
+                   ) * self.dtype.itemsize
+
+    # --- running ----------------------------------------------------------------
+
+    def to_input(self, images: np.ndarray) -> np.ndarray:
+        """uint8 rows (m, C*H*W) -> NHWC floats in [0, 1], as the book: float32 / 255."""
+        c = self.config.input_shape[0]
+        h, w, _ = self.input_shape
+        x = images.astype(np.float32)
+        x /= 255.0
+        x = x.reshape(len(images), c, h, w).transpose(0, 2, 3, 1)
+        return np.ascontiguousarray(x, dtype=self.dtype)
+
+    def scores(self, x: np.ndarray, train: bool = False) -> np.ndarray:
+        for layer in self.layers:
+            x = layer.forward(x, train)
+        return x
+
+    def backward(self, grad: np.ndarray):
+        for layer in reversed(self.layers):
+            grad = layer.backward(grad)
+
+    def predict(self, images: np.ndarray, micro_batch: int) -> np.ndarray:
+        """Predicted labels of uint8 images, `micro_batch` images through the network at once."""
+        out = np.empty(len(images), np.int64)
+        for start in range(0, len(images), micro_batch):
+            part = images[start : start + micro_batch]
+            out[start : start + len(part)] = self.scores(self.to_input(part)).argmax(axis=1)
+        return out
+
+    def accumulate_gradient(self, images, labels, micro_batch: int) -> float:
+        """Add d(mean loss)/d(params) of this mini-batch to the grads; return the mean loss.
+
+        The mini-batch runs as micro-batches whose gradients are summed, so the result
+        is the whole mini-batch's gradient, whatever the micro-batch size.
+        """
+        total = len(images)
+        loss = 0.0
+        for start in range(0, total, micro_batch):
+            x = self.to_input(images[start : start + micro_batch])
+            part_loss, grad = softmax_cross_entropy(
+                self.scores(x, train=True), labels[start : start + micro_batch], total)
+            loss += part_loss
+            self.backward(grad)
+        return loss / total
+
+
+def _pool_before_relu(layers):
+    """ReLU then max-pooling equals max-pooling then ReLU (max commutes with a
+    monotone function), and the gradient is the same; the ReLU then touches a
+    quarter of the values. Swap every such pair."""
+    layers = list(layers)
+    for i in range(len(layers) - 1):
+        if isinstance(layers[i], ReLU) and isinstance(layers[i + 1], MaxPooling):
+            pool = layers[i + 1]
+            layers[i], layers[i + 1] = pool, ReLU(pool.out_shape)
+    return layers

@@ -1,0 +1,117 @@
+"""Parameter files in the book's format: a pickled dict of NumPy arrays (W1, b1, ...).
+
+A pickle can run code when it is loaded, so files are read with an unpickler that
+resolves only the few names a pickled float array needs and refuses every other.
+"""
+
+import io
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from lowmem_cnn.errors import LowmemError
+from lowmem_cnn.files import atomic_write
+
+
+def _dtype(spec, align=False, copy=False):
+    # Pickled arrays rebuild their dtype as numpy.dtype('f8', False, True); allow
+    # plain numbers only, so an object array cannot smuggle pickled objects in.
+    dtype = np.dtype(spec)
+    if dtype.kind not in "biufc" or dtype.fields is not None:
+        raise pickle.UnpicklingError(f"arrays of dtype {dtype} are not parameters")
+    return dtype
+
+
+def _reconstruct(subtype, shape, dtype):
+    if subtype is not np.ndarray:
+        raise pickle.UnpicklingError("only plain NumPy arrays are allowed")
+    return np.ndarray.__new__(np.ndarray, shape, _dtype(dtype))
+
+
+# Everything a pickled dict of NumPy arrays names (older NumPy wrote numpy.core).
+_ALLOWED = {
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): _dtype,
+    ("collections", "OrderedDict"): dict,
+}
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        try:
+            return _ALLOWED[module, name]
+        except KeyError:
+            raise pickle.UnpicklingError(
+                f"it asks to load {module}.{name}, which a parameter file never needs "
+                "(refused: a pickle can run code)") from None
+
+
+def read_params(path: Path, max_bytes: int) -> dict:
+    """The dict of arrays in a parameter file, without running anything in it.
+
+    `max_bytes` bounds the file's size (a parameter file is about the size of its
+    arrays), so that a huge file cannot break the memory budget.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise LowmemError(f"{path}: {size:,} bytes is far more than this network's "
+                              f"parameters need (at most {max_bytes:,})")
+        data = path.read_bytes()
+    except OSError as err:
+        raise LowmemError(f"{path}: cannot read parameter file ({err.strerror})") from None
+    if not data:
+        raise LowmemError(f"{path}: empty file, not a parameter file")
+    try:
+        params = _ArrayUnpickler(io.BytesIO(data)).load()
+    except pickle.UnpicklingError as err:
+        raise LowmemError(f"{path}: not a usable parameter file: {err}") from None
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+            MemoryError, OverflowError, struct.error) as err:
+        raise LowmemError(f"{path}: not a parameter file, or a damaged one "
+                          f"({type(err).__name__}: {err})") from None
+    if not isinstance(params, dict):
+        raise LowmemError(f"{path}: holds a {type(params).__name__}, not a dict of arrays")
+    return params
+
+
+def check_params(path, params: dict, expected_shapes: dict):
+    """Keys, shapes, dtypes and values fit the network; a clear error otherwise."""
+    missing = [k for k in expected_shapes if k not in params]
+    if missing:
+        raise LowmemError(f"{path}: missing {', '.join(missing)} (this network has "
+                          f"{', '.join(expected_shapes)})")
+    extra = [str(k) for k in params if k not in expected_shapes]
+    if extra:
+        raise LowmemError(f"{path}: unexpected {', '.join(extra)} (this network has "
+                          f"{', '.join(expected_shapes)})")
+    for key, shape in expected_shapes.items():
+        value = params[key]
+        if not isinstance(value, np.ndarray):
+            raise LowmemError(f"{path}: {key} is a {type(value).__name__}, not an array")
+        if value.shape != tuple(shape):
+            raise LowmemError(f"{path}: {key} has shape {value.shape}, expected {tuple(shape)}")
+        if value.dtype.kind != "f":
+            raise LowmemError(f"{path}: {key} has dtype {value.dtype}, expected floats")
+        if not np.isfinite(value).all():
+            raise LowmemError(f"{path}: {key} holds NaN or infinity")
+
+
+def load_params(path, network):
+    """Read, check and load a parameter file into `network`."""
+    # float64 of every parameter, plus room for the pickle's own framing
+    limit = 2 * network.param_bytes() * 8 // network.dtype.itemsize + (1 << 20)
+    params = read_params(path, limit)
+    check_params(path, params, network.expected_book_shapes())
+    network.load_book_params(params)
+
+
+def save_params(path, network):
+    """Write the network's parameters in the book's format, atomically."""
+    with atomic_write(Path(path), "parameter file") as f:
+        pickle.dump(network.book_params(), f, protocol=4)

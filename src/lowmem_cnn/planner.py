@@ -1,0 +1,169 @@
+"""The memory plan: how many images go through the network at once, and how many
+column rows each convolution makes at a time, so that the peak RSS stays under the
+budget.
+
+The planned peak is
+    baseline  (measured RSS of the process before the run's own arrays)
+  + fixed     (gradients, optimizer state, index and batch buffers: what the run
+               allocates besides activations; the parameters are in the baseline)
+  + the activation peak of one micro-batch (simulated layer by layer, below)
+  + a margin  (allocator rounding and fragmentation, Python objects).
+"""
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from lowmem_cnn.errors import LowmemError
+
+# A column tile of about this size stays in the L2 cache while its GEMM runs.
+TILE_BYTES = 256 * 1024
+# Evaluation gains nothing from micro-batches larger than this.
+MAX_EVAL_MICRO_BATCH = 500
+MARGIN_BYTES = 3 * 1024 * 1024
+MARGIN_SHARE = 0.05
+
+
+@dataclass(frozen=True)
+class Plan:
+    budget: int
+    baseline: int
+    fixed: int
+    micro_batch: int  # images through the network at once (training, or evaluation alone)
+    eval_micro_batch: int  # the same for evaluation
+    tile_rows: tuple  # one per convolution, in layer order
+    activations: int
+    peak: int
+
+    def apply(self, network):
+        for layer, rows in zip(_convolutions(network), self.tile_rows):
+            layer.tile_rows = rows
+
+    def as_dict(self):
+        return asdict(self)
+
+
+def _convolutions(network):
+    return [layer for layer in network.layers if layer.kind == "conv"]
+
+
+def activation_peak(network, m: int, train: bool) -> int:
+    """Peak bytes of the arrays one micro-batch of m images allocates.
+
+    Walks the forward pass (and the backward pass when training) counting the
+    arrays alive at each step: what the layers keep for backward, the current
+    activation or gradient, the layer's new output and its temporaries.
+    """
+    s = network.dtype.itemsize
+    inputs = m * int(np.prod(network.input_shape))
+    alive = inputs * s
+    peak = alive + inputs * 4  # uint8 -> float32 conversion
+    kept = 0
+    for layer in network.layers:
+        mem = layer.memory(m, s, train)
+        peak = max(peak, kept + alive + mem.out + mem.forward_scratch)
+        if train:
+            kept += mem.kept + (alive if mem.keeps_input else 0)
+            if mem.keeps_input:
+                alive = 0
+        if mem.out:
+            alive = mem.out
+    if not train:
+        return peak
+    grad = alive  # the loss gradient takes the scores' place
+    for layer in reversed(network.layers):
+        mem = layer.memory(m, s, train)
+        peak = max(peak, kept + grad + mem.grad_in + mem.backward_scratch)
+        kept -= mem.kept
+        if mem.keeps_input:
+            kept -= _input_bytes(layer, m, s)
+        if mem.grad_in:
+            grad = mem.grad_in
+    return peak
+
+
+def _input_bytes(layer, m, s):
+    return m * int(np.prod(layer.in_shape)) * s
+
+
+def training_state_bytes(network, optimizer_copies: int) -> int:
+    """Gradients, optimizer state and the temporaries of one update."""
+    largest = max(int(np.prod(shape)) for layer in network.param_layers.values()
+                  for shape in layer.param_shapes.values())
+    return network.param_bytes() * (1 + optimizer_copies) + 2 * largest * network.dtype.itemsize
+
+
+def _peak(baseline, fixed, activations):
+    return baseline + fixed + activations + MARGIN_BYTES + int(MARGIN_SHARE * (fixed + activations))
+
+
+def make_plan(network, budget: int, baseline: int, train: bool, batch_size: int,
+              fixed: int) -> Plan:
+    """The largest micro-batch (at most `batch_size`) and column tiles that fit `budget`.
+
+    A training plan also sizes the micro-batch of the evaluations made between
+    epochs. Raises LowmemError with the minimum budget when not even one image with
+    one-row tiles fits.
+    """
+    convs = _convolutions(network)
+    s = network.dtype.itemsize
+
+    def set_tiles(m, tile_bytes):
+        for layer in convs:
+            rows = max(1, tile_bytes // (layer.width * s))
+            layer.tile_rows = min(rows, m * layer.rows_per_image)
+
+    def peak_for(m, tile_bytes):
+        set_tiles(m, tile_bytes)
+        return _peak(baseline, fixed, activation_peak(network, m, train))
+
+    # Shrink the tiles only when even one image does not fit with cache-sized tiles.
+    tile_bytes = TILE_BYTES
+    while tile_bytes > 1 and peak_for(1, tile_bytes) > budget:
+        tile_bytes //= 2
+    minimum = peak_for(1, 1)
+    if minimum > budget:
+        raise LowmemError(
+            f"--max-ram {budget:,} bytes is too small: this run needs at least {minimum:,} bytes "
+            f"({minimum / 2**20:.1f} MiB; the process already holds {baseline / 2**20:.1f} MiB)"
+        )
+    def largest(cap, training):  # the largest m <= cap whose peak fits
+        low, high = 1, cap
+        while low < high:
+            mid = (low + high + 1) // 2
+            set_tiles(mid, tile_bytes)
+            if _peak(baseline, fixed, activation_peak(network, mid, training)) <= budget:
+                low = mid
+            else:
+                high = mid - 1
+        return low
+
+    eval_micro_batch = largest(MAX_EVAL_MICRO_BATCH if train else
+                               min(batch_size, MAX_EVAL_MICRO_BATCH), False)
+    micro_batch = largest(batch_size, True) if train else eval_micro_batch
+    # Tiles sized for the smaller micro-batch serve the other as well.
+    set_tiles(micro_batch, tile_bytes)
+    activations = max(activation_peak(network, micro_batch, train),
+                      activation_peak(network, eval_micro_batch, False))
+    return Plan(
+        budget=budget, baseline=baseline, fixed=fixed, micro_batch=micro_batch,
+        eval_micro_batch=eval_micro_batch, tile_rows=tuple(layer.tile_rows for layer in convs),
+        activations=activations, peak=_peak(baseline, fixed, activations),
+    )
+
+
+def measure_baseline(network, train: bool) -> int:
+    """RSS once the process holds its libraries, parameters and BLAS buffers.
+
+    Two images through the network make the BLAS library set up its thread buffers
+    and NumPy its caches, so the measurement includes them.
+    """
+    from lowmem_cnn.budget import current_rss
+
+    images = np.zeros((2, network.input_size), np.uint8)
+    if train:
+        network.accumulate_gradient(images, np.zeros(2, np.int64), 2)
+        network.zero_grads()
+    else:
+        network.predict(images, 2)
+    return current_rss()

@@ -1,0 +1,39 @@
+"""profile-memory: the book's whole-batch im2col bytes against the tiles, and a measured run."""
+
+import numpy as np
+
+from lowmem_cnn.budget import peak_rss
+
+
+def layer_table(network, plan, batch_size: int) -> list[dict]:
+    """One row per layer for a batch of `batch_size` images."""
+    s = network.dtype.itemsize
+    rows = []
+    for layer in network.layers:
+        book = layer.book_columns_bytes(batch_size) if hasattr(layer, "book_columns_bytes") else 0
+        tile_rows = getattr(layer, "tile_rows", 0) if layer.kind == "conv" else 0
+        shape = layer.out_shape
+        rows.append({
+            "layer": layer.describe(),
+            # the book's (C, H, W) order, for readers of the book
+            "output_shape": [shape[2], shape[0], shape[1]] if len(shape) == 3 else list(shape),
+            "book_im2col_bytes": book,
+            # pooling takes the max over strided views: no columns at all
+            "tiled_bytes": tile_rows * layer.width * s if tile_rows else 0,
+            "tile_rows": tile_rows,
+            "activation_bytes": plan.micro_batch * int(np.prod(shape)) * s,
+        })
+    return rows
+
+
+def run_batch(network, split, plan, batch_size: int, train: bool) -> int:
+    """Run the first `batch_size` images of `split` through the network (forward, or
+    forward and backward) as the plan says; return the peak RSS of the process."""
+    n = min(batch_size, len(split))
+    images = split.images.read_range(0, n)
+    if train:
+        network.zero_grads()
+        network.accumulate_gradient(images, split.labels[:n], plan.micro_batch)
+    else:
+        network.predict(images, plan.eval_micro_batch)
+    return peak_rss()
