@@ -71,7 +71,7 @@ def add_columns(grad_view: np.ndarray, start: int, stop: int, grad_columns: np.n
     so the add goes one filter offset at a time: for a fixed offset no two output
     pixels touch the same input element.
     """
-    n, oh, ow, fh, fw, c = grad_view.shape
+    _n, oh, ow, fh, fw, _c = grad_view.shape
     pos = 0
     for index, rows in _pieces(start, stop, oh * ow, ow):
         target = grad_view[index]

@@ -169,23 +169,27 @@ class MaxPooling:
         self._in_shape_batch = None
 
     def _views(self, x):
+        """One strided view per position in the window, each shaped like the output."""
         oh, ow, _ = self.out_shape
         s = self.stride
-        for i in range(self.size):
-            for j in range(self.size):
-                yield x[:, i : i + s * (oh - 1) + 1 : s, j : j + s * (ow - 1) + 1 : s, :]
+        return [x[:, i : i + s * (oh - 1) + 1 : s, j : j + s * (ow - 1) + 1 : s, :]
+                for i in range(self.size) for j in range(self.size)]
 
     def forward(self, x, train):
         views = self._views(x)
-        out = next(views).copy()
-        argmax = np.zeros(out.shape, np.uint8) if train else None
-        greater = np.empty(out.shape, bool)
-        for k, view in enumerate(views, start=1):
-            np.greater(view, out, out=greater)
-            np.copyto(out, view, where=greater)
-            if train:
-                np.copyto(argmax, k, where=greater)
+        out = np.maximum(views[0], views[1]) if len(views) > 1 else views[0].copy()
+        for view in views[2:]:
+            np.maximum(out, view, out=out)
         if train:
+            # position of the first maximum = how many leading views miss it
+            # (boolean arithmetic: masked writes are several times slower)
+            argmax = np.zeros(out.shape, np.uint8)
+            missed = np.ones(out.shape, bool)
+            differs = np.empty(out.shape, bool)
+            for view in views[:-1]:
+                np.not_equal(view, out, out=differs)
+                missed &= differs
+                argmax += missed
             self._argmax, self._in_shape_batch = argmax, x.shape
         return out
 
@@ -193,9 +197,13 @@ class MaxPooling:
         argmax, self._argmax = self._argmax, None
         grad = np.zeros(self._in_shape_batch, dout.dtype)
         chosen = np.empty(argmax.shape, bool)
+        overlapping = self.stride < self.size
         for k, view in enumerate(self._views(grad)):
             np.equal(argmax, k, out=chosen)
-            np.add(view, dout, out=view, where=chosen)
+            if overlapping:
+                view += dout * chosen
+            else:  # each input element is in one window at most
+                np.multiply(dout, chosen, out=view)
         return grad
 
     def memory(self, m, itemsize, train):
@@ -203,9 +211,9 @@ class MaxPooling:
         return LayerMemory(
             out=out * itemsize,
             kept=out if train else 0,
-            forward_scratch=out,
+            forward_scratch=2 * out if train else 0,
             grad_in=m * _size(self.in_shape) * itemsize,
-            backward_scratch=out,
+            backward_scratch=out + (out * itemsize if self.stride < self.size else 0),
         )
 
     def book_columns_bytes(self, n) -> int:

@@ -20,13 +20,13 @@ def _dtype(spec, align=False, copy=False):
     # plain numbers only, so an object array cannot smuggle pickled objects in.
     dtype = np.dtype(spec)
     if dtype.kind not in "biufc" or dtype.fields is not None:
-        raise pickle.UnpicklingError(f"arrays of dtype {dtype} are not parameters")
+        raise _Refused(f"arrays of dtype {dtype} are not parameters")
     return dtype
 
 
 def _reconstruct(subtype, shape, dtype):
     if subtype is not np.ndarray:
-        raise pickle.UnpicklingError("only plain NumPy arrays are allowed")
+        raise _Refused("only plain NumPy arrays are allowed")
     return np.ndarray.__new__(np.ndarray, shape, _dtype(dtype))
 
 
@@ -40,12 +40,16 @@ _ALLOWED = {
 }
 
 
+class _Refused(pickle.UnpicklingError):
+    pass
+
+
 class _ArrayUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         try:
             return _ALLOWED[module, name]
         except KeyError:
-            raise pickle.UnpicklingError(
+            raise _Refused(
                 f"it asks to load {module}.{name}, which a parameter file never needs "
                 "(refused: a pickle can run code)") from None
 
@@ -69,9 +73,10 @@ def read_params(path: Path, max_bytes: int) -> dict:
         raise LowmemError(f"{path}: empty file, not a parameter file")
     try:
         params = _ArrayUnpickler(io.BytesIO(data)).load()
-    except pickle.UnpicklingError as err:
+    except _Refused as err:
         raise LowmemError(f"{path}: not a usable parameter file: {err}") from None
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
+            KeyError,
             MemoryError, OverflowError, struct.error) as err:
         raise LowmemError(f"{path}: not a parameter file, or a damaged one "
                           f"({type(err).__name__}: {err})") from None

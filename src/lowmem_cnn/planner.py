@@ -16,8 +16,9 @@ import numpy as np
 
 from lowmem_cnn.errors import LowmemError
 
-# A column tile of about this size stays in the L2 cache while its GEMM runs.
-TILE_BYTES = 256 * 1024
+# Column tiles of about this size: large enough that the per-tile Python work is
+# small against the GEMM, small against any budget (scripts/bench.py compares sizes).
+TILE_BYTES = 1024 * 1024
 # Evaluation gains nothing from micro-batches larger than this.
 MAX_EVAL_MICRO_BATCH = 500
 MARGIN_BYTES = 3 * 1024 * 1024

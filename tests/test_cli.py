@@ -1,0 +1,111 @@
+"""The commands as a user runs them: exit status, one-line errors, real results."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from idx_files import write_dataset
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "lowmem_cnn", *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd, env=os.environ.copy(),
+                          timeout=600)
+
+
+def assert_clean_failure(result, message, status=None):
+    assert result.returncode != 0 if status is None else result.returncode == status
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_help_and_version():
+    result = run("--help")
+    assert result.returncode == 0 and "train" in result.stdout and "profile-memory" in result.stdout
+    assert run("--version").stdout.strip().startswith("lowmem-cnn, version")
+    for command in ("train", "eval", "profile-memory"):
+        text = run(command, "--help").stdout
+        assert "--max-ram" in text and "1024" in text and "--json" in text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--max-ram", "banana"], "banana"),
+    (["train", "--max-ram", "0"], "not a positive size"),
+    (["train", "--max-ram", "-1G"], "-1G"),
+    (["train", "--epochs", "0"], "--epochs"),
+    (["train", "--batch-size", "-5"], "--batch-size"),
+    (["train", "--lr", "nan"], "--lr"),
+    (["train", "--lr", "-1"], "--lr"),
+    (["train", "--optimizer", "rmsprop"], "--optimizer"),
+    (["train", "--config", "no_such_net"], "no config 'no_such_net'"),
+    (["eval", "no-such-file.pkl", "--max-ram", "1G"], "no-such-file.pkl"),
+])
+def test_bad_options_are_one_line_errors(tmp_path, args, message):
+    write_dataset(tmp_path / "data")
+    assert_clean_failure(run(*args, "--data-dir", tmp_path / "data", cwd=tmp_path), message)
+
+
+def test_budget_below_minimum_is_refused_before_any_work(tmp_path):
+    result = run("train", "--max-ram", "20M", "--data-dir", tmp_path / "absent", cwd=tmp_path)
+    # refused before the data is even looked at
+    assert_clean_failure(result, "needs at least", status=1)
+    assert "absent" not in result.stderr
+    assert not (tmp_path / "params.pkl").exists()
+
+
+def test_data_of_the_wrong_size_for_the_network(tmp_path):
+    write_dataset(tmp_path / "data", size=20)
+    result = run("train", "--data-dir", tmp_path / "data", "--max-ram", "1G", cwd=tmp_path)
+    assert_clean_failure(result, "images are 20x20")
+
+
+def test_train_then_eval_on_synthetic_data(tmp_path):
+    write_dataset(tmp_path / "data", n_train=120, n_test=30, gz=True)
+    out = tmp_path / "p.pkl"
+    result = run("train", "--data-dir", tmp_path / "data", "--epochs", "2", "--batch-size", "32",
+                 "--out", out, "--json", "--max-ram", "256M", "--optimizer", "momentum")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["epochs"] == 2 and len(summary["seconds_per_epoch"]) == 2
+    assert 0 < summary["peak_rss_bytes"]
+    assert out.exists()
+    result = run("eval", out, "--data-dir", tmp_path / "data", "--json", "--batch-size", "7")
+    assert result.returncode == 0, result.stderr
+    evaluation = json.loads(result.stdout.strip().splitlines()[-1])
+    assert evaluation["n"] == 30 and sum(map(sum, evaluation["confusion"])) == 30
+    assert evaluation["accuracy"] == pytest.approx(summary["test_accuracy"])
+
+
+def test_book_fixture_eval_at_any_batch_size(book_params, mnist_dir):
+    result = run("eval", book_params, "--batch-size", "10000", "--max-ram", "128M", "--data-dir",
+                 mnist_dir, "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (summary["correct"], summary["n"]) == (9600, 10000)
+    assert summary["max_ram_bytes"] == 128 * 2**20
+    text = run("eval", book_params, "--batch-size", "333", "--data-dir", mnist_dir).stdout
+    assert "accuracy: 0.9600 (9,600 of 10,000 test images)" in text
+    assert "confusion matrix" in text
+
+
+def test_short_real_training_run_learns(mnist_dir, tmp_path):
+    result = run("train", "--limit", "5000", "--epochs", "2", "--max-ram", "128M", "--data-dir",
+                 mnist_dir, "--out", tmp_path / "p.pkl", "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["test_accuracy"] > 0.85
+
+
+def test_profile_memory_reports_the_books_im2col(mnist_dir):
+    result = run("profile-memory", "--batch-size", "10000", "--max-ram", "128M", "--data-dir",
+                 mnist_dir, "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    conv = report["layers"][0]
+    assert conv["book_im2col_bytes"] == 1_152_000_000
+    assert 0 < conv["tiled_bytes"] < 2**21
+    assert report["planned_peak_bytes"] <= report["max_ram_bytes"]
+    text = run("profile-memory", "--batch-size", "100", "--train", "--data-dir", mnist_dir).stdout
+    assert "11,520,000" in text and "measured peak RSS" in text

@@ -1,0 +1,216 @@
+"""Tiled convolution and pooling against plain reference implementations, and
+numerical gradient checks of every layer."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lowmem_cnn.layers import Affine, Convolution, MaxPooling, ReLU, softmax_cross_entropy
+
+
+def reference_conv(x, w, b, stride, pad):
+    """Direct convolution, NCHW like the book: out[n,f,i,j] = sum x_pad[n,c,i*s+p,j*s+q] w[f,c,p,q] + b[f]."""
+    n, _c, h, wd = x.shape
+    f, _, k, _ = w.shape
+    xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    oh, ow = (h + 2 * pad - k) // stride + 1, (wd + 2 * pad - k) // stride + 1
+    out = np.zeros((n, f, oh, ow))
+    for i in range(oh):
+        for j in range(ow):
+            patch = xp[:, :, i * stride : i * stride + k, j * stride : j * stride + k]
+            out[:, :, i, j] = np.tensordot(patch, w, axes=([1, 2, 3], [1, 2, 3])) + b
+    return out
+
+
+def reference_pool(x, size, stride):
+    n, c, h, w = x.shape
+    oh, ow = (h - size) // stride + 1, (w - size) // stride + 1
+    out = np.zeros((n, c, oh, ow))
+    for i in range(oh):
+        for j in range(ow):
+            out[:, :, i, j] = x[:, :, i * stride : i * stride + size, j * stride : j * stride + size
+                                ].max(axis=(2, 3))
+    return out
+
+
+def nhwc(a):
+    return a.transpose(0, 2, 3, 1)
+
+
+def nchw(a):
+    return a.transpose(0, 3, 1, 2)
+
+
+def make_conv(rng, in_shape, filters, size, stride, pad, tile_rows, dtype=np.float64):
+    conv = Convolution(in_shape, filters, size, stride, pad)
+    book_w = rng.standard_normal((filters, in_shape[2], size, size)).astype(dtype)
+    conv.W = np.ascontiguousarray(conv.from_book("W", book_w))
+    conv.b = rng.standard_normal(filters).astype(dtype)
+    conv.dW, conv.db = np.zeros_like(conv.W), np.zeros_like(conv.b)
+    conv.tile_rows = tile_rows
+    return conv, book_w
+
+
+def numerical_grad(f, x, eps=1e-6):
+    grad = np.zeros_like(x)
+    flat, gflat = x.reshape(-1), grad.reshape(-1)
+    for i in range(flat.size):
+        old = flat[i]
+        flat[i] = old + eps
+        up = f()
+        flat[i] = old - eps
+        down = f()
+        flat[i] = old
+        gflat[i] = (up - down) / (2 * eps)
+    return grad
+
+
+conv_cases = st.tuples(
+    st.integers(1, 3),  # images
+    st.integers(1, 3),  # channels
+    st.integers(3, 8),  # height
+    st.integers(3, 8),  # width
+    st.integers(1, 4),  # filters
+    st.integers(1, 3),  # filter size
+    st.integers(1, 3),  # stride
+    st.integers(0, 2),  # pad
+    st.integers(1, 200),  # tile rows (1 row, and sizes that do not divide the rows)
+    st.integers(0, 2**32 - 1),
+)
+
+
+@settings(max_examples=120, deadline=None)
+@given(conv_cases)
+def test_tiled_convolution_matches_reference(case):
+    n, c, h, w, f, k, stride, pad, tile_rows, seed = case
+    rng = np.random.default_rng(seed)
+    conv, book_w = make_conv(rng, (h, w, c), f, k, stride, pad, tile_rows)
+    x = rng.standard_normal((n, h, w, c))
+    out = conv.forward(x.copy(), train=True)
+    expected = reference_conv(nchw(x), book_w, conv.b, stride, pad)
+    np.testing.assert_allclose(nchw(out), expected, rtol=1e-10, atol=1e-10)
+
+    # backward against the gradient of sum(out * dout), computed directly
+    dout = rng.standard_normal(out.shape)
+    dx = conv.backward(dout.copy())
+    xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    oh, ow = out.shape[1:3]
+    w4 = book_w.transpose(2, 3, 1, 0)  # (k, k, c, f)
+    dxp, dw4 = np.zeros_like(xp), np.zeros_like(w4)
+    for i in range(k):
+        for j in range(k):
+            xs = xp[:, i : i + stride * (oh - 1) + 1 : stride, j : j + stride * (ow - 1) + 1 : stride]
+            dxp[:, i : i + stride * (oh - 1) + 1 : stride, j : j + stride * (ow - 1) + 1 : stride] += (
+                dout @ w4[i, j].T)
+            dw4[i, j] = np.tensordot(xs, dout, axes=([0, 1, 2], [0, 1, 2]))
+    np.testing.assert_allclose(dx, dxp[:, pad : pad + h, pad : pad + w], rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(conv.to_book("W", conv.dW), dw4.transpose(3, 2, 0, 1), rtol=1e-9,
+                               atol=1e-9)
+    np.testing.assert_allclose(conv.db, dout.sum(axis=(0, 1, 2)), rtol=1e-9, atol=1e-9)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(2, 9), st.integers(2, 9),
+       st.integers(1, 3), st.integers(1, 3), st.integers(0, 2**32 - 1))
+def test_pooling_matches_reference(n, c, h, w, size, stride, seed):
+    size = min(size, h, w)
+    rng = np.random.default_rng(seed)
+    # few distinct values, so that ties occur and the first maximum must win
+    x = rng.integers(-3, 4, (n, h, w, c)).astype(np.float64)
+    pool = MaxPooling((h, w, c), size, stride)
+    out = pool.forward(x.copy(), train=True)
+    np.testing.assert_array_equal(nchw(out), reference_pool(nchw(x), size, stride))
+    dout = rng.standard_normal(out.shape)
+    dx = pool.backward(dout)
+    expected = np.zeros_like(x)
+    oh, ow = out.shape[1:3]
+    for a in range(n):
+        for ch in range(c):
+            for i in range(oh):
+                for j in range(ow):
+                    window = x[a, i * stride : i * stride + size, j * stride : j * stride + size, ch]
+                    p, q = np.unravel_index(np.argmax(window), window.shape)  # first maximum
+                    expected[a, i * stride + p, j * stride + q, ch] += dout[a, i, j, ch]
+    np.testing.assert_allclose(dx, expected)
+
+
+def test_one_row_tiles_and_ragged_tiles_agree():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((5, 9, 9, 2))
+    outs = []
+    for rows in (1, 7, 49, 10_000):
+        conv, _ = make_conv(np.random.default_rng(2), (9, 9, 2), 3, 3, 1, 1, rows)
+        outs.append(conv.forward(x.copy(), train=False))
+    for out in outs[1:]:
+        np.testing.assert_allclose(out, outs[0], rtol=1e-12)
+
+
+def check_layer_gradients(layer, x, rng, params=()):
+    out = layer.forward(x.copy(), train=True)
+    dout = rng.standard_normal(out.shape)
+    for name in params:
+        getattr(layer, "d" + name).fill(0)
+    dx = layer.backward(dout.copy())
+
+    def loss():
+        return float((layer.forward(x.copy(), train=False) * dout).sum())
+
+    if dx is not None:
+        np.testing.assert_allclose(dx, numerical_grad(loss, x), rtol=1e-5, atol=1e-7)
+    for name in params:
+        np.testing.assert_allclose(getattr(layer, "d" + name), numerical_grad(
+            loss, getattr(layer, name)), rtol=1e-5, atol=1e-7)
+
+
+def test_conv_gradients_numerically():
+    rng = np.random.default_rng(3)
+    conv, _ = make_conv(rng, (6, 5, 2), 3, 3, 2, 1, 4)
+    check_layer_gradients(conv, rng.standard_normal((2, 6, 5, 2)), rng, ("W", "b"))
+
+
+def test_affine_gradients_numerically():
+    rng = np.random.default_rng(4)
+    affine = Affine((3, 2, 2), 5)
+    affine.W, affine.b = rng.standard_normal((12, 5)), rng.standard_normal(5)
+    affine.dW, affine.db = np.zeros_like(affine.W), np.zeros_like(affine.b)
+    check_layer_gradients(affine, rng.standard_normal((4, 3, 2, 2)), rng, ("W", "b"))
+
+
+def test_relu_and_pool_gradients_numerically():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 6, 6, 3))  # distinct values: the max is never a tie
+    check_layer_gradients(ReLU((6, 6, 3)), x, rng)
+    check_layer_gradients(MaxPooling((6, 6, 3), 2, 2), x, rng)
+    check_layer_gradients(MaxPooling((6, 6, 3), 3, 1), x, rng)
+
+
+def test_softmax_cross_entropy_gradient_numerically():
+    rng = np.random.default_rng(6)
+    scores = rng.standard_normal((4, 10))
+    labels = np.array([3, 0, 9, 3])
+    _, grad = softmax_cross_entropy(scores.copy(), labels, 4)
+
+    def loss():
+        return softmax_cross_entropy(scores.copy(), labels, 4)[0] / 4
+
+    np.testing.assert_allclose(grad, numerical_grad(loss, scores), rtol=1e-5, atol=1e-8)
+
+
+def test_book_layout_round_trip():
+    rng = np.random.default_rng(7)
+    conv, book_w = make_conv(rng, (7, 7, 3), 4, 3, 1, 0, 5)
+    np.testing.assert_array_equal(conv.to_book("W", conv.W), book_w)
+    affine = Affine((2, 3, 4), 6)  # maps flatten in (C, H, W) order in the book
+    book = rng.standard_normal((24, 6))
+    inside = affine.from_book("W", book)
+    np.testing.assert_array_equal(affine.to_book("W", inside), book)
+    x_hwc = rng.standard_normal((1, 2, 3, 4))
+    np.testing.assert_allclose(x_hwc.reshape(1, -1) @ inside,
+                               x_hwc.transpose(0, 3, 1, 2).reshape(1, -1) @ book)
+
+
+@pytest.mark.parametrize("size", [7, 9])
+def test_filter_larger_than_input_is_refused(size):
+    with pytest.raises(ValueError, match="larger"):
+        Convolution((6, 6, 1), 2, size, 1, 0)

@@ -1,0 +1,140 @@
+"""The whole network: gradients, micro-batches, the planner, and the book's parameters."""
+
+import numpy as np
+import pytest
+
+from lowmem_cnn.config import load_config
+from lowmem_cnn.errors import LowmemError
+from lowmem_cnn.model import Network
+from lowmem_cnn.planner import activation_peak, make_plan, training_state_bytes
+
+TINY = """
+[network]
+name = "tiny"
+input_shape = [1, 8, 8]
+weight_init_std = 0.3
+[[network.layers]]
+type = "conv"
+filters = 3
+size = 3
+pad = 1
+[[network.layers]]
+type = "relu"
+[[network.layers]]
+type = "pool"
+size = 2
+stride = 2
+[[network.layers]]
+type = "conv"
+filters = 2
+size = 2
+stride = 1
+[[network.layers]]
+type = "relu"
+[[network.layers]]
+type = "affine"
+units = 5
+[[network.layers]]
+type = "relu"
+[[network.layers]]
+type = "affine"
+units = 10
+"""
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY)
+    net = Network(load_config(str(path)).network, np.float64)
+    net.init_params(np.random.default_rng(0))
+    for layer in net.layers:
+        if layer.kind == "conv":
+            layer.tile_rows = 7  # does not divide the rows of an image
+    return net
+
+
+def loss_of(net, images, labels):
+    from lowmem_cnn.layers import softmax_cross_entropy
+
+    return softmax_cross_entropy(net.scores(net.to_input(images)), labels, len(labels))[0] / len(labels)
+
+
+def test_whole_network_gradient_numerically(tiny):
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (3, 64), dtype=np.uint8)
+    labels = np.array([1, 7, 3])
+    tiny.zero_grads()
+    tiny.accumulate_gradient(images, labels, micro_batch=3)
+    for key, param in tiny.params().items():
+        analytic = tiny.grads()[key]
+        flat = param.reshape(-1)
+        for i in rng.choice(flat.size, size=min(flat.size, 12), replace=False):
+            old = flat[i]
+            flat[i] = old + 1e-6
+            up = loss_of(tiny, images, labels)
+            flat[i] = old - 1e-6
+            down = loss_of(tiny, images, labels)
+            flat[i] = old
+            numeric = (up - down) / 2e-6
+            assert abs(numeric - analytic.reshape(-1)[i]) <= 1e-6 + 1e-4 * abs(numeric), key
+
+
+@pytest.mark.parametrize("micro", [1, 2, 5, 7])
+def test_micro_batches_give_the_whole_batch_gradient(tiny, micro):
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 256, (7, 64), dtype=np.uint8)
+    labels = rng.integers(0, 10, 7)
+    tiny.zero_grads()
+    whole_loss = tiny.accumulate_gradient(images, labels, 7)
+    whole = {k: g.copy() for k, g in tiny.grads().items()}
+    tiny.zero_grads()
+    loss = tiny.accumulate_gradient(images, labels, micro)
+    assert loss == pytest.approx(whole_loss, rel=1e-12)
+    for key, grad in tiny.grads().items():
+        np.testing.assert_allclose(grad, whole[key], rtol=1e-10, atol=1e-13)
+
+
+def test_pool_before_relu_swap_keeps_the_book_order_semantics():
+    net = Network(load_config().network)
+    kinds = [layer.kind for layer in net.layers]
+    assert kinds == ["conv", "pool", "relu", "affine", "relu", "affine"]
+    assert net.layers[0].need_input_grad is False
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_plans_stay_within_budget(train):
+    net = Network(load_config().network)
+    net.init_params(np.random.default_rng(0))
+    baseline = 40 * 2**20
+    fixed = training_state_bytes(net, 2) if train else 0
+    previous = 0
+    for budget_mib in (48, 52, 56, 64, 80, 96, 128, 256, 512, 2048):
+        budget = budget_mib * 2**20
+        try:
+            plan = make_plan(net, budget, baseline, train, 100, fixed)
+        except LowmemError as err:
+            assert "at least" in str(err)
+            continue
+        assert plan.peak <= budget
+        assert 1 <= plan.micro_batch <= 100
+        assert plan.micro_batch >= previous  # more room never means smaller batches
+        previous = plan.micro_batch
+        for rows in plan.tile_rows:
+            assert rows >= 1
+    assert previous == 100
+
+
+def test_budget_below_minimum_is_refused_with_the_minimum():
+    net = Network(load_config().network)
+    net.init_params(np.random.default_rng(0))
+    with pytest.raises(LowmemError, match=r"needs at least [\d,]+ bytes"):
+        make_plan(net, 30 * 2**20, 40 * 2**20, False, 100, 0)
+
+
+def test_activation_peak_grows_with_the_micro_batch():
+    net = Network(load_config().network)
+    for train in (False, True):
+        peaks = [activation_peak(net, m, train) for m in (1, 10, 100)]
+        assert peaks[0] < peaks[1] < peaks[2]
+    assert activation_peak(net, 100, True) > activation_peak(net, 100, False)

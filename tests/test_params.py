@@ -1,0 +1,174 @@
+import errno
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+from lowmem_cnn.config import load_config
+from lowmem_cnn.errors import LowmemError
+from lowmem_cnn.model import Network
+from lowmem_cnn.params import load_params, save_params
+
+
+@pytest.fixture
+def network():
+    net = Network(load_config().network)
+    net.init_params(np.random.default_rng(0))
+    return net
+
+
+def book_dict(seed=1):
+    rng = np.random.default_rng(seed)
+    shapes = {"W1": (30, 1, 5, 5), "b1": (30,), "W2": (4320, 100), "b2": (100,),
+              "W3": (100, 10), "b3": (10,)}
+    return {k: rng.standard_normal(s) for k, s in shapes.items()}
+
+
+def test_save_then_load_is_the_same_network(network, tmp_path):
+    path = tmp_path / "p.pkl"
+    save_params(path, network)
+    other = Network(load_config().network)
+    load_params(path, other)
+    for key, value in network.params().items():
+        np.testing.assert_array_equal(other.params()[key], value)
+    # what we write is what the book's load_params reads: a plain dict of arrays
+    with open(path, "rb") as f:
+        raw = pickle.load(f)
+    assert sorted(raw) == ["W1", "W2", "W3", "b1", "b2", "b3"]
+    assert raw["W1"].shape == (30, 1, 5, 5) and raw["W2"].shape == (4320, 100)
+
+
+class Boom:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+class Evil:
+    def __reduce__(self):
+        return (eval, ("__import__('pathlib').Path('pwned').touch()",))
+
+
+class Exec:
+    def __reduce__(self):
+        import builtins
+
+        return (builtins.exec, ("open('pwned', 'w').close()",))
+
+
+class Sub:
+    def __reduce__(self):
+        import subprocess
+
+        return (subprocess.call, (["touch", "pwned"],))
+
+
+@pytest.mark.parametrize("payload", [Boom(), Evil(), Exec(), Sub()])
+def test_malicious_pickles_are_refused_before_anything_runs(network, tmp_path, monkeypatch,
+                                                            payload):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.pkl"
+    params = book_dict()
+    params["W1"] = payload
+    path.write_bytes(pickle.dumps(params))
+    with pytest.raises(LowmemError, match="refused: a pickle can run code"):
+        load_params(path, network)
+    assert not (tmp_path / "pwned").exists()
+
+
+BROKEN = {
+    "missing key": (lambda d: {k: v for k, v in d.items() if k != "b3"}, "missing b3"),
+    "extra key": (lambda d: d.update(W9=np.zeros(3)) or d, "unexpected W9"),
+    "wrong shape": (lambda d: d.update(W2=np.zeros((100, 4320))) or d,
+                    r"W2 has shape \(100, 4320\), expected \(4320, 100\)"),
+    "int dtype": (lambda d: d.update(b1=np.zeros(30, np.int64)) or d, "dtype int64"),
+    "complex dtype": (lambda d: d.update(b1=np.zeros(30, complex)) or d, "dtype complex128"),
+    "object dtype": (lambda d: d.update(b1=np.array([None] * 30)) or d, "dtype object"),
+    "dtype.type smuggled": (lambda d: d.update(b1=np.zeros(30, "U3")) or d, "dtype <U3"),
+    "nan": (lambda d: d["W3"].__setitem__((0, 0), np.nan) or d, "NaN or infinity"),
+    "infinity": (lambda d: d["b2"].__setitem__(3, np.inf) or d, "NaN or infinity"),
+    "a list": (lambda d: list(d.values()), "holds a list"),
+    "a string": (lambda d: "W1 b1", "holds a str"),
+    "not an array": (lambda d: d.update(W1=[1, 2]) or d, "W1 is a list"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_broken_parameter_files_name_the_problem(network, tmp_path, case):
+    make, message = BROKEN[case]
+    path = tmp_path / "p.pkl"
+    path.write_bytes(pickle.dumps(make(book_dict())))
+    with pytest.raises(LowmemError, match=message) as err:
+        load_params(path, network)
+    assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "empty file"),
+    (b"hello, this is not a pickle", "not a parameter file"),
+    (None, "not a parameter file"),  # truncated
+])
+def test_unreadable_parameter_files(network, tmp_path, content, message):
+    path = tmp_path / "p.pkl"
+    if content is None:
+        content = pickle.dumps(book_dict())[:5000]
+    path.write_bytes(content)
+    with pytest.raises(LowmemError, match=message):
+        load_params(path, network)
+
+
+def test_huge_declared_array_is_refused(network, tmp_path):
+    params = book_dict()
+    data = pickle.dumps(params, protocol=4)
+    # a shape of 10**12 elements over the few bytes actually present
+    small = np.zeros(3)
+    bad = pickle.dumps({"W1": small}, protocol=4).replace(
+        pickle.dumps((3,), protocol=4)[2:-2], pickle.dumps((10**12,), protocol=4)[2:-2])
+    path = tmp_path / "p.pkl"
+    path.write_bytes(bad)
+    with pytest.raises(LowmemError):
+        load_params(path, network)
+    # and a file far larger than any parameters is refused before it is read
+    path.write_bytes(data * 4)
+    with pytest.raises(LowmemError, match="far more than"):
+        load_params(path, network)
+
+
+def test_disk_full_on_save_keeps_the_old_file(network, tmp_path, monkeypatch):
+    path = tmp_path / "p.pkl"
+    save_params(path, network)
+    before = path.read_bytes()
+    network.init_params(np.random.default_rng(5))
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(LowmemError, match="cannot write parameter file .*No space left"):
+        save_params(path, network)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["p.pkl"]  # no temporary file left behind
+
+
+def test_unwritable_directory_on_save(network, tmp_path):
+    with pytest.raises(LowmemError, match="cannot write parameter file"):
+        save_params(tmp_path / "no-such-dir" / "p.pkl", network)
+
+
+def test_book_fixture_on_real_test_set(book_params, mnist_dir):
+    from lowmem_cnn.data import open_directory
+    from lowmem_cnn.training import evaluate
+
+    data = open_directory(mnist_dir)
+    predictions = {}
+    for dtype in (np.float64, np.float32):
+        net = Network(load_config().network, dtype)
+        load_params(book_params, net)
+        for layer in net.layers:
+            if layer.kind == "conv":
+                layer.tile_rows = 3000
+        result = evaluate(net, data.test, 500, 10_000)
+        assert result.correct == 9600, dtype
+        predictions[dtype] = net.predict(data.test.images.read_range(0, 10_000), 777)
+    # float32 rounding may flip an exact tie, nothing more
+    assert (predictions[np.float64] != predictions[np.float32]).sum() <= 2
