@@ -109,3 +109,14 @@ def test_profile_memory_reports_the_books_im2col(mnist_dir):
     assert report["planned_peak_bytes"] <= report["max_ram_bytes"]
     text = run("profile-memory", "--batch-size", "100", "--train", "--data-dir", mnist_dir).stdout
     assert "11,520,000" in text and "measured peak RSS" in text
+
+
+def test_huge_batch_size_still_fits(tmp_path):
+    write_dataset(tmp_path / "data", n_train=40, n_test=25)
+    result = run("train", "--data-dir", tmp_path / "data", "--epochs", "1", "--out", tmp_path / "p.pkl",
+                 "--max-ram", "256M")
+    assert result.returncode == 0, result.stderr
+    result = run("eval", tmp_path / "p.pkl", "--data-dir", tmp_path / "data", "--batch-size",
+                 "1000000000", "--max-ram", "128M", "--json")
+    assert result.returncode == 0, result.stderr
+    assert '"n": 25' in result.stdout

@@ -191,17 +191,19 @@ def train(epochs, batch_size, lr, optimizer, seed, out, limit, max_ram, data_dir
 @main.command("eval")
 @click.argument("params", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--batch-size", type=click.IntRange(min=1), default=100,
-              help="Images read and reported at a time (memory is planned separately).")
+              help="Images read at a time, at most 10,000 (memory is planned separately: any "
+                   "batch size works within the budget).")
 @click.option("--split", type=click.Choice(["test", "train"]), default="test")
 @_common
 def evaluate_command(params, batch_size, split, max_ram, data_dir, config_name, dtype, as_json):
     """Accuracy, per-class accuracy and confusion matrix of a parameter file."""
     from lowmem_cnn.params import load_params
-    from lowmem_cnn.training import evaluate
+    from lowmem_cnn.training import MAX_READ_IMAGES, evaluate
 
     run = _Run(max_ram, config_name, dtype, as_json)
     load_params(params, run.network)
-    fixed = batch_size * (run.network.input_size + 8)  # uint8 rows and predicted labels
+    # uint8 rows and predicted labels of one read
+    fixed = min(batch_size, MAX_READ_IMAGES) * (run.network.input_size + 8)
     run.make_plan(False, batch_size, fixed)
     data = run.open_data(data_dir)
     run.make_plan(False, batch_size, fixed)
@@ -228,7 +230,8 @@ def evaluate_command(params, batch_size, split, max_ram, data_dir, config_name, 
 
 @main.command("profile-memory")
 @click.option("--batch-size", type=click.IntRange(min=1), default=10_000,
-              help="Images in the batch to profile.")
+              help="Images in the batch to profile (the book's columns are shown for this "
+                   "many; at most 10,000 test images are run).")
 @click.option("--train/--eval", "train", default=False,
               help="Profile forward and backward (training) or forward only.")
 @_common
@@ -236,11 +239,12 @@ def profile_memory(batch_size, train, max_ram, data_dir, config_name, dtype, as_
     """Per layer: what the book's whole-batch im2col would allocate against the tiles
     used here; then the planned peak and the measured peak RSS of running the batch."""
     from lowmem_cnn.profiling import layer_table, run_batch
+    from lowmem_cnn.training import MAX_READ_IMAGES
 
     run = _Run(max_ram, config_name, dtype, as_json)
     network = run.network
     network.init_params(np.random.default_rng(0))
-    fixed = batch_size * (network.input_size + 8)
+    fixed = min(batch_size, MAX_READ_IMAGES) * (network.input_size + 8)
     if train:
         from lowmem_cnn.planner import training_state_bytes
 

@@ -97,7 +97,7 @@ class ImageFile:
     def read(self, indices: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """The images at `indices` (any order) as rows of uint8."""
         out = np.empty((len(indices), self.row_bytes), np.uint8) if out is None else out
-        for row, index in zip(out, indices.tolist()):
+        for row, index in zip(out, indices.tolist(), strict=False):  # out may be longer
             self._pread(row, 16 + index * self.row_bytes)
         return out[: len(indices)]
 

@@ -10,7 +10,7 @@ The planned peak is
   + a margin  (allocator rounding and fragmentation, Python objects).
 """
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -37,11 +37,8 @@ class Plan:
     peak: int
 
     def apply(self, network):
-        for layer, rows in zip(_convolutions(network), self.tile_rows):
+        for layer, rows in zip(_convolutions(network), self.tile_rows, strict=True):
             layer.tile_rows = rows
-
-    def as_dict(self):
-        return asdict(self)
 
 
 def _convolutions(network):

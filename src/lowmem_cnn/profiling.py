@@ -3,6 +3,7 @@
 import numpy as np
 
 from lowmem_cnn.budget import peak_rss
+from lowmem_cnn.training import MAX_READ_IMAGES
 
 
 def layer_table(network, plan, batch_size: int) -> list[dict]:
@@ -29,7 +30,7 @@ def layer_table(network, plan, batch_size: int) -> list[dict]:
 def run_batch(network, split, plan, batch_size: int, train: bool) -> int:
     """Run the first `batch_size` images of `split` through the network (forward, or
     forward and backward) as the plan says; return the peak RSS of the process."""
-    n = min(batch_size, len(split))
+    n = min(batch_size, len(split), MAX_READ_IMAGES)
     images = split.images.read_range(0, n)
     if train:
         network.zero_grads()

@@ -7,6 +7,9 @@ import numpy as np
 
 # Train accuracy after each epoch is measured on this many training images (the first ones).
 TRAIN_SAMPLE = 10_000
+# Evaluation reads at most this many uint8 images at a time (7.8 MB for MNIST), whatever
+# the batch size asked for: a larger read would only cost memory.
+MAX_READ_IMAGES = 10_000
 
 
 @dataclass
@@ -35,6 +38,7 @@ def evaluate(network, split, micro_batch: int, batch_size: int, count: int | Non
              on_batch=None) -> Evaluation:
     """Confusion matrix of the first `count` images (all by default), read `batch_size` at a time."""
     n = len(split) if count is None else min(count, len(split))
+    batch_size = min(batch_size, MAX_READ_IMAGES)
     classes = network.classes
     confusion = np.zeros((classes, classes), np.int64)
     for start in range(0, n, batch_size):
@@ -56,9 +60,6 @@ class Trainer:
         self.micro_batch, self.batch_size, self.rng = micro_batch, batch_size, rng
         self.count = len(split) if count is None else min(count, len(split))
         self._buffer = np.empty((batch_size, split.images.row_bytes), np.uint8)
-
-    def batches_per_epoch(self) -> int:
-        return -(-self.count // self.batch_size)
 
     def epoch(self, on_batch=None) -> tuple[float, float]:
         """One pass over the data; returns (mean loss, seconds)."""
