@@ -1,0 +1,50 @@
+"""The optimizers against the book's update rules, written out plainly."""
+
+import numpy as np
+import pytest
+
+from lowmem_cnn.optimizers import make_optimizer
+
+
+def book_steps(name, lr, params, grads_seq):
+    p = params.copy()
+    v = np.zeros_like(p)
+    h = np.zeros_like(p)
+    m = np.zeros_like(p)
+    for t, g in enumerate(grads_seq, start=1):
+        if name == "sgd":
+            p -= lr * g
+        elif name == "momentum":
+            v = 0.9 * v - lr * g
+            p += v
+        elif name == "adagrad":
+            h += g * g
+            p -= lr * g / (np.sqrt(h) + 1e-7)
+        else:
+            lr_t = lr * np.sqrt(1 - 0.999**t) / (1 - 0.9**t)
+            m += (1 - 0.9) * (g - m)
+            v += (1 - 0.999) * (g**2 - v)
+            p -= lr_t * m / (np.sqrt(v) + 1e-7)
+    return p
+
+
+@pytest.mark.parametrize("name", ["sgd", "momentum", "adagrad", "adam"])
+def test_updates_follow_the_book(name):
+    rng = np.random.default_rng(0)
+    start = rng.standard_normal((4, 3))
+    grads_seq = [rng.standard_normal((4, 3)) for _ in range(5)]
+    optimizer = make_optimizer(name, 0.01)
+    param = start.copy()
+    for g in grads_seq:
+        optimizer.update({"W": param}, {"W": g.copy()})
+    np.testing.assert_allclose(param, book_steps(name, 0.01, start, grads_seq), rtol=1e-12,
+                               atol=1e-14)
+
+
+@pytest.mark.parametrize("name", ["sgd", "momentum", "adagrad", "adam"])
+def test_descends_a_quadratic(name):
+    param = np.array([3.0, -2.0])
+    optimizer = make_optimizer(name, {"adagrad": 0.5}.get(name, 0.1))
+    for _ in range(200):
+        optimizer.update({"x": param}, {"x": 2 * param})
+    assert np.abs(param).max() < 0.5
