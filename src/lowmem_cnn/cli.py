@@ -1,7 +1,9 @@
 """The command line: parse, build the objects, call them, print."""
 
 import json
+import signal
 import sys
+import time
 from functools import wraps
 from pathlib import Path
 
@@ -105,6 +107,35 @@ def main():
     on MNIST-style data, with peak RAM kept under --max-ram."""
 
 
+class _StopRequest:
+    """SIGINT and SIGTERM let the current update finish; the loop then checkpoints and exits."""
+
+    def __init__(self):
+        self.signal = None
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._request)
+
+    def _request(self, signum, frame):
+        self.signal = signum
+
+
+# Without --checkpoint-every, the checkpoint is written after this much training time.
+CHECKPOINT_SECONDS = 60
+
+
+def _existing_checkpoint(path: Path):
+    """A checkpoint already at `path` that a new run must not overwrite, or None."""
+    from lowmem_cnn.checkpoint import read_checkpoint
+
+    if not path.exists():
+        return None
+    try:
+        meta, _ = read_checkpoint(path)
+    except LowmemError as err:
+        raise LowmemError(f"{err}; remove it or choose another --checkpoint") from None
+    return None if meta.get("finished") else meta
+
+
 @main.command()
 @click.option("--epochs", type=click.IntRange(min=1), help="Passes over the training data. "
               "[default: from the config, 20]")
@@ -118,61 +149,151 @@ def main():
               help="Parameter file written at the end (the book's format).")
 @click.option("--limit", type=click.IntRange(min=1),
               help="Train on the first N training images only (quick runs).")
+@click.option("--checkpoint", "checkpoint_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Checkpoint file, written after every epoch.  [default: the --out path + .ckpt]")
+@click.option("--checkpoint-every", type=click.IntRange(min=1),
+              help="Also write the checkpoint every N updates.  [default: after every "
+                   f"{CHECKPOINT_SECONDS} s of training]")
+@click.option("--resume", is_flag=True,
+              help="Continue the run in the checkpoint where it stopped, with its settings.")
 @_common
-def train(epochs, batch_size, lr, optimizer, seed, out, limit, max_ram, data_dir, config_name,
-          dtype, as_json):
-    """Train the network on the training images; report test accuracy after each epoch."""
+def train(epochs, batch_size, lr, optimizer, seed, out, limit, checkpoint_path, checkpoint_every,
+          resume, max_ram, data_dir, config_name, dtype, as_json):
+    """Train the network on the training images; report test accuracy after each epoch.
+
+    Ctrl-C or SIGTERM: the current update finishes, a checkpoint is written, and
+    `lowmem-cnn train --resume` continues the run exactly."""
     from tqdm import tqdm
 
+    from lowmem_cnn.checkpoint import read_checkpoint, write_checkpoint
     from lowmem_cnn.optimizers import make_optimizer
     from lowmem_cnn.params import save_params
-    from lowmem_cnn.planner import training_state_bytes
+    from lowmem_cnn.planner import recorded_plan, training_state_bytes
     from lowmem_cnn.training import TRAIN_SAMPLE, Trainer, evaluate
+
+    checkpoint_path = checkpoint_path or out.with_name(out.name + ".ckpt")
+    if resume:
+        meta, arrays = read_checkpoint(checkpoint_path)
+        settings = meta.get("run")
+        if not isinstance(settings, dict):
+            raise LowmemError(f"{checkpoint_path}: not a training checkpoint")
+        if meta.get("finished"):
+            _say(f"{checkpoint_path}: this run finished all {settings['epochs']} epochs; its "
+                 f"parameters are in {settings['out']}", as_json)
+            return
+        config_name, dtype = settings["config"], settings["dtype"]
+        max_ram = max_ram or str(settings["max_ram"])
+    else:
+        if _existing_checkpoint(checkpoint_path):
+            raise LowmemError(f"{checkpoint_path} holds an unfinished run: continue it with "
+                              "--resume, or choose another --checkpoint")
 
     run = _Run(max_ram, config_name, dtype, as_json)
     defaults = run.config.training
-    epochs = epochs or defaults.epochs
-    batch_size = batch_size or defaults.batch_size
-    lr = lr or defaults.lr
-    optimizer_name = optimizer or defaults.optimizer
-    if not np.isfinite(lr):
-        raise click.BadParameter(f"{lr} is not a finite number", param_hint="--lr")
+    if not resume:
+        settings = {
+            "config": config_name, "dtype": dtype, "epochs": epochs or defaults.epochs,
+            "batch_size": batch_size or defaults.batch_size, "lr": lr or defaults.lr,
+            "optimizer": optimizer or defaults.optimizer, "seed": seed, "limit": limit,
+            "out": str(out), "max_ram": run.budget,
+        }
+    epochs, batch_size, out = settings["epochs"], settings["batch_size"], Path(settings["out"])
+    if not np.isfinite(settings["lr"]):
+        raise click.BadParameter(f"{settings['lr']} is not a finite number", param_hint="--lr")
 
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(settings["seed"])
     network = run.network
     network.init_params(rng)
-    optimizer = make_optimizer(optimizer_name, lr)
+    optimizer = make_optimizer(settings["optimizer"], settings["lr"])
     state = training_state_bytes(network, optimizer.state_copies)
-    batch_buffers = batch_size * network.input_size  # the uint8 rows of one batch
-    # Refuse a budget that is too small before touching (or downloading) the data.
-    run.make_plan(True, batch_size, state + batch_buffers)
-    data = run.open_data(data_dir)
-    trainer = Trainer(network, optimizer, data.train, run.plan.micro_batch, batch_size, rng, limit)
     eval_batch = 1000
-    run.make_plan(True, batch_size, state + trainer.buffer_bytes() + eval_batch * network.input_size)
+
+    def plan(buffers):
+        if resume:
+            p = meta["plan"]
+            run.plan = recorded_plan(network, run.budget, measure_baseline(network, True),
+                                     state + buffers, p["micro_batch"], p["eval_micro_batch"],
+                                     p["tile_rows"])
+        else:
+            run.make_plan(True, batch_size, state + buffers)
+
+    from lowmem_cnn.planner import measure_baseline
+
+    # Refuse a budget that is too small before touching (or downloading) the data.
+    plan(batch_size * network.input_size)
+    data = run.open_data(data_dir)
+    trainer = Trainer(network, optimizer, data.train, run.plan.micro_batch, batch_size, rng,
+                      settings["limit"])
+    history = []
+    if resume:
+        if trainer.count != settings["train_images"]:
+            raise LowmemError(f"{checkpoint_path}: the run was started on "
+                              f"{settings['train_images']:,} training images, this data has "
+                              f"{trainer.count:,}")
+        trainer.restore(meta, arrays)
+        history = meta["history"]
+        del arrays
+    settings["train_images"] = trainer.count
+    plan(trainer.buffer_bytes() + eval_batch * network.input_size)
     trainer.micro_batch = run.plan.micro_batch
     run.describe_plan()
-    _say(f"training {run.config.network.name} ({dtype}) on {trainer.count:,} images: {epochs} "
-         f"epochs, batches of {batch_size}, {optimizer_name} lr {lr}", as_json)
+    _say(f"{'resuming' if resume else 'training'} {run.config.network.name} ({dtype}) on "
+         f"{trainer.count:,} images: {epochs} epochs, batches of {batch_size}, "
+         f"{settings['optimizer']} lr {settings['lr']}"
+         + (f"; from epoch {trainer.epochs_done + 1}, update {trainer.position}" if resume else ""),
+         as_json)
 
-    history = []
-    for epoch in range(1, epochs + 1):
-        with tqdm(total=trainer.count, desc=f"epoch {epoch}/{epochs}", unit="img", leave=False,
-                  mininterval=0.5) as bar:
-            def on_batch(loss, n, bar=bar):
+    def save_checkpoint(finished=False):
+        meta, arrays = trainer.state()
+        p = run.plan
+        meta.update(run=settings, history=history, finished=finished,
+                    plan={"micro_batch": p.micro_batch, "eval_micro_batch": p.eval_micro_batch,
+                          "tile_rows": list(p.tile_rows)})
+        write_checkpoint(checkpoint_path, meta, arrays)
+
+    def stop_here(signum):
+        save_checkpoint()
+        where = (f"in epoch {trainer.epochs_done + 1} after update {trainer.position}"
+                 if trainer.position else f"after epoch {trainer.epochs_done}")
+        click.echo(f"stopped by {signal.Signals(signum).name} {where}; checkpoint written to "
+                   f"{checkpoint_path}. "
+                   f"Continue with: lowmem-cnn train --resume --checkpoint {checkpoint_path}",
+                   err=True)
+        sys.exit(128 + signum)
+
+    stop = _StopRequest()
+    saved_at = time.monotonic()
+    while trainer.epochs_done < epochs:
+        epoch = trainer.epochs_done + 1
+        with tqdm(total=trainer.count, initial=min(trainer.position * batch_size, trainer.count),
+                  desc=f"epoch {epoch}/{epochs}", unit="img", leave=False, mininterval=0.5) as bar:
+            for loss, n in trainer.steps():
                 bar.update(n)
                 bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-            loss, seconds = trainer.epoch(on_batch)
+                if stop.signal:
+                    break
+                if (trainer.position % checkpoint_every == 0 if checkpoint_every
+                        else time.monotonic() - saved_at >= CHECKPOINT_SECONDS):
+                    save_checkpoint()
+                    saved_at = time.monotonic()
+        if stop.signal:
+            stop_here(stop.signal)
+        loss, seconds = trainer.finish_epoch()
         test = evaluate(network, data.test, run.plan.eval_micro_batch, eval_batch)
         sample = evaluate(network, data.train, run.plan.eval_micro_batch, eval_batch,
                           count=min(TRAIN_SAMPLE, trainer.count))
         history.append({"epoch": epoch, "loss": loss, "seconds": seconds,
                         "train_accuracy": sample.accuracy, "test_accuracy": test.accuracy})
+        save_checkpoint()
+        saved_at = time.monotonic()
         _say(f"epoch {epoch:>3}: loss {loss:.4f}  train accuracy {sample.accuracy:.4f} "
              f"(first {sample.n:,})  test accuracy {test.accuracy:.4f}  {seconds:.1f} s "
              f"({trainer.count / seconds:,.0f} img/s)", as_json)
+        if stop.signal:
+            stop_here(stop.signal)
 
     save_params(out, network)
+    save_checkpoint(finished=True)
     peak = peak_rss()
     _say(f"saved {out}; peak RSS {peak:,} bytes ({format_size(peak)})", as_json)
     if as_json:
@@ -185,6 +306,7 @@ def train(epochs, batch_size, lr, optimizer, seed, out, limit, max_ram, data_dir
             "peak_rss_bytes": peak,
             "max_ram_bytes": run.budget,
             "params": str(out),
+            "checkpoint": str(checkpoint_path),
         }))
 
 

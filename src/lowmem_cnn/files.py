@@ -22,6 +22,7 @@ def atomic_write(path: Path, what: str = "file"):
     except OSError as err:
         raise LowmemError(f"cannot write {what} {path}: {err.strerror}") from None
     try:
+        os.fchmod(fd, _mode_for(path))
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
@@ -34,6 +35,16 @@ def atomic_write(path: Path, what: str = "file"):
         _remove(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def _mode_for(path: Path) -> int:
+    """The replaced file's permissions, or what a plain open() would give a new file."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def _remove(path):

@@ -150,6 +150,27 @@ def make_plan(network, budget: int, baseline: int, train: bool, batch_size: int,
     )
 
 
+def recorded_plan(network, budget: int, baseline: int, fixed: int, micro_batch: int,
+                  eval_micro_batch: int, tile_rows) -> Plan:
+    """A training plan chosen before (a resumed run keeps it, so that its arithmetic is
+    the same), checked against this budget."""
+    convs = _convolutions(network)
+    if len(tile_rows) != len(convs):
+        raise LowmemError("the recorded plan does not fit this network")
+    for layer, rows in zip(convs, tile_rows, strict=True):
+        layer.tile_rows = rows
+    activations = max(activation_peak(network, micro_batch, True),
+                      activation_peak(network, eval_micro_batch, False))
+    peak = _peak(baseline, fixed, activations)
+    if peak > budget:
+        raise LowmemError(
+            f"--max-ram {budget:,} bytes is too small for the plan this run was started with: "
+            f"it needs at least {peak:,} bytes ({peak / 2**20:.1f} MiB)")
+    return Plan(budget=budget, baseline=baseline, fixed=fixed, micro_batch=micro_batch,
+                eval_micro_batch=eval_micro_batch, tile_rows=tuple(tile_rows),
+                activations=activations, peak=peak)
+
+
 def measure_baseline(network, train: bool) -> int:
     """RSS once the process holds its libraries, parameters and BLAS buffers.
 

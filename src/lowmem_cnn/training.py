@@ -52,32 +52,76 @@ def evaluate(network, split, micro_batch: int, batch_size: int, count: int | Non
 
 
 class Trainer:
-    """Mini-batch training over a fresh random permutation each epoch."""
+    """Mini-batch training over a fresh random permutation each epoch.
+
+    The state between two updates (the epoch's permutation and the position in it,
+    the RNG, the loss so far) is all in attributes, so that `state()` and `restore()`
+    can stop a run after any update and continue it with the same arithmetic.
+    """
 
     def __init__(self, network, optimizer, split, micro_batch: int, batch_size: int,
                  rng: np.random.Generator, count: int | None = None):
         self.network, self.optimizer, self.split = network, optimizer, split
         self.micro_batch, self.batch_size, self.rng = micro_batch, batch_size, rng
         self.count = len(split) if count is None else min(count, len(split))
-        self._buffer = np.empty((batch_size, split.images.row_bytes), np.uint8)
+        self._buffer = np.empty((min(batch_size, self.count), split.images.row_bytes), np.uint8)
+        self.epochs_done = 0
+        self.order = None  # permutation of the epoch under way, None between epochs
+        self.position = 0  # updates done in the epoch under way
+        self.loss_sum = 0.0
+        self.seconds = 0.0  # spent on updates in the epoch under way
 
-    def epoch(self, on_batch=None) -> tuple[float, float]:
-        """One pass over the data; returns (mean loss, seconds)."""
-        began = time.perf_counter()
-        order = self.rng.permutation(self.count)
-        loss_sum = 0.0
-        for start in range(0, self.count, self.batch_size):
-            indices = order[start : start + self.batch_size]
+    def steps(self):
+        """Run the rest of the epoch under way (or a new one), yielding (loss, images)
+        after each update."""
+        if self.order is None:
+            self.order = self.rng.permutation(self.count)
+            self.position, self.loss_sum, self.seconds = 0, 0.0, 0.0
+        while self.position * self.batch_size < self.count:
+            began = time.perf_counter()
+            start = self.position * self.batch_size
+            indices = self.order[start : start + self.batch_size]
             images = self.split.images.read(indices, self._buffer)
             labels = self.split.labels[indices]
             self.network.zero_grads()
             loss = self.network.accumulate_gradient(images, labels, self.micro_batch)
             self.optimizer.update(self.network.params(), self.network.grads())
-            loss_sum += loss * len(indices)
-            if on_batch:
-                on_batch(loss, len(indices))
-        return loss_sum / self.count, time.perf_counter() - began
+            self.loss_sum += loss * len(indices)
+            self.position += 1
+            self.seconds += time.perf_counter() - began
+            yield loss, len(indices)
+
+    def finish_epoch(self) -> tuple[float, float]:
+        """(mean loss, seconds) of the epoch just run."""
+        result = self.loss_sum / self.count, self.seconds
+        self.order, self.position = None, 0
+        self.epochs_done += 1
+        return result
 
     def buffer_bytes(self) -> int:
         """The batch buffer and the epoch's permutation."""
         return self._buffer.nbytes + 8 * self.count
+
+    def state(self) -> tuple[dict, dict]:
+        """(metadata, arrays) that `restore` continues from exactly."""
+        meta = {
+            "epochs_done": self.epochs_done, "position": self.position, "loss_sum": self.loss_sum,
+            "seconds": self.seconds, "rng": self.rng.bit_generator.state,
+            "optimizer_steps": self.optimizer.steps,
+        }
+        arrays = {f"param/{k}": v for k, v in self.network.params().items()}
+        arrays.update({f"optimizer/{k}": v for k, v in self.optimizer.state.items()})
+        if self.order is not None:
+            arrays["order"] = self.order
+        return meta, arrays
+
+    def restore(self, meta: dict, arrays: dict):
+        for key, param in self.network.params().items():
+            np.copyto(param, arrays[f"param/{key}"])
+        self.optimizer.state = {k.removeprefix("optimizer/"): v for k, v in arrays.items()
+                                if k.startswith("optimizer/")}
+        self.optimizer.steps = meta["optimizer_steps"]
+        self.rng.bit_generator.state = meta["rng"]
+        self.order = arrays.get("order")
+        self.epochs_done, self.position = meta["epochs_done"], meta["position"]
+        self.loss_sum, self.seconds = meta["loss_sum"], meta["seconds"]
