@@ -47,7 +47,6 @@ def make_conv(rng, in_shape, filters, size, stride, pad, tile_rows, dtype=np.flo
     book_w = rng.standard_normal((filters, in_shape[2], size, size)).astype(dtype)
     conv.W = np.ascontiguousarray(conv.from_book("W", book_w))
     conv.b = rng.standard_normal(filters).astype(dtype)
-    conv.dW, conv.db = np.zeros_like(conv.W), np.zeros_like(conv.b)
     conv.tile_rows = tile_rows
     return conv, book_w
 
@@ -87,13 +86,14 @@ def test_tiled_convolution_matches_reference(case):
     rng = np.random.default_rng(seed)
     conv, book_w = make_conv(rng, (h, w, c), f, k, stride, pad, tile_rows)
     x = rng.standard_normal((n, h, w, c))
-    out = conv.forward(x.copy(), train=True)
+    out, saved = conv.forward(x.copy(), train=True)
     expected = reference_conv(nchw(x), book_w, conv.b, stride, pad)
     np.testing.assert_allclose(nchw(out), expected, rtol=1e-10, atol=1e-10)
 
     # backward against the gradient of sum(out * dout), computed directly
     dout = rng.standard_normal(out.shape)
-    dx = conv.backward(dout.copy())
+    grads = {"W": np.zeros_like(conv.W), "b": np.zeros_like(conv.b)}
+    dx = conv.backward(dout.copy(), saved, grads)
     xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
     oh, ow = out.shape[1:3]
     w4 = book_w.transpose(2, 3, 1, 0)  # (k, k, c, f)
@@ -105,9 +105,9 @@ def test_tiled_convolution_matches_reference(case):
                 dout @ w4[i, j].T)
             dw4[i, j] = np.tensordot(xs, dout, axes=([0, 1, 2], [0, 1, 2]))
     np.testing.assert_allclose(dx, dxp[:, pad : pad + h, pad : pad + w], rtol=1e-9, atol=1e-9)
-    np.testing.assert_allclose(conv.to_book("W", conv.dW), dw4.transpose(3, 2, 0, 1), rtol=1e-9,
+    np.testing.assert_allclose(conv.to_book("W", grads["W"]), dw4.transpose(3, 2, 0, 1), rtol=1e-9,
                                atol=1e-9)
-    np.testing.assert_allclose(conv.db, dout.sum(axis=(0, 1, 2)), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(grads["b"], dout.sum(axis=(0, 1, 2)), rtol=1e-9, atol=1e-9)
 
 
 @settings(max_examples=80, deadline=None)
@@ -119,10 +119,10 @@ def test_pooling_matches_reference(n, c, h, w, size, stride, seed):
     # few distinct values, so that ties occur and the first maximum must win
     x = rng.integers(-3, 4, (n, h, w, c)).astype(np.float64)
     pool = MaxPooling((h, w, c), size, stride)
-    out = pool.forward(x.copy(), train=True)
+    out, saved = pool.forward(x.copy(), train=True)
     np.testing.assert_array_equal(nchw(out), reference_pool(nchw(x), size, stride))
     dout = rng.standard_normal(out.shape)
-    dx = pool.backward(dout)
+    dx = pool.backward(dout, saved, {})
     expected = np.zeros_like(x)
     oh, ow = out.shape[1:3]
     for a in range(n):
@@ -141,25 +141,24 @@ def test_one_row_tiles_and_ragged_tiles_agree():
     outs = []
     for rows in (1, 7, 49, 10_000):
         conv, _ = make_conv(np.random.default_rng(2), (9, 9, 2), 3, 3, 1, 1, rows)
-        outs.append(conv.forward(x.copy(), train=False))
+        outs.append(conv.forward(x.copy(), train=False)[0])
     for out in outs[1:]:
         np.testing.assert_allclose(out, outs[0], rtol=1e-12)
 
 
 def check_layer_gradients(layer, x, rng, params=()):
-    out = layer.forward(x.copy(), train=True)
+    out, saved = layer.forward(x.copy(), train=True)
     dout = rng.standard_normal(out.shape)
-    for name in params:
-        getattr(layer, "d" + name).fill(0)
-    dx = layer.backward(dout.copy())
+    grads = {name: np.zeros_like(getattr(layer, name)) for name in params}
+    dx = layer.backward(dout.copy(), saved, grads)
 
     def loss():
-        return float((layer.forward(x.copy(), train=False) * dout).sum())
+        return float((layer.forward(x.copy(), train=False)[0] * dout).sum())
 
     if dx is not None:
         np.testing.assert_allclose(dx, numerical_grad(loss, x), rtol=1e-5, atol=1e-7)
     for name in params:
-        np.testing.assert_allclose(getattr(layer, "d" + name), numerical_grad(
+        np.testing.assert_allclose(grads[name], numerical_grad(
             loss, getattr(layer, name)), rtol=1e-5, atol=1e-7)
 
 
@@ -173,7 +172,6 @@ def test_affine_gradients_numerically():
     rng = np.random.default_rng(4)
     affine = Affine((3, 2, 2), 5)
     affine.W, affine.b = rng.standard_normal((12, 5)), rng.standard_normal(5)
-    affine.dW, affine.db = np.zeros_like(affine.W), np.zeros_like(affine.b)
     check_layer_gradients(affine, rng.standard_normal((4, 3, 2, 2)), rng, ("W", "b"))
 
 

@@ -6,7 +6,8 @@ import pytest
 from lowmem_cnn.config import load_config
 from lowmem_cnn.errors import LowmemError
 from lowmem_cnn.model import Network
-from lowmem_cnn.planner import activation_peak, make_plan, training_state_bytes
+from lowmem_cnn.planner import (MAX_TRAIN_MICRO_BATCH, activation_peak, make_plan,
+                                training_state_bytes)
 
 TINY = """
 [network]
@@ -42,16 +43,20 @@ units = 10
 """
 
 
-@pytest.fixture
-def tiny(tmp_path):
+def make_tiny(tmp_path, threads=1):
     path = tmp_path / "tiny.toml"
     path.write_text(TINY)
-    net = Network(load_config(str(path)).network, np.float64)
+    net = Network(load_config(str(path)).network, np.float64, threads)
     net.init_params(np.random.default_rng(0))
     for layer in net.layers:
         if layer.kind == "conv":
             layer.tile_rows = 7  # does not divide the rows of an image
     return net
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    return make_tiny(tmp_path)
 
 
 def loss_of(net, images, labels):
@@ -95,6 +100,28 @@ def test_micro_batches_give_the_whole_batch_gradient(tiny, micro):
         np.testing.assert_allclose(grad, whole[key], rtol=1e-10, atol=1e-13)
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_threads_give_the_same_gradient_and_predictions(tmp_path, threads):
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (11, 64), dtype=np.uint8)
+    labels = rng.integers(0, 10, 11)
+    single, several = make_tiny(tmp_path), make_tiny(tmp_path, threads)
+    for net in (single, several):
+        net.zero_grads()
+    loss_single = single.accumulate_gradient(images, labels, 2)
+    loss_several = several.accumulate_gradient(images, labels, 2)
+    assert loss_several == pytest.approx(loss_single, rel=1e-12)
+    for key, grad in single.grads().items():
+        np.testing.assert_allclose(several.grads()[key], grad, rtol=1e-10, atol=1e-13)
+    np.testing.assert_array_equal(several.predict(images, 3), single.predict(images, 3))
+    # the same threads twice: the same bits
+    again = make_tiny(tmp_path, threads)
+    again.zero_grads()
+    again.accumulate_gradient(images, labels, 2)
+    for key, grad in several.grads().items():
+        np.testing.assert_array_equal(again.grads()[key], grad)
+
+
 def test_pool_before_relu_swap_keeps_the_book_order_semantics():
     net = Network(load_config().network)
     kinds = [layer.kind for layer in net.layers]
@@ -122,7 +149,7 @@ def test_plans_stay_within_budget(train):
         previous = plan.micro_batch
         for rows in plan.tile_rows:
             assert rows >= 1
-    assert previous == 100
+    assert previous == (min(100, MAX_TRAIN_MICRO_BATCH) if train else 100)
 
 
 def test_budget_below_minimum_is_refused_with_the_minimum():

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from lowmem_cnn import __version__
+from lowmem_cnn import __version__, default_threads
 from lowmem_cnn.budget import format_size, peak_rss, resolve_budget
 from lowmem_cnn.config import DEFAULT_CONFIG, OPTIMIZERS, load_config
 from lowmem_cnn.errors import LowmemError
@@ -42,6 +42,9 @@ def _common(command):
                      help="Network config: a name in configs/ or a .toml path."),
         click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32",
                      show_default=True, help="Float type of the arithmetic (float64: the book's)."),
+        click.option("--threads", type=click.IntRange(min=1), default=default_threads(),
+                     help="Micro-batches run at once, each on its own thread.  "
+                          "[default: one per CPU core]"),
         click.option("--json", "as_json", is_flag=True,
                      help="End stdout with one line of JSON holding the results."),
     ]
@@ -64,13 +67,13 @@ def _say(text, as_json):
 class _Run:
     """What every command sets up: budget, network, data and the memory plan."""
 
-    def __init__(self, max_ram, config_name, dtype, as_json):
+    def __init__(self, max_ram, config_name, dtype, threads, as_json):
         self.as_json = as_json
         self.budget = resolve_budget(max_ram)
         source = f"--max-ram {max_ram}" if max_ram else "half of the available RAM"
         _say(f"budget: {self.budget:,} bytes ({format_size(self.budget)}, {source})", as_json)
         self.config = load_config(config_name)
-        self.network = Network(self.config.network, np.dtype(dtype))
+        self.network = Network(self.config.network, np.dtype(dtype), threads)
 
     def make_plan(self, train, batch_size, fixed):
         from lowmem_cnn.planner import make_plan, measure_baseline
@@ -95,7 +98,8 @@ class _Run:
     def describe_plan(self):
         p = self.plan
         tiles = ", ".join(f"{rows:,}" for rows in p.tile_rows)
-        _say(f"plan: {p.micro_batch} images at a time (evaluation {p.eval_micro_batch}), "
+        _say(f"plan: {p.threads} thread{'s' if p.threads > 1 else ''} of {p.micro_batch} images "
+             f"at a time (evaluation {p.eval_micro_batch}), "
              f"conv column tiles of {tiles} rows; planned peak {format_size(p.peak)} "
              f"(baseline {format_size(p.baseline)})", self.as_json)
 
@@ -158,7 +162,7 @@ def _existing_checkpoint(path: Path):
               help="Continue the run in the checkpoint where it stopped, with its settings.")
 @_common
 def train(epochs, batch_size, lr, optimizer, seed, out, limit, checkpoint_path, checkpoint_every,
-          resume, max_ram, data_dir, config_name, dtype, as_json):
+          resume, max_ram, data_dir, config_name, dtype, threads, as_json):
     """Train the network on the training images; report test accuracy after each epoch.
 
     Ctrl-C or SIGTERM: the current update finishes, a checkpoint is written, and
@@ -181,21 +185,21 @@ def train(epochs, batch_size, lr, optimizer, seed, out, limit, checkpoint_path, 
             _say(f"{checkpoint_path}: this run finished all {settings['epochs']} epochs; its "
                  f"parameters are in {settings['out']}", as_json)
             return
-        config_name, dtype = settings["config"], settings["dtype"]
+        config_name, dtype, threads = settings["config"], settings["dtype"], settings["threads"]
         max_ram = max_ram or str(settings["max_ram"])
     else:
         if _existing_checkpoint(checkpoint_path):
             raise LowmemError(f"{checkpoint_path} holds an unfinished run: continue it with "
                               "--resume, or choose another --checkpoint")
 
-    run = _Run(max_ram, config_name, dtype, as_json)
+    run = _Run(max_ram, config_name, dtype, threads, as_json)
     defaults = run.config.training
     if not resume:
         settings = {
             "config": config_name, "dtype": dtype, "epochs": epochs or defaults.epochs,
             "batch_size": batch_size or defaults.batch_size, "lr": lr or defaults.lr,
             "optimizer": optimizer or defaults.optimizer, "seed": seed, "limit": limit,
-            "out": str(out), "max_ram": run.budget,
+            "out": str(out), "max_ram": run.budget, "threads": threads,
         }
     epochs, batch_size, out = settings["epochs"], settings["batch_size"], Path(settings["out"])
     if not np.isfinite(settings["lr"]):
@@ -317,12 +321,13 @@ def train(epochs, batch_size, lr, optimizer, seed, out, limit, checkpoint_path, 
                    "batch size works within the budget).")
 @click.option("--split", type=click.Choice(["test", "train"]), default="test")
 @_common
-def evaluate_command(params, batch_size, split, max_ram, data_dir, config_name, dtype, as_json):
+def evaluate_command(params, batch_size, split, max_ram, data_dir, config_name, dtype, threads,
+                     as_json):
     """Accuracy, per-class accuracy and confusion matrix of a parameter file."""
     from lowmem_cnn.params import load_params
     from lowmem_cnn.training import MAX_READ_IMAGES, evaluate
 
-    run = _Run(max_ram, config_name, dtype, as_json)
+    run = _Run(max_ram, config_name, dtype, threads, as_json)
     load_params(params, run.network)
     # uint8 rows and predicted labels of one read
     fixed = min(batch_size, MAX_READ_IMAGES) * (run.network.input_size + 8)
@@ -357,13 +362,13 @@ def evaluate_command(params, batch_size, split, max_ram, data_dir, config_name, 
 @click.option("--train/--eval", "train", default=False,
               help="Profile forward and backward (training) or forward only.")
 @_common
-def profile_memory(batch_size, train, max_ram, data_dir, config_name, dtype, as_json):
+def profile_memory(batch_size, train, max_ram, data_dir, config_name, dtype, threads, as_json):
     """Per layer: what the book's whole-batch im2col would allocate against the tiles
     used here; then the planned peak and the measured peak RSS of running the batch."""
     from lowmem_cnn.profiling import layer_table, run_batch
     from lowmem_cnn.training import MAX_READ_IMAGES
 
-    run = _Run(max_ram, config_name, dtype, as_json)
+    run = _Run(max_ram, config_name, dtype, threads, as_json)
     network = run.network
     network.init_params(np.random.default_rng(0))
     fixed = min(batch_size, MAX_READ_IMAGES) * (network.input_size + 8)

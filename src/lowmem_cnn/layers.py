@@ -1,9 +1,12 @@
 """The layers of the book's networks, NHWC, each with forward and backward.
 
-Shapes are per image: (H, W, C) for maps, (D,) for vectors. A layer keeps what its
-backward needs only when `forward(x, train=True)`. Layers may work in place on the
-array they are given (ReLU, dropout) and on the gradient they are handed back: the
-network never reuses either.
+Shapes are per image: (H, W, C) for maps, (D,) for vectors. `forward(x, train)`
+returns the output and what backward needs (None unless training);
+`backward(dout, saved, grads)` adds the parameter gradients into `grads` and returns
+the input gradient. A layer holds no per-batch state, so several micro-batches can
+run through it at once on different threads. Layers may work in place on the array
+they are given (ReLU) and on the gradient they are handed back: the network never
+reuses either.
 
 `memory(m, itemsize, train)` states, for a micro-batch of m images, the bytes the
 layer allocates, so that the planner can add them up (see planner.py).
@@ -47,7 +50,6 @@ class Convolution:
         self.param_shapes = {"W": (self.width, filters), "b": (filters,)}
         self.tile_rows = 1 << 30  # set by the planner
         self.need_input_grad = True
-        self._x = None
 
     def _padded(self, x):
         if not self.pad:
@@ -62,18 +64,15 @@ class Convolution:
         for start, stop, columns in column_tiles(view, self.tile_rows):
             np.matmul(columns, self.W, out=out[start:stop])
         out += self.b
-        if train:
-            self._x = x
-        return out.reshape(x.shape[0], *self.out_shape)
+        return out.reshape(x.shape[0], *self.out_shape), (x if train else None)
 
-    def backward(self, dout):
-        x, self._x = self._x, None
+    def backward(self, dout, x, grads):
         dout = dout.reshape(-1, self.filters)
-        self.db += dout.sum(axis=0)
+        grads["b"] += dout.sum(axis=0)
         grad = np.zeros_like(x) if self.need_input_grad else None
         grad_view = windows(grad, self.size, self.stride, writeable=True) if grad is not None else None
         for start, stop, columns in column_tiles(windows(x, self.size, self.stride), self.tile_rows):
-            self.dW += columns.T @ dout[start:stop]
+            grads["W"] += columns.T @ dout[start:stop]
             if grad is not None:
                 add_columns(grad_view, start, stop, dout[start:stop] @ self.W.T)
         if grad is None:
@@ -129,15 +128,12 @@ class ReLU:
 
     def __init__(self, in_shape):
         self.in_shape = self.out_shape = tuple(in_shape)
-        self._mask = None
 
     def forward(self, x, train):
-        if train:
-            self._mask = x > 0
-        return np.maximum(x, 0, out=x)
+        mask = x > 0 if train else None
+        return np.maximum(x, 0, out=x), mask
 
-    def backward(self, dout):
-        mask, self._mask = self._mask, None
+    def backward(self, dout, mask, grads):
         dout *= mask
         return dout
 
@@ -165,8 +161,6 @@ class MaxPooling:
         self.in_shape = (h, w, c)
         self.size, self.stride = size, stride
         self.out_shape = ((h - size) // stride + 1, (w - size) // stride + 1, c)
-        self._argmax = None
-        self._in_shape_batch = None
 
     def _views(self, x):
         """One strided view per position in the window, each shaped like the output."""
@@ -190,12 +184,12 @@ class MaxPooling:
                 np.not_equal(view, out, out=differs)
                 missed &= differs
                 argmax += missed
-            self._argmax, self._in_shape_batch = argmax, x.shape
-        return out
+            return out, (argmax, x.shape)
+        return out, None
 
-    def backward(self, dout):
-        argmax, self._argmax = self._argmax, None
-        grad = np.zeros(self._in_shape_batch, dout.dtype)
+    def backward(self, dout, saved, grads):
+        argmax, in_shape = saved
+        grad = np.zeros(in_shape, dout.dtype)
         chosen = np.empty(argmax.shape, bool)
         overlapping = self.stride < self.size
         for k, view in enumerate(self._views(grad)):
@@ -234,20 +228,16 @@ class Affine:
         self.inputs = _size(self.in_shape)
         self.param_shapes = {"W": (self.inputs, units), "b": (units,)}
         self.need_input_grad = True
-        self._x = None
 
     def forward(self, x, train):
         x = x.reshape(x.shape[0], self.inputs)
-        if train:
-            self._x = x
         out = x @ self.W
         out += self.b
-        return out
+        return out, (x if train else None)
 
-    def backward(self, dout):
-        x, self._x = self._x, None
-        self.dW += x.T @ dout
-        self.db += dout.sum(axis=0)
+    def backward(self, dout, x, grads):
+        grads["W"] += x.T @ dout
+        grads["b"] += dout.sum(axis=0)
         if not self.need_input_grad:
             return None
         return (dout @ self.W.T).reshape(dout.shape[0], *self.in_shape)

@@ -3,7 +3,13 @@
 Parameters are named as in the book's files (W1, b1, W2, ...: the conv and affine
 layers in order) and held in the layers' own layout; `book_params` and
 `load_book_params` convert from and to the book's layout.
+
+Micro-batches can run on several threads at once (`threads`): NumPy and BLAS release
+the GIL, and each thread sums its gradients in its own buffers, which are added in
+thread order at the end, so the result does not depend on timing.
 """
+
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -13,8 +19,10 @@ from lowmem_cnn.layers import MaxPooling, ReLU, build_layer, softmax_cross_entro
 
 
 class Network:
-    def __init__(self, config: NetworkConfig, dtype=np.float32):
+    def __init__(self, config: NetworkConfig, dtype=np.float32, threads: int = 1):
         self.config = config
+        self.threads = threads
+        self._pool = ThreadPoolExecutor(threads) if threads > 1 else None
         self.dtype = np.dtype(dtype)
         c, h, w = config.input_shape
         self.input_shape = (h, w, c)
@@ -54,22 +62,31 @@ class Network:
             else:
                 value = np.zeros(shape)
             setattr(layer, name, value.astype(self.dtype))
-        self.zero_grads()
+        self._make_grads()
+
+    def _make_grads(self):
+        # one set of gradient buffers per thread; the first is the network's own
+        self._grads = [{key: np.zeros_like(getattr(layer, name))
+                        for key, layer, name in self.param_names()} for _ in range(self.threads)]
 
     def params(self) -> dict:
         """Name -> the array the layer uses (updated in place by the optimizer)."""
         return {key: getattr(layer, name) for key, layer, name in self.param_names()}
 
     def grads(self) -> dict:
-        return {key: getattr(layer, "d" + name) for key, layer, name in self.param_names()}
+        return self._grads[0]
 
     def zero_grads(self):
-        for _, layer, name in self.param_names():
-            grad = getattr(layer, "d" + name, None)
-            if grad is None:
-                setattr(layer, "d" + name, np.zeros_like(getattr(layer, name)))
-            else:
+        for grads in self._grads:
+            for grad in grads.values():
                 grad.fill(0)
+
+    def _layer_grads(self, grads: dict):
+        """Per layer, its parameters' gradient buffers by local name (W, b)."""
+        per_layer = {id(layer): {} for layer in self.layers}
+        for key, layer, name in self.param_names():
+            per_layer[id(layer)][name] = grads[key]
+        return [per_layer[id(layer)] for layer in self.layers]
 
     def expected_book_shapes(self) -> dict:
         return {key: layer.book_shape(name) for key, layer, name in self.param_names()}
@@ -79,7 +96,7 @@ class Network:
         for key, layer, name in self.param_names():
             array = np.asarray(params[key], dtype=self.dtype)
             setattr(layer, name, np.ascontiguousarray(layer.from_book(name, array)))
-        self.zero_grads()
+        self._make_grads()
 
     def book_params(self) -> dict:
         return {key: np.ascontiguousarray(layer.to_book(name, getattr(layer, name)))
@@ -100,22 +117,42 @@ class Network:
         x = x.reshape(len(images), c, h, w).transpose(0, 2, 3, 1)
         return np.ascontiguousarray(x, dtype=self.dtype)
 
-    def scores(self, x: np.ndarray, train: bool = False) -> np.ndarray:
+    def scores(self, x: np.ndarray) -> np.ndarray:
         for layer in self.layers:
-            x = layer.forward(x, train)
+            x, _ = layer.forward(x, False)
         return x
 
-    def backward(self, grad: np.ndarray):
-        for layer in reversed(self.layers):
-            grad = layer.backward(grad)
+    def _gradient(self, images, labels, total, grads) -> float:
+        """Forward and backward of one micro-batch, adding into `grads`; its summed loss."""
+        x = self.to_input(images)
+        saved = []
+        for layer in self.layers:
+            x, keep = layer.forward(x, True)
+            saved.append(keep)
+        loss, grad = softmax_cross_entropy(x, labels, total)
+        for layer, keep, layer_grads in zip(reversed(self.layers), reversed(saved),
+                                            reversed(self._layer_grads(grads)), strict=True):
+            grad = layer.backward(grad, keep, layer_grads)
+        return loss
+
+    def _map(self, work, parts):
+        """work(part, thread index) for each part; the parts are dealt to the threads in turn."""
+        if self._pool is None:
+            return [work(part, 0) for part in parts]
+        chunks = [parts[t :: self.threads] for t in range(self.threads)]
+        futures = [self._pool.submit(lambda chunk, t: [work(p, t) for p in chunk], chunk, t)
+                   for t, chunk in enumerate(chunks)]
+        results = [future.result() for future in futures]
+        return [results[i % self.threads][i // self.threads] for i in range(len(parts))]
 
     def predict(self, images: np.ndarray, micro_batch: int) -> np.ndarray:
-        """Predicted labels of uint8 images, `micro_batch` images through the network at once."""
-        out = np.empty(len(images), np.int64)
-        for start in range(0, len(images), micro_batch):
-            part = images[start : start + micro_batch]
-            out[start : start + len(part)] = self.scores(self.to_input(part)).argmax(axis=1)
-        return out
+        """Predicted labels of uint8 images, `micro_batch` images through the network at
+        once on each thread."""
+        starts = list(range(0, len(images), micro_batch))
+        parts = self._map(
+            lambda start, t: self.scores(self.to_input(images[start : start + micro_batch])
+                                         ).argmax(axis=1), starts)
+        return np.concatenate(parts) if parts else np.empty(0, np.int64)
 
     def accumulate_gradient(self, images, labels, micro_batch: int) -> float:
         """Add d(mean loss)/d(params) of this mini-batch to the grads; return the mean loss.
@@ -124,14 +161,16 @@ class Network:
         is the whole mini-batch's gradient, whatever the micro-batch size.
         """
         total = len(images)
-        loss = 0.0
-        for start in range(0, total, micro_batch):
-            x = self.to_input(images[start : start + micro_batch])
-            part_loss, grad = softmax_cross_entropy(
-                self.scores(x, train=True), labels[start : start + micro_batch], total)
-            loss += part_loss
-            self.backward(grad)
-        return loss / total
+        starts = list(range(0, total, micro_batch))
+        losses = self._map(lambda start, t: self._gradient(
+            images[start : start + micro_batch], labels[start : start + micro_batch], total,
+            self._grads[t]), starts)
+        if self.threads > 1:
+            for grads in self._grads[1:]:
+                for key, grad in self._grads[0].items():
+                    grad += grads[key]
+                    grads[key].fill(0)
+        return float(sum(losses)) / total
 
 
 def _pool_before_relu(layers):

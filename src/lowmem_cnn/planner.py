@@ -21,6 +21,9 @@ from lowmem_cnn.errors import LowmemError
 TILE_BYTES = 1024 * 1024
 # Evaluation gains nothing from micro-batches larger than this.
 MAX_EVAL_MICRO_BATCH = 500
+# Training micro-batches larger than this run slower: their activations fall out of
+# the CPU caches (scripts/bench.py --micro-batch compares sizes).
+MAX_TRAIN_MICRO_BATCH = 50
 MARGIN_BYTES = 3 * 1024 * 1024
 MARGIN_SHARE = 0.05
 
@@ -30,8 +33,9 @@ class Plan:
     budget: int
     baseline: int
     fixed: int
-    micro_batch: int  # images through the network at once (training, or evaluation alone)
+    micro_batch: int  # images through the network at once on each thread (training)
     eval_micro_batch: int  # the same for evaluation
+    threads: int  # micro-batches in flight at once
     tile_rows: tuple  # one per convolution, in layer order
     activations: int
     peak: int
@@ -91,6 +95,11 @@ def training_state_bytes(network, optimizer_copies: int) -> int:
     return network.param_bytes() * (1 + optimizer_copies) + 2 * largest * network.dtype.itemsize
 
 
+def _activations(network, m, train):
+    """Every thread has a micro-batch in flight."""
+    return network.threads * activation_peak(network, m, train)
+
+
 def _peak(baseline, fixed, activations):
     return baseline + fixed + activations + MARGIN_BYTES + int(MARGIN_SHARE * (fixed + activations))
 
@@ -113,7 +122,7 @@ def make_plan(network, budget: int, baseline: int, train: bool, batch_size: int,
 
     def peak_for(m, tile_bytes):
         set_tiles(m, tile_bytes)
-        return _peak(baseline, fixed, activation_peak(network, m, train))
+        return _peak(baseline, fixed, _activations(network, m, train))
 
     # Shrink the tiles only when even one image does not fit with cache-sized tiles.
     tile_bytes = TILE_BYTES
@@ -121,31 +130,36 @@ def make_plan(network, budget: int, baseline: int, train: bool, batch_size: int,
         tile_bytes //= 2
     minimum = peak_for(1, 1)
     if minimum > budget:
+        hint = (f"; with --threads 1, {minimum - (network.threads - 1) * activation_peak(network, 1, train):,}"
+                if network.threads > 1 else "")
         raise LowmemError(
             f"--max-ram {budget:,} bytes is too small: this run needs at least {minimum:,} bytes "
-            f"({minimum / 2**20:.1f} MiB; the process already holds {baseline / 2**20:.1f} MiB)"
+            f"({minimum / 2**20:.1f} MiB; the process already holds {baseline / 2**20:.1f} MiB{hint})"
         )
     def largest(cap, training):  # the largest m <= cap whose peak fits
         low, high = 1, cap
         while low < high:
             mid = (low + high + 1) // 2
             set_tiles(mid, tile_bytes)
-            if _peak(baseline, fixed, activation_peak(network, mid, training)) <= budget:
+            if _peak(baseline, fixed, _activations(network, mid, training)) <= budget:
                 low = mid
             else:
                 high = mid - 1
         return low
 
+    per_thread = -(-batch_size // network.threads)
     eval_micro_batch = largest(MAX_EVAL_MICRO_BATCH if train else
-                               min(batch_size, MAX_EVAL_MICRO_BATCH), False)
-    micro_batch = largest(batch_size, True) if train else eval_micro_batch
+                               min(per_thread, MAX_EVAL_MICRO_BATCH), False)
+    micro_batch = (largest(min(per_thread, MAX_TRAIN_MICRO_BATCH), True) if train
+                   else eval_micro_batch)
     # Tiles sized for the smaller micro-batch serve the other as well.
     set_tiles(micro_batch, tile_bytes)
-    activations = max(activation_peak(network, micro_batch, train),
-                      activation_peak(network, eval_micro_batch, False))
+    activations = max(_activations(network, micro_batch, train),
+                      _activations(network, eval_micro_batch, False))
     return Plan(
         budget=budget, baseline=baseline, fixed=fixed, micro_batch=micro_batch,
-        eval_micro_batch=eval_micro_batch, tile_rows=tuple(layer.tile_rows for layer in convs),
+        eval_micro_batch=eval_micro_batch, threads=network.threads,
+        tile_rows=tuple(layer.tile_rows for layer in convs),
         activations=activations, peak=_peak(baseline, fixed, activations),
     )
 
@@ -159,15 +173,15 @@ def recorded_plan(network, budget: int, baseline: int, fixed: int, micro_batch: 
         raise LowmemError("the recorded plan does not fit this network")
     for layer, rows in zip(convs, tile_rows, strict=True):
         layer.tile_rows = rows
-    activations = max(activation_peak(network, micro_batch, True),
-                      activation_peak(network, eval_micro_batch, False))
+    activations = max(_activations(network, micro_batch, True),
+                      _activations(network, eval_micro_batch, False))
     peak = _peak(baseline, fixed, activations)
     if peak > budget:
         raise LowmemError(
             f"--max-ram {budget:,} bytes is too small for the plan this run was started with: "
             f"it needs at least {peak:,} bytes ({peak / 2**20:.1f} MiB)")
     return Plan(budget=budget, baseline=baseline, fixed=fixed, micro_batch=micro_batch,
-                eval_micro_batch=eval_micro_batch, tile_rows=tuple(tile_rows),
+                eval_micro_batch=eval_micro_batch, threads=network.threads, tile_rows=tuple(tile_rows),
                 activations=activations, peak=peak)
 
 
