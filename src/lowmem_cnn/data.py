@@ -10,7 +10,6 @@ import gzip
 import hashlib
 import os
 import struct
-import urllib.request
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -273,6 +272,8 @@ def download_mnist(target_dir: Path, progress=None):
 
 
 def _fetch(url: str, target: Path, progress):
+    import urllib.request  # only when downloading: it brings in ssl and email, megabytes of RSS
+
     with urllib.request.urlopen(url, timeout=30) as response, open(target, "wb") as out:
         total = int(response.headers.get("Content-Length") or 0)
         bar = progress(total, url.rsplit("/", 1)[-1]) if progress else None

@@ -9,6 +9,8 @@ the GIL, and each thread sums its gradients in its own buffers, which are added 
 thread order at the end, so the result does not depend on timing.
 """
 
+from __future__ import annotations
+
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -23,6 +25,7 @@ class Network:
         self.config = config
         self.threads = threads
         self._pool = ThreadPoolExecutor(threads) if threads > 1 else None
+        self._grads = None
         self.dtype = np.dtype(dtype)
         c, h, w = config.input_shape
         self.input_shape = (h, w, c)
@@ -62,22 +65,25 @@ class Network:
             else:
                 value = np.zeros(shape)
             setattr(layer, name, value.astype(self.dtype))
-        self._make_grads()
+        self._grads = None
 
-    def _make_grads(self):
-        # one set of gradient buffers per thread; the first is the network's own
-        self._grads = [{key: np.zeros_like(getattr(layer, name))
-                        for key, layer, name in self.param_names()} for _ in range(self.threads)]
+    def _thread_grads(self) -> list:
+        """One set of gradient buffers per thread, made on first use (evaluation needs none)."""
+        if self._grads is None:
+            self._grads = [{key: np.zeros_like(getattr(layer, name))
+                            for key, layer, name in self.param_names()}
+                           for _ in range(self.threads)]
+        return self._grads
 
     def params(self) -> dict:
         """Name -> the array the layer uses (updated in place by the optimizer)."""
         return {key: getattr(layer, name) for key, layer, name in self.param_names()}
 
     def grads(self) -> dict:
-        return self._grads[0]
+        return self._thread_grads()[0]
 
     def zero_grads(self):
-        for grads in self._grads:
+        for grads in self._thread_grads():
             for grad in grads.values():
                 grad.fill(0)
 
@@ -96,7 +102,7 @@ class Network:
         for key, layer, name in self.param_names():
             array = np.asarray(params[key], dtype=self.dtype)
             setattr(layer, name, np.ascontiguousarray(layer.from_book(name, array)))
-        self._make_grads()
+        self._grads = None
 
     def book_params(self) -> dict:
         return {key: np.ascontiguousarray(layer.to_book(name, getattr(layer, name)))
@@ -162,12 +168,13 @@ class Network:
         """
         total = len(images)
         starts = list(range(0, total, micro_batch))
+        thread_grads = self._thread_grads()
         losses = self._map(lambda start, t: self._gradient(
             images[start : start + micro_batch], labels[start : start + micro_batch], total,
-            self._grads[t]), starts)
+            thread_grads[t]), starts)
         if self.threads > 1:
-            for grads in self._grads[1:]:
-                for key, grad in self._grads[0].items():
+            for grads in thread_grads[1:]:
+                for key, grad in thread_grads[0].items():
                     grad += grads[key]
                     grads[key].fill(0)
         return float(sum(losses)) / total

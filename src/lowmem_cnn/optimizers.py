@@ -1,7 +1,8 @@
 """The book's optimizers (SGD, Momentum, AdaGrad, Adam), updating parameters in place.
 
-Each update works through one scratch array per parameter shape instead of the
-temporaries a plain expression would allocate.
+An update allocates nothing: it works in the gradient's own array (the network
+zeroes gradients before the next batch) and, where two are needed, in one scratch
+array as large as the largest parameter.
 """
 
 import numpy as np
@@ -15,6 +16,13 @@ class Optimizer:
         self.lr = lr
         self.state: dict[str, np.ndarray] = {}
         self.steps = 0
+
+    def _scratch(self, like):
+        """A scratch array shaped like `like`: a view of one buffer shared by all parameters."""
+        buffer = getattr(self, "_buffer", None)
+        if buffer is None or buffer.size < like.size or buffer.dtype != like.dtype:
+            buffer = self._buffer = np.empty(like.size, like.dtype)
+        return buffer[: like.size].reshape(like.shape)
 
     def _slot(self, key, like):
         if key not in self.state:
@@ -56,8 +64,10 @@ class AdaGrad(Optimizer):
 
     def _update(self, key, param, grad):
         h = self._slot("h" + key, param)
-        h += grad * grad
-        step = np.sqrt(h)
+        step = self._scratch(param)
+        np.multiply(grad, grad, out=step)
+        h += step
+        np.sqrt(h, out=step)
         step += 1e-7
         np.divide(grad, step, out=step)
         step *= self.lr
@@ -80,8 +90,10 @@ class Adam(Optimizer):
         m = self._slot("m" + key, param)
         v = self._slot("v" + key, param)
         # m += (1 - beta1) (g - m);  v += (1 - beta2) (g^2 - v)
+        step = self._scratch(param)
+        np.multiply(grad, 1 - self.beta1, out=step)
         m *= self.beta1
-        m += (1 - self.beta1) * grad
+        m += step
         v *= self.beta2
         grad *= grad
         grad *= 1 - self.beta2

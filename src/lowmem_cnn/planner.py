@@ -89,10 +89,12 @@ def _input_bytes(layer, m, s):
 
 
 def training_state_bytes(network, optimizer_copies: int) -> int:
-    """Gradients, optimizer state and the temporaries of one update."""
+    """Optimizer state and its scratch array. (The gradients exist from the warm-up in
+    `measure_baseline` on, so the baseline holds them.)"""
     largest = max(int(np.prod(shape)) for layer in network.param_layers.values()
                   for shape in layer.param_shapes.values())
-    return network.param_bytes() * (1 + optimizer_copies) + 2 * largest * network.dtype.itemsize
+    return (network.param_bytes() * optimizer_copies + largest * network.dtype.itemsize
+            if optimizer_copies else 0)
 
 
 def _activations(network, m, train):
@@ -130,8 +132,8 @@ def make_plan(network, budget: int, baseline: int, train: bool, batch_size: int,
         tile_bytes //= 2
     minimum = peak_for(1, 1)
     if minimum > budget:
-        hint = (f"; with --threads 1, {minimum - (network.threads - 1) * activation_peak(network, 1, train):,}"
-                if network.threads > 1 else "")
+        one_thread = minimum - (network.threads - 1) * activation_peak(network, 1, train)
+        hint = f"; with --threads 1, {one_thread:,}" if network.threads > 1 else ""
         raise LowmemError(
             f"--max-ram {budget:,} bytes is too small: this run needs at least {minimum:,} bytes "
             f"({minimum / 2**20:.1f} MiB; the process already holds {baseline / 2**20:.1f} MiB{hint})"

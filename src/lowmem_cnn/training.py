@@ -1,5 +1,7 @@
 """Training epochs and evaluation, reading the data a batch at a time."""
 
+from __future__ import annotations
+
 import time
 from dataclasses import dataclass
 
