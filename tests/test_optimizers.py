@@ -42,6 +42,27 @@ def test_updates_follow_the_book(name):
 
 
 @pytest.mark.parametrize("name", ["sgd", "momentum", "adagrad", "adam"])
+def test_pieces_on_threads_give_the_same_bits(name):
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(1)
+    start = {"W": rng.standard_normal((700, 300)).astype(np.float32),
+             "b": rng.standard_normal(300).astype(np.float32)}
+    grads_seq = [{k: rng.standard_normal(v.shape).astype(np.float32) for k, v in start.items()}
+                 for _ in range(3)]
+    results = []
+    with ThreadPoolExecutor(3) as pool:
+        for pool_, pieces in ((None, 1), (pool, 3)):
+            params = {k: v.copy() for k, v in start.items()}
+            optimizer = make_optimizer(name, 0.01)
+            for grads in grads_seq:
+                optimizer.update(params, {k: g.copy() for k, g in grads.items()}, pool_, pieces)
+            results.append(params)
+    for key in start:
+        np.testing.assert_array_equal(results[0][key], results[1][key])
+
+
+@pytest.mark.parametrize("name", ["sgd", "momentum", "adagrad", "adam"])
 def test_descends_a_quadratic(name):
     param = np.array([3.0, -2.0])
     optimizer = make_optimizer(name, {"adagrad": 0.5}.get(name, 0.1))

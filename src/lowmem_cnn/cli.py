@@ -310,6 +310,7 @@ def train(epochs, batch_size, lr, optimizer, seed, out, limit, checkpoint_path, 
             "peak_rss_bytes": peak,
             "max_ram_bytes": run.budget,
             "params": str(out),
+            "train_images": trainer.count,
             "checkpoint": str(checkpoint_path),
         }))
 
@@ -335,14 +336,16 @@ def evaluate_command(params, batch_size, split, max_ram, data_dir, config_name, 
     data = run.open_data(data_dir)
     run.make_plan(False, batch_size, fixed)
     run.describe_plan()
+    began = time.perf_counter()
     result = evaluate(run.network, getattr(data, split), run.plan.eval_micro_batch, batch_size)
+    seconds = time.perf_counter() - began
     peak = peak_rss()
     if as_json:
         click.echo(json.dumps({
             "accuracy": result.accuracy, "correct": result.correct, "n": result.n,
             "per_class_accuracy": result.per_class().tolist(),
             "confusion": result.confusion.tolist(), "split": split,
-            "peak_rss_bytes": peak, "max_ram_bytes": run.budget,
+            "seconds": seconds, "peak_rss_bytes": peak, "max_ram_bytes": run.budget,
         }))
         return
     click.echo(f"accuracy: {result.accuracy:.4f} ({result.correct:,} of {result.n:,} {split} images)")
@@ -352,7 +355,8 @@ def evaluate_command(params, batch_size, split, max_ram, data_dir, config_name, 
     click.echo("     " + "".join(f"{k:>6}" for k in range(classes)))
     for k, row in enumerate(result.confusion):
         click.echo(f"{k:>5}" + "".join(f"{v:>6}" for v in row))
-    click.echo(f"peak RSS: {peak:,} bytes ({format_size(peak)}); budget {run.budget:,} bytes")
+    click.echo(f"{seconds:.2f} s; peak RSS: {peak:,} bytes ({format_size(peak)}); "
+               f"budget {run.budget:,} bytes")
 
 
 @main.command("profile-memory")

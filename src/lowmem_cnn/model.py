@@ -24,7 +24,7 @@ class Network:
     def __init__(self, config: NetworkConfig, dtype=np.float32, threads: int = 1):
         self.config = config
         self.threads = threads
-        self._pool = ThreadPoolExecutor(threads) if threads > 1 else None
+        self.pool = ThreadPoolExecutor(threads) if threads > 1 else None
         self._grads = None
         self.dtype = np.dtype(dtype)
         c, h, w = config.input_shape
@@ -143,10 +143,10 @@ class Network:
 
     def _map(self, work, parts):
         """work(part, thread index) for each part; the parts are dealt to the threads in turn."""
-        if self._pool is None:
+        if self.pool is None:
             return [work(part, 0) for part in parts]
         chunks = [parts[t :: self.threads] for t in range(self.threads)]
-        futures = [self._pool.submit(lambda chunk, t: [work(p, t) for p in chunk], chunk, t)
+        futures = [self.pool.submit(lambda chunk, t: [work(p, t) for p in chunk], chunk, t)
                    for t, chunk in enumerate(chunks)]
         results = [future.result() for future in futures]
         return [results[i % self.threads][i // self.threads] for i in range(len(parts))]

@@ -1,58 +1,74 @@
 """The book's optimizers (SGD, Momentum, AdaGrad, Adam), updating parameters in place.
 
-An update allocates nothing: it works in the gradient's own array (the network
-zeroes gradients before the next batch) and, where two are needed, in one scratch
-array as large as the largest parameter.
+An update allocates nothing: it works in the gradient's own array (the network zeroes
+gradients before the next batch) and in one scratch buffer the size of all the
+parameters. Every step is elementwise, so large parameters are cut into pieces that
+the network's threads update at once, with the same result to the bit.
 """
 
 import numpy as np
 
+# Parameters smaller than this are not worth cutting into pieces for the threads.
+_MIN_PIECE = 1 << 16
+
 
 class Optimizer:
-    #: how many parameter-sized arrays of state the optimizer keeps
-    state_copies = 0
+    #: names of the per-parameter state arrays, each the parameter's shape
+    slots: tuple = ()
 
     def __init__(self, lr: float):
         self.lr = lr
         self.state: dict[str, np.ndarray] = {}
         self.steps = 0
+        self._scratch = None
 
-    def _scratch(self, like):
-        """A scratch array shaped like `like`: a view of one buffer shared by all parameters."""
-        buffer = getattr(self, "_buffer", None)
-        if buffer is None or buffer.size < like.size or buffer.dtype != like.dtype:
-            buffer = self._buffer = np.empty(like.size, like.dtype)
-        return buffer[: like.size].reshape(like.shape)
+    @property
+    def state_copies(self) -> int:
+        return len(self.slots)
 
-    def _slot(self, key, like):
-        if key not in self.state:
-            self.state[key] = np.zeros_like(like)
-        return self.state[key]
-
-    def update(self, params: dict, grads: dict):
+    def update(self, params: dict, grads: dict, pool=None, pieces: int = 1):
         self.steps += 1
+        self._start_step()
+        total = sum(p.size for p in params.values())
+        if self._scratch is None or self._scratch.size != total:
+            self._scratch = np.empty(total, next(iter(params.values())).dtype)
+        jobs, offset = [], 0
         for key, param in params.items():
-            self._update(key, param, grads[key])
+            state = [self.state.setdefault(name + key, np.zeros_like(param)) for name in self.slots]
+            scratch = self._scratch[offset : offset + param.size]
+            offset += param.size
+            flat = [a.reshape(-1) for a in (param, grads[key], scratch, *state)]
+            cuts = pieces if param.size >= _MIN_PIECE * pieces else 1
+            bounds = [param.size * i // cuts for i in range(cuts + 1)]
+            jobs += [[a[lo:hi] for a in flat] for lo, hi in zip(bounds, bounds[1:], strict=False)]
+        if pool is None:
+            for job in jobs:
+                self._step(*job)
+        else:
+            for future in [pool.submit(self._step, *job) for job in jobs]:
+                future.result()
 
-    def _update(self, key, param, grad):
+    def _start_step(self):
+        pass
+
+    def _step(self, param, grad, scratch, *state):
         raise NotImplementedError
 
 
 class SGD(Optimizer):
-    def _update(self, key, param, grad):
+    def _step(self, param, grad, scratch):
         grad *= self.lr
         param -= grad
 
 
 class Momentum(Optimizer):
-    state_copies = 1
+    slots = ("v",)
 
     def __init__(self, lr, momentum=0.9):
         super().__init__(lr)
         self.momentum = momentum
 
-    def _update(self, key, param, grad):
-        v = self._slot("v" + key, param)
+    def _step(self, param, grad, scratch, v):
         v *= self.momentum
         grad *= self.lr
         v -= grad
@@ -60,40 +76,34 @@ class Momentum(Optimizer):
 
 
 class AdaGrad(Optimizer):
-    state_copies = 1
+    slots = ("h",)
 
-    def _update(self, key, param, grad):
-        h = self._slot("h" + key, param)
-        step = self._scratch(param)
-        np.multiply(grad, grad, out=step)
-        h += step
-        np.sqrt(h, out=step)
-        step += 1e-7
-        np.divide(grad, step, out=step)
-        step *= self.lr
-        param -= step
+    def _step(self, param, grad, scratch, h):
+        np.multiply(grad, grad, out=scratch)
+        h += scratch
+        np.sqrt(h, out=scratch)
+        scratch += 1e-7
+        np.divide(grad, scratch, out=scratch)
+        scratch *= self.lr
+        param -= scratch
 
 
 class Adam(Optimizer):
-    state_copies = 2
+    slots = ("m", "v")
 
     def __init__(self, lr, beta1=0.9, beta2=0.999):
         super().__init__(lr)
         self.beta1, self.beta2 = beta1, beta2
 
-    def update(self, params, grads):
-        t = self.steps + 1
+    def _start_step(self):
+        t = self.steps
         self._lr_t = self.lr * np.sqrt(1.0 - self.beta2**t) / (1.0 - self.beta1**t)
-        super().update(params, grads)
 
-    def _update(self, key, param, grad):
-        m = self._slot("m" + key, param)
-        v = self._slot("v" + key, param)
+    def _step(self, param, grad, scratch, m, v):
         # m += (1 - beta1) (g - m);  v += (1 - beta2) (g^2 - v)
-        step = self._scratch(param)
-        np.multiply(grad, 1 - self.beta1, out=step)
+        np.multiply(grad, 1 - self.beta1, out=scratch)
         m *= self.beta1
-        m += step
+        m += scratch
         v *= self.beta2
         grad *= grad
         grad *= 1 - self.beta2

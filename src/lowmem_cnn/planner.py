@@ -89,12 +89,9 @@ def _input_bytes(layer, m, s):
 
 
 def training_state_bytes(network, optimizer_copies: int) -> int:
-    """Optimizer state and its scratch array. (The gradients exist from the warm-up in
+    """Optimizer state and its scratch buffer. (The gradients exist from the warm-up in
     `measure_baseline` on, so the baseline holds them.)"""
-    largest = max(int(np.prod(shape)) for layer in network.param_layers.values()
-                  for shape in layer.param_shapes.values())
-    return (network.param_bytes() * optimizer_copies + largest * network.dtype.itemsize
-            if optimizer_copies else 0)
+    return network.param_bytes() * (optimizer_copies + 1)
 
 
 def _activations(network, m, train):

@@ -87,7 +87,8 @@ class Trainer:
             labels = self.split.labels[indices]
             self.network.zero_grads()
             loss = self.network.accumulate_gradient(images, labels, self.micro_batch)
-            self.optimizer.update(self.network.params(), self.network.grads())
+            self.optimizer.update(self.network.params(), self.network.grads(), self.network.pool,
+                                  self.network.threads)
             self.loss_sum += loss * len(indices)
             self.position += 1
             self.seconds += time.perf_counter() - began
