@@ -13,7 +13,7 @@ TINY = """
 [network]
 name = "tiny"
 input_shape = [1, 8, 8]
-weight_init_std = 0.3
+weight_init = 0.3
 [[network.layers]]
 type = "conv"
 filters = 3

@@ -80,7 +80,6 @@ class _Run:
 
         baseline = measure_baseline(self.network, train)
         self.plan = make_plan(self.network, self.budget, baseline, train, batch_size, fixed)
-        self.plan.apply(self.network)
         return self.plan
 
     def open_data(self, data_dir):
@@ -160,9 +159,11 @@ def _existing_checkpoint(path: Path):
                    f"{CHECKPOINT_SECONDS} s of training]")
 @click.option("--resume", is_flag=True,
               help="Continue the run in the checkpoint where it stopped, with its settings.")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also draw accuracy and loss per epoch into this PNG (needs the plot extra).")
 @_common
 def train(epochs, batch_size, lr, optimizer, seed, out, limit, checkpoint_path, checkpoint_every,
-          resume, max_ram, data_dir, config_name, dtype, threads, as_json):
+          resume, plot, max_ram, data_dir, config_name, dtype, threads, as_json):
     """Train the network on the training images; report test accuracy after each epoch.
 
     Ctrl-C or SIGTERM: the current update finishes, a checkpoint is written, and
@@ -217,7 +218,7 @@ def train(epochs, batch_size, lr, optimizer, seed, out, limit, checkpoint_path, 
             p = meta["plan"]
             run.plan = recorded_plan(network, run.budget, measure_baseline(network, True),
                                      state + buffers, p["micro_batch"], p["eval_micro_batch"],
-                                     p["tile_rows"])
+                                     p["tile_rows"], p["threads"])
         else:
             run.make_plan(True, batch_size, state + buffers)
 
@@ -227,7 +228,7 @@ def train(epochs, batch_size, lr, optimizer, seed, out, limit, checkpoint_path, 
     plan(batch_size * network.input_size)
     data = run.open_data(data_dir)
     trainer = Trainer(network, optimizer, data.train, run.plan.micro_batch, batch_size, rng,
-                      settings["limit"])
+                      settings["limit"], settings["seed"])
     history = []
     if resume:
         if trainer.count != settings["train_images"]:
@@ -252,7 +253,7 @@ def train(epochs, batch_size, lr, optimizer, seed, out, limit, checkpoint_path, 
         p = run.plan
         meta.update(run=settings, history=history, finished=finished,
                     plan={"micro_batch": p.micro_batch, "eval_micro_batch": p.eval_micro_batch,
-                          "tile_rows": list(p.tile_rows)})
+                          "tile_rows": list(p.tile_rows), "threads": p.threads})
         write_checkpoint(checkpoint_path, meta, arrays)
 
     def stop_here(signum):
@@ -298,6 +299,11 @@ def train(epochs, batch_size, lr, optimizer, seed, out, limit, checkpoint_path, 
 
     save_params(out, network)
     save_checkpoint(finished=True)
+    if plot:
+        from lowmem_cnn.plotting import plot_curves
+
+        plot_curves(history, plot)
+        _say(f"learning curves drawn in {plot}", as_json)
     peak = peak_rss()
     _say(f"saved {out}; peak RSS {peak:,} bytes ({format_size(peak)})", as_json)
     if as_json:
@@ -321,9 +327,12 @@ def train(epochs, batch_size, lr, optimizer, seed, out, limit, checkpoint_path, 
               help="Images read at a time, at most 10,000 (memory is planned separately: any "
                    "batch size works within the budget).")
 @click.option("--split", type=click.Choice(["test", "train"]), default="test")
+@click.option("--misclassified", type=click.Path(dir_okay=False, path_type=Path),
+              help="Draw the first 100 misclassified images, captioned true -> predicted, "
+                   "into this PNG (needs the plot extra).")
 @_common
-def evaluate_command(params, batch_size, split, max_ram, data_dir, config_name, dtype, threads,
-                     as_json):
+def evaluate_command(params, batch_size, split, misclassified, max_ram, data_dir, config_name,
+                     dtype, threads, as_json):
     """Accuracy, per-class accuracy and confusion matrix of a parameter file."""
     from lowmem_cnn.params import load_params
     from lowmem_cnn.training import MAX_READ_IMAGES, evaluate
@@ -336,9 +345,19 @@ def evaluate_command(params, batch_size, split, max_ram, data_dir, config_name, 
     data = run.open_data(data_dir)
     run.make_plan(False, batch_size, fixed)
     run.describe_plan()
+    chosen = getattr(data, split)
     began = time.perf_counter()
-    result = evaluate(run.network, getattr(data, split), run.plan.eval_micro_batch, batch_size)
+    result = evaluate(run.network, chosen, run.plan.eval_micro_batch, batch_size,
+                      keep_wrong=100 if misclassified else 0)
     seconds = time.perf_counter() - began
+    if misclassified:
+        from lowmem_cnn.plotting import plot_misclassified
+
+        indices = np.array([i for i, _, _ in result.wrong], np.int64)
+        plot_misclassified(chosen.images.read(indices), [t for _, t, _ in result.wrong],
+                           [p for _, _, p in result.wrong], (chosen.images.rows, chosen.images.cols),
+                           misclassified)
+        _say(f"{len(result.wrong)} misclassified images drawn in {misclassified}", as_json)
     peak = peak_rss()
     if as_json:
         click.echo(json.dumps({
@@ -365,8 +384,12 @@ def evaluate_command(params, batch_size, split, max_ram, data_dir, config_name, 
                    "many; at most 10,000 test images are run).")
 @click.option("--train/--eval", "train", default=False,
               help="Profile forward and backward (training) or forward only.")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also draw the book's bytes against the tiled bytes per layer into this PNG "
+                   "(needs the plot extra).")
 @_common
-def profile_memory(batch_size, train, max_ram, data_dir, config_name, dtype, threads, as_json):
+def profile_memory(batch_size, train, plot, max_ram, data_dir, config_name, dtype, threads,
+                   as_json):
     """Per layer: what the book's whole-batch im2col would allocate against the tiles
     used here; then the planned peak and the measured peak RSS of running the batch."""
     from lowmem_cnn.profiling import layer_table, run_batch
@@ -385,6 +408,11 @@ def profile_memory(batch_size, train, max_ram, data_dir, config_name, dtype, thr
     run.make_plan(train, batch_size, fixed)
     rows = layer_table(network, run.plan, batch_size)
     measured = run_batch(network, data.test, run.plan, batch_size, train)
+    if plot:
+        from lowmem_cnn.plotting import plot_memory
+
+        plot_memory(rows, run.budget, plot)
+        _say(f"memory per layer drawn in {plot}", as_json)
     if as_json:
         click.echo(json.dumps({
             "batch_size": batch_size, "mode": "train" if train else "eval", "layers": rows,
@@ -404,6 +432,46 @@ def profile_memory(batch_size, train, max_ram, data_dir, config_name, dtype, thr
     click.echo(f"planned peak: {run.plan.peak:,} bytes ({format_size(run.plan.peak)}); "
                f"measured peak RSS: {measured:,} bytes ({format_size(measured)}); "
                f"budget {run.budget:,} bytes")
+
+
+@main.command()
+@click.argument("params", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--config", "config_name", default=DEFAULT_CONFIG, show_default=True,
+              help="Network config: a name in configs/ or a .toml path.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON line per image.")
+@_user_errors
+def predict(params, images, config_name, as_json):
+    """The digit in each picture (PNG, JPEG, PGM, any size; needs the images extra),
+    made to look like MNIST's first: grayscale, white on black, centred in 28x28."""
+    from lowmem_cnn.imaging import mnist_style
+    from lowmem_cnn.params import load_params
+
+    config = load_config(config_name)
+    network = Network(config.network)
+    load_params(params, network)
+    c, h, w = config.network.input_shape
+    if c != 1 or (h, w) != (28, 28):
+        raise LowmemError(f"{config.network.name} takes {c}x{h}x{w} inputs, not 28x28 digits")
+    for start in range(0, len(images), 100):  # a few pictures at a time, however many
+        chunk = images[start : start + 100]
+        rows = np.stack([mnist_style(path) for path in chunk])
+        scores = network.scores(network.to_input(rows)).astype(np.float64)
+        scores -= scores.max(axis=1, keepdims=True)
+        probabilities = np.exp(scores)
+        probabilities /= probabilities.sum(axis=1, keepdims=True)
+        for path, p in zip(chunk, probabilities, strict=True):
+            _print_prediction(path, p, as_json)
+
+
+def _print_prediction(path, p, as_json):
+    digit = int(p.argmax())
+    if as_json:
+        click.echo(json.dumps({"image": str(path), "digit": digit,
+                               "probabilities": [round(float(v), 6) for v in p]}))
+    else:
+        click.echo(f"{path}: {digit} ({p[digit]:.3f})   "
+                   + " ".join(f"{k}:{v:.3f}" for k, v in enumerate(p)))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ class NetworkConfig:
     name: str
     input_shape: tuple  # (C, H, W), as the book writes it
     layers: tuple
-    weight_init_std: float
+    weight_init: str | float  # "he" (std sqrt(2 / inputs of the layer)) or a fixed std
 
 
 @dataclass(frozen=True)
@@ -60,14 +60,23 @@ def load_config(name_or_path: str = DEFAULT_CONFIG) -> Config:
         if len(input_shape) != 3 or min(input_shape) < 1:
             raise ValueError("input_shape must be [channels, height, width]")
         layers = tuple(dict(layer) for layer in net["layers"])
-        for layer in layers:
+        for number, layer in enumerate(layers, start=1):
             for key, value in layer.items():
-                if key != "type" and (not isinstance(value, int) or value < (0 if key == "pad" else 1)):
-                    raise ValueError(f"layer {layer.get('type')!r}: {key} = {value!r} is not a "
-                                     f"{'non-negative' if key == 'pad' else 'positive'} whole number")
+                if key == "ratio":
+                    if not isinstance(value, (int, float)) or not 0 <= value < 1:
+                        raise ValueError(f"layer {number} ({layer.get('type')}): ratio = {value!r} "
+                                         "is not a number in [0, 1)")
+                elif key != "type" and (not isinstance(value, int) or isinstance(value, bool)
+                                        or value < (0 if key == "pad" else 1)):
+                    raise ValueError(f"layer {number} ({layer.get('type')}): {key} = {value!r} is "
+                                     f"not a {'non-negative' if key == 'pad' else 'positive'} "
+                                     "whole number")
+        init = net.get("weight_init", 0.01)
+        if init != "he" and not (isinstance(init, (int, float)) and init > 0):
+            raise ValueError(f"weight_init = {init!r}: use \"he\" or a positive standard deviation")
         network = NetworkConfig(
             name=str(net.get("name", source)), input_shape=input_shape, layers=layers,
-            weight_init_std=float(net.get("weight_init_std", 0.01)),
+            weight_init=init,
         )
         train = data.get("training", {})
         training = TrainingConfig(**{k: train[k] for k in ("optimizer", "lr", "batch_size", "epochs")

@@ -1,7 +1,8 @@
 """The layers of the book's networks, NHWC, each with forward and backward.
 
 Shapes are per image: (H, W, C) for maps, (D,) for vectors. `forward(x, train)`
-returns the output and what backward needs (None unless training);
+returns the output and what backward needs (None unless training; `train` is falsy
+for inference, else True or a NumPy Generator, from which dropout draws its masks);
 `backward(dout, saved, grads)` adds the parameter gradients into `grads` and returns
 the input gradient. A layer holds no per-batch state, so several micro-batches can
 run through it at once on different threads. Layers may work in place on the array
@@ -276,6 +277,40 @@ class Affine:
         return f"affine {self.inputs}->{self.units}"
 
 
+class Dropout:
+    """The book's dropout: training keeps each value with probability 1 - ratio;
+    inference scales by 1 - ratio instead, so the book's parameter files mean the same."""
+
+    kind = "dropout"
+    param_shapes: dict = {}
+
+    def __init__(self, in_shape, ratio: float):
+        if not 0 <= ratio < 1:
+            raise ValueError(f"ratio {ratio} is not in [0, 1)")
+        self.in_shape = self.out_shape = tuple(in_shape)
+        self.ratio = ratio
+
+    def forward(self, x, train):
+        if not train:
+            x *= 1.0 - self.ratio
+            return x, None
+        mask = train.random(x.shape) > self.ratio
+        x *= mask
+        return x, mask
+
+    def backward(self, dout, mask, grads):
+        dout *= mask
+        return dout
+
+    def memory(self, m, itemsize, train):
+        n = m * _size(self.in_shape)
+        # the mask, and the float64 random numbers it is drawn from
+        return LayerMemory(kept=n if train else 0, forward_scratch=8 * n if train else 0)
+
+    def describe(self):
+        return f"dropout {self.ratio}"
+
+
 def softmax_cross_entropy(scores: np.ndarray, labels: np.ndarray, batch_total: int):
     """Summed loss of this micro-batch and d(mean loss over batch_total images)/d scores.
 
@@ -291,23 +326,26 @@ def softmax_cross_entropy(scores: np.ndarray, labels: np.ndarray, batch_total: i
     return float(loss), scores
 
 
-def build_layer(spec: dict, in_shape):
-    """A layer from one [[network.layers]] table of a config."""
+def build_layer(spec: dict, in_shape, number: int = 1):
+    """A layer from one [[network.layers]] table of a config (the `number`-th)."""
     kind = spec.get("type")
+    name = f"layer {number} ({kind})"
     try:
+        if kind in ("conv", "pool") and len(in_shape) != 3:
+            raise ValueError(f"needs a map, but its input is a vector of {in_shape[0]}")
         if kind == "conv":
             return Convolution(in_shape, int(spec["filters"]), int(spec["size"]),
                                int(spec.get("stride", 1)), int(spec.get("pad", 0)))
         if kind == "relu":
             return ReLU(in_shape)
         if kind == "pool":
-            if len(in_shape) != 3:
-                raise ValueError("pooling needs a map, not a vector")
             return MaxPooling(in_shape, int(spec["size"]), int(spec.get("stride", spec["size"])))
         if kind == "affine":
             return Affine(in_shape, int(spec["units"]))
+        if kind == "dropout":
+            return Dropout(in_shape, float(spec["ratio"]))
     except KeyError as err:
-        raise LowmemError(f"layer {kind!r}: missing {err.args[0]!r}") from None
+        raise LowmemError(f"{name}: missing {err.args[0]!r}") from None
     except ValueError as err:
-        raise LowmemError(f"layer {kind!r}: {err}") from None
-    raise LowmemError(f"unknown layer type {kind!r} (conv, relu, pool, affine)")
+        raise LowmemError(f"{name}: {err}") from None
+    raise LowmemError(f"{name}: unknown layer type (conv, relu, pool, affine, dropout)")

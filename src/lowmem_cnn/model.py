@@ -23,7 +23,7 @@ from lowmem_cnn.layers import MaxPooling, ReLU, build_layer, softmax_cross_entro
 class Network:
     def __init__(self, config: NetworkConfig, dtype=np.float32, threads: int = 1):
         self.config = config
-        self.threads = threads
+        self.threads = threads  # in use; the planner may lower it, never above the pool's
         self.pool = ThreadPoolExecutor(threads) if threads > 1 else None
         self._grads = None
         self.dtype = np.dtype(dtype)
@@ -32,8 +32,8 @@ class Network:
         self.input_size = c * h * w  # bytes of one uint8 image
         shape = self.input_shape
         layers = []
-        for spec in config.layers:
-            layer = build_layer(spec, shape)
+        for number, spec in enumerate(config.layers, start=1):
+            layer = build_layer(spec, shape, number)
             layers.append(layer)
             shape = layer.out_shape
         if len(shape) != 1:
@@ -57,10 +57,12 @@ class Network:
                 yield f"{name}{i}", layer, name
 
     def init_params(self, rng: np.random.Generator):
-        std = self.config.weight_init_std
+        init = self.config.weight_init
         for _, layer, name in self.param_names():
             shape = layer.param_shapes[name]
             if name == "W":
+                # He: std sqrt(2 / inputs of one output), as the book's DeepConvNet
+                std = np.sqrt(2.0 / shape[0]) if init == "he" else init
                 value = std * rng.standard_normal(shape)
             else:
                 value = np.zeros(shape)
@@ -128,12 +130,13 @@ class Network:
             x, _ = layer.forward(x, False)
         return x
 
-    def _gradient(self, images, labels, total, grads) -> float:
-        """Forward and backward of one micro-batch, adding into `grads`; its summed loss."""
+    def _gradient(self, images, labels, total, grads, noise) -> float:
+        """Forward and backward of one micro-batch, adding into `grads`; its summed loss.
+        `noise` is the Generator dropout draws from, or True."""
         x = self.to_input(images)
         saved = []
         for layer in self.layers:
-            x, keep = layer.forward(x, True)
+            x, keep = layer.forward(x, noise)
             saved.append(keep)
         loss, grad = softmax_cross_entropy(x, labels, total)
         for layer, keep, layer_grads in zip(reversed(self.layers), reversed(saved),
@@ -160,18 +163,25 @@ class Network:
                                          ).argmax(axis=1), starts)
         return np.concatenate(parts) if parts else np.empty(0, np.int64)
 
-    def accumulate_gradient(self, images, labels, micro_batch: int) -> float:
+    def accumulate_gradient(self, images, labels, micro_batch: int, noise_key=(0,)) -> float:
         """Add d(mean loss)/d(params) of this mini-batch to the grads; return the mean loss.
 
         The mini-batch runs as micro-batches whose gradients are summed, so the result
-        is the whole mini-batch's gradient, whatever the micro-batch size.
+        is the whole mini-batch's gradient, whatever the micro-batch size. Dropout masks
+        come from a Generator seeded by `noise_key` and the micro-batch's position, so
+        they do not depend on which thread runs it, nor on a run being resumed.
         """
         total = len(images)
         starts = list(range(0, total, micro_batch))
         thread_grads = self._thread_grads()
-        losses = self._map(lambda start, t: self._gradient(
-            images[start : start + micro_batch], labels[start : start + micro_batch], total,
-            thread_grads[t]), starts)
+        uses_noise = any(layer.kind == "dropout" for layer in self.layers)
+
+        def work(start, t):
+            noise = np.random.default_rng([*noise_key, start]) if uses_noise else True
+            return self._gradient(images[start : start + micro_batch],
+                                  labels[start : start + micro_batch], total, thread_grads[t], noise)
+
+        losses = self._map(work, starts)
         if self.threads > 1:
             for grads in thread_grads[1:]:
                 for key, grad in thread_grads[0].items():

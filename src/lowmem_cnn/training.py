@@ -17,6 +17,7 @@ MAX_READ_IMAGES = 10_000
 @dataclass
 class Evaluation:
     confusion: np.ndarray  # rows: true label, columns: predicted
+    wrong: list  # (index, true, predicted) of the first misclassified images, if asked for
 
     @property
     def correct(self) -> int:
@@ -37,20 +38,23 @@ class Evaluation:
 
 
 def evaluate(network, split, micro_batch: int, batch_size: int, count: int | None = None,
-             on_batch=None) -> Evaluation:
-    """Confusion matrix of the first `count` images (all by default), read `batch_size` at a time."""
+             keep_wrong: int = 0) -> Evaluation:
+    """Confusion matrix of the first `count` images (all by default), read `batch_size` at
+    a time, and the first `keep_wrong` misclassified ones."""
     n = len(split) if count is None else min(count, len(split))
     batch_size = min(batch_size, MAX_READ_IMAGES)
     classes = network.classes
     confusion = np.zeros((classes, classes), np.int64)
+    wrong = []
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
         predicted = network.predict(split.images.read_range(start, stop), micro_batch)
-        pairs = split.labels[start:stop].astype(np.int64) * classes + predicted
-        confusion += np.bincount(pairs, minlength=classes * classes).reshape(classes, classes)
-        if on_batch:
-            on_batch(stop - start)
-    return Evaluation(confusion)
+        true = split.labels[start:stop].astype(np.int64)
+        confusion += np.bincount(true * classes + predicted,
+                                 minlength=classes * classes).reshape(classes, classes)
+        for i in np.flatnonzero(true != predicted)[: keep_wrong - len(wrong)]:
+            wrong.append((start + int(i), int(true[i]), int(predicted[i])))
+    return Evaluation(confusion, wrong)
 
 
 class Trainer:
@@ -62,9 +66,10 @@ class Trainer:
     """
 
     def __init__(self, network, optimizer, split, micro_batch: int, batch_size: int,
-                 rng: np.random.Generator, count: int | None = None):
+                 rng: np.random.Generator, count: int | None = None, seed: int = 0):
         self.network, self.optimizer, self.split = network, optimizer, split
         self.micro_batch, self.batch_size, self.rng = micro_batch, batch_size, rng
+        self.seed = seed  # with the epoch and update, seeds the dropout masks
         self.count = len(split) if count is None else min(count, len(split))
         self._buffer = np.empty((min(batch_size, self.count), split.images.row_bytes), np.uint8)
         self.epochs_done = 0
@@ -86,7 +91,8 @@ class Trainer:
             images = self.split.images.read(indices, self._buffer)
             labels = self.split.labels[indices]
             self.network.zero_grads()
-            loss = self.network.accumulate_gradient(images, labels, self.micro_batch)
+            loss = self.network.accumulate_gradient(
+                images, labels, self.micro_batch, (self.seed, self.epochs_done, self.position))
             self.optimizer.update(self.network.params(), self.network.grads(), self.network.pool,
                                   self.network.threads)
             self.loss_sum += loss * len(indices)

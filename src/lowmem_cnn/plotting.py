@@ -1,0 +1,84 @@
+"""PNG pictures: learning curves, misclassified digits, memory per layer.
+
+matplotlib is an optional extra (`pip install 'lowmem-cnn[plot]'`), imported only
+when a picture is asked for, and drawn with the Agg backend (no display needed).
+"""
+
+import numpy as np
+
+from lowmem_cnn.errors import LowmemError
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise LowmemError("plots need matplotlib: pip install 'lowmem-cnn[plot]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path):
+    try:
+        fig.savefig(path, dpi=100)
+    except OSError as err:
+        raise LowmemError(f"cannot write {path}: {err.strerror or err}") from None
+    finally:
+        fig.clf()
+
+
+def plot_curves(history: list, path):
+    """Train and test accuracy, and loss, per epoch."""
+    plt = _pyplot()
+    epochs = [h["epoch"] for h in history]
+    fig, (accuracy, loss) = plt.subplots(1, 2, figsize=(10, 4))
+    accuracy.plot(epochs, [h["train_accuracy"] for h in history], "o-", label="train (sample)")
+    accuracy.plot(epochs, [h["test_accuracy"] for h in history], "s-", label="test")
+    accuracy.set_xlabel("epoch")
+    accuracy.set_ylabel("accuracy")
+    accuracy.legend()
+    accuracy.grid(alpha=0.3)
+    loss.plot(epochs, [h["loss"] for h in history], "o-", color="tab:red")
+    loss.set_xlabel("epoch")
+    loss.set_ylabel("training loss")
+    loss.set_yscale("log")
+    loss.grid(alpha=0.3)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_misclassified(images: np.ndarray, true, predicted, shape, path, columns: int = 10):
+    """A grid of images, each captioned 'true -> predicted'."""
+    plt = _pyplot()
+    count = max(len(images), 1)
+    rows = -(-count // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.1, rows * 1.3), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < len(images):
+            ax.imshow(images[i].reshape(shape), cmap="gray", vmin=0, vmax=255)
+            ax.set_title(f"{true[i]} -> {predicted[i]}", fontsize=9, color="tab:red")
+    fig.suptitle("misclassified (true -> predicted)" if len(images) else "no misclassified images")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_memory(rows: list, budget: int, path):
+    """Per layer, the book's im2col bytes against the tiled bytes (log scale), and the budget."""
+    plt = _pyplot()
+    names = [r["layer"] for r in rows]
+    book = [max(r["book_im2col_bytes"], 1) for r in rows]
+    tiled = [max(r["tiled_bytes"], 1) for r in rows]
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(max(6, len(rows) * 0.9), 4.5))
+    ax.bar(x - 0.2, book, 0.4, label="book's whole-batch im2col (float64)")
+    ax.bar(x + 0.2, tiled, 0.4, label="tiled here")
+    ax.axhline(budget, color="tab:red", linestyle="--", label=f"budget ({budget / 2**20:.0f} MiB)")
+    ax.set_yscale("log")
+    ax.set_ylabel("bytes")
+    ax.set_xticks(x, names, rotation=45, ha="right", fontsize=8)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
