@@ -30,8 +30,8 @@ MAX_TRAIN_MICRO_BATCH = 50
 # A micro-batch costs about as much fixed Python work as this many images: a thread
 # running micro-batches of m images does m / (m + this) of the useful work it could.
 MICRO_BATCH_OVERHEAD_IMAGES = 8
-MARGIN_BYTES = 3 * 1024 * 1024
-MARGIN_SHARE = 0.05
+MARGIN_BYTES = 4 * 1024 * 1024
+MARGIN_SHARE = 0.10
 
 
 @dataclass(frozen=True)
