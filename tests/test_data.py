@@ -210,3 +210,20 @@ def test_dropped_connection_leaves_nothing_and_all_mirrors_down_says_what_to_do(
 
 def test_known_checksums_are_the_published_ones():
     assert MNIST_SHA256["t10k-labels-idx1-ubyte"].startswith("ff7bcfd4")
+
+
+def test_unreadable_file(tmp_path, monkeypatch):
+    import builtins
+
+    directory = write_dataset(tmp_path / "d")
+    locked = directory / NAMES["test_images"]
+    real_open = builtins.open
+
+    def open_unless_locked(path, *args, **kwargs):
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", open_unless_locked)
+    with pytest.raises(LowmemError, match="t10k-images-idx3-ubyte: cannot read \\(Permission denied\\)"):
+        open_directory(directory)

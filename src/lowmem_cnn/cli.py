@@ -11,7 +11,7 @@ import click
 import numpy as np
 
 from lowmem_cnn import __version__, default_threads
-from lowmem_cnn.budget import format_size, peak_rss, resolve_budget, reuse_freed_memory
+from lowmem_cnn.budget import format_size, map_large_arrays, peak_rss, resolve_budget
 from lowmem_cnn.config import DEFAULT_CONFIG, OPTIMIZERS, load_config
 from lowmem_cnn.errors import LowmemError
 from lowmem_cnn.model import Network
@@ -108,7 +108,7 @@ class _Run:
 def main():
     """Train and evaluate the convolutional networks of "Deep Learning from Scratch"
     on MNIST-style data, with peak RAM kept under --max-ram."""
-    reuse_freed_memory()
+    map_large_arrays()
 
 
 class _StopRequest:

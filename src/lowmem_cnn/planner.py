@@ -4,10 +4,12 @@ budget.
 
 The planned peak is
     baseline  (measured RSS of the process before the run's own arrays)
-  + fixed     (gradients, optimizer state, index and batch buffers: what the run
-               allocates besides activations; the parameters are in the baseline)
-  + the activation peak of one micro-batch (simulated layer by layer, below)
-  + a margin  (allocator rounding and fragmentation, Python objects).
+  + fixed     (optimizer state, index and batch buffers: what the run allocates
+               besides activations; parameters and gradients are in the baseline)
+  + the activation peak of one micro-batch (simulated layer by layer, below), times
+    the threads that each have one in flight
+  + a margin  (allocator rounding, small blocks, Python objects: 4 MiB and 10% of the
+               rest; large arrays are mapped one by one, see budget.map_large_arrays).
 """
 
 from dataclasses import dataclass

@@ -4,9 +4,12 @@ matplotlib is an optional extra (`pip install 'lowmem-cnn[plot]'`), imported onl
 when a picture is asked for, and drawn with the Agg backend (no display needed).
 """
 
+from pathlib import Path
+
 import numpy as np
 
 from lowmem_cnn.errors import LowmemError
+from lowmem_cnn.files import atomic_write
 
 
 def _pyplot():
@@ -22,9 +25,8 @@ def _pyplot():
 
 def _save(fig, path):
     try:
-        fig.savefig(path, dpi=100)
-    except OSError as err:
-        raise LowmemError(f"cannot write {path}: {err.strerror or err}") from None
+        with atomic_write(Path(path), "picture") as f:
+            fig.savefig(f, format="png", dpi=100)
     finally:
         fig.clf()
 
