@@ -47,6 +47,8 @@ def plot_curves(history: list, path):
     loss.set_ylabel("training loss")
     loss.set_yscale("log")
     loss.grid(alpha=0.3)
+    for axes in (accuracy, loss):
+        axes.xaxis.get_major_locator().set_params(integer=True)
     fig.tight_layout()
     _save(fig, path)
 
