@@ -11,7 +11,7 @@ def _mnist_dir():
     candidates = [os.environ.get("LOWMEM_CNN_DATA"), SHARED / "data" / "mnist"]
     for candidate in filter(None, candidates):
         if any(Path(candidate).glob("t10k-labels-idx1-ubyte*")):
-            return Path(candidate)
+            return Path(candidate).resolve()  # tests run commands from other directories
     return None
 
 
