@@ -174,7 +174,7 @@ def train(epochs, batch_size, lr, optimizer, seed, out, limit, checkpoint_path, 
     from lowmem_cnn.checkpoint import read_checkpoint, write_checkpoint
     from lowmem_cnn.optimizers import make_optimizer
     from lowmem_cnn.params import save_params
-    from lowmem_cnn.planner import recorded_plan, training_state_bytes
+    from lowmem_cnn.planner import measure_baseline, recorded_plan, training_state_bytes
     from lowmem_cnn.training import TRAIN_SAMPLE, Trainer, evaluate
 
     checkpoint_path = checkpoint_path or out.with_name(out.name + ".ckpt")
@@ -222,8 +222,6 @@ def train(epochs, batch_size, lr, optimizer, seed, out, limit, checkpoint_path, 
                                      p["tile_rows"], p["threads"])
         else:
             run.make_plan(True, batch_size, state + buffers)
-
-    from lowmem_cnn.planner import measure_baseline
 
     # Refuse a budget that is too small before touching (or downloading) the data.
     plan(batch_size * network.input_size)
