@@ -12,9 +12,10 @@ import numpy as np
 
 from lowmem_cnn import __version__, default_threads
 from lowmem_cnn.budget import format_size, map_large_arrays, peak_rss, resolve_budget
-from lowmem_cnn.config import DEFAULT_CONFIG, OPTIMIZERS, load_config
+from lowmem_cnn.config import DEFAULT_CONFIG, load_config
 from lowmem_cnn.errors import LowmemError
 from lowmem_cnn.model import Network
+from lowmem_cnn.optimizers import OPTIMIZERS
 
 BUDGET_HELP = ("Peak RAM (resident set size) the process may use: bytes, or K/M/G/T and "
                "KiB..TiB (powers of 1024), KB..TB (powers of 1000), e.g. 512M, 2G, 1.5GiB. "
@@ -147,7 +148,7 @@ def _existing_checkpoint(path: Path):
               "[default: from the config, 100]")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True, max=1e6),
               help="Learning rate. [default: from the config, 0.001]")
-@click.option("--optimizer", type=click.Choice(OPTIMIZERS), help="[default: from the config, adam]")
+@click.option("--optimizer", type=click.Choice(list(OPTIMIZERS)), help="[default: from the config, adam]")
 @click.option("--seed", type=int, default=0, help="Seed of the initial weights and the shuffling.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("params.pkl"),
               help="Parameter file written at the end (the book's format).")

@@ -6,9 +6,9 @@ from importlib import resources
 from pathlib import Path
 
 from lowmem_cnn.errors import LowmemError
+from lowmem_cnn.optimizers import OPTIMIZERS
 
 DEFAULT_CONFIG = "simple_convnet"
-OPTIMIZERS = ("sgd", "momentum", "adagrad", "adam")
 
 
 @dataclass(frozen=True)

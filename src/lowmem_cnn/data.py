@@ -109,9 +109,6 @@ class ImageFile:
         if os.preadv(self._fd, [out], offset) != out.nbytes:
             raise LowmemError(f"{self.path}: file shrank while reading")
 
-    def close(self):
-        os.close(self._fd)
-
 
 def read_labels(path: Path) -> np.ndarray:
     (count,) = _header(path, LABELS_MAGIC)
