@@ -122,11 +122,14 @@ def test_threads_give_the_same_gradient_and_predictions(tmp_path, threads):
         np.testing.assert_array_equal(again.grads()[key], grad)
 
 
-def test_pool_before_relu_swap_keeps_the_book_order_semantics():
+def test_pool_before_relu_swap_and_fusion():
     net = Network(load_config().network)
     kinds = [layer.kind for layer in net.layers]
-    assert kinds == ["conv", "pool", "relu", "affine", "relu", "affine"]
+    assert kinds == ["conv+pool", "relu", "affine", "relu", "affine"]
     assert net.layers[0].need_input_grad is False
+    # many input channels: the pooled convolutions stay separate layers
+    deep = [layer.kind for layer in Network(load_config("deep_convnet").network).layers]
+    assert deep[:6] == ["conv", "relu", "conv", "pool", "relu", "conv"]
 
 
 @pytest.mark.parametrize("train", [False, True])

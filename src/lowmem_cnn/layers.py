@@ -4,7 +4,8 @@ Shapes are per image: (H, W, C) for maps, (D,) for vectors. `forward(x, train)`
 returns the output and what backward needs (None unless training; `train` is falsy
 for inference, else True or a NumPy Generator, from which dropout draws its masks);
 `backward(dout, saved, grads)` adds the parameter gradients into `grads` and returns
-the input gradient. A layer holds no per-batch state, so several micro-batches can
+the input gradient. Both may take their arrays from `ws`, the thread's Workspace: what
+they return is then valid until the next micro-batch on that thread. A layer holds no per-batch state, so several micro-batches can
 run through it at once on different threads. Layers may work in place on the array
 they are given (ReLU) and on the gradient they are handed back: the network never
 reuses either.
@@ -19,6 +20,7 @@ import numpy as np
 
 from lowmem_cnn.columns import add_columns, column_tiles, windows
 from lowmem_cnn.errors import LowmemError
+from lowmem_cnn.workspace import Workspace
 
 
 @dataclass
@@ -29,6 +31,8 @@ class LayerMemory:
     grad_in: int = 0  # new input-gradient array
     backward_scratch: int = 0  # temporaries that live during backward only
     keeps_input: bool = False  # the input array itself is kept until backward (train only)
+    in_place: bool = False  # output and input gradient are the arrays the layer was given
+    workspace: int = 0  # held in the thread's Workspace for the whole run (see workspace.py)
 
 
 def _size(shape) -> int:
@@ -58,7 +62,7 @@ class Convolution:
         p = self.pad
         return np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
 
-    def forward(self, x, train):
+    def forward(self, x, train, ws=None):
         x = self._padded(x)
         view = windows(x, self.size, self.stride)
         out = np.empty((x.shape[0] * self.rows_per_image, self.filters), x.dtype)
@@ -67,7 +71,7 @@ class Convolution:
         out += self.b
         return out.reshape(x.shape[0], *self.out_shape), (x if train else None)
 
-    def backward(self, dout, x, grads):
+    def backward(self, dout, x, grads, ws=None):
         dout = dout.reshape(-1, self.filters)
         # the column sums as a BLAS product: 3x faster than sum(axis=0) over many rows
         grads["b"] += np.ones(len(dout), dout.dtype) @ dout
@@ -131,16 +135,19 @@ class ReLU:
     def __init__(self, in_shape):
         self.in_shape = self.out_shape = tuple(in_shape)
 
-    def forward(self, x, train):
-        mask = x > 0 if train else None
+    def forward(self, x, train, ws=None):
+        mask = None
+        if train:
+            mask = _workspace(ws).array(self, "mask", x.shape, bool)
+            np.greater(x, 0, out=mask)
         return np.maximum(x, 0, out=x), mask
 
-    def backward(self, dout, mask, grads):
+    def backward(self, dout, mask, grads, ws=None):
         dout *= mask
         return dout
 
     def memory(self, m, itemsize, train):
-        return LayerMemory(kept=m * _size(self.in_shape) if train else 0)
+        return LayerMemory(in_place=True, workspace=m * _size(self.in_shape) if train else 0)
 
     def describe(self):
         return "relu"
@@ -171,7 +178,7 @@ class MaxPooling:
         return [x[:, i : i + s * (oh - 1) + 1 : s, j : j + s * (ow - 1) + 1 : s, :]
                 for i in range(self.size) for j in range(self.size)]
 
-    def forward(self, x, train):
+    def forward(self, x, train, ws=None):
         views = self._views(x)
         out = np.maximum(views[0], views[1]) if len(views) > 1 else views[0].copy()
         for view in views[2:]:
@@ -189,7 +196,7 @@ class MaxPooling:
             return out, (argmax, x.shape)
         return out, None
 
-    def backward(self, dout, saved, grads):
+    def backward(self, dout, saved, grads, ws=None):
         argmax, in_shape = saved
         grad = np.zeros(in_shape, dout.dtype)
         chosen = np.empty(argmax.shape, bool)
@@ -231,26 +238,29 @@ class Affine:
         self.param_shapes = {"W": (self.inputs, units), "b": (units,)}
         self.need_input_grad = True
 
-    def forward(self, x, train):
+    def forward(self, x, train, ws=None):
+        ws = _workspace(ws)
         x = x.reshape(x.shape[0], self.inputs)
-        out = x @ self.W
+        out = np.matmul(x, self.W, out=ws.array(self, "out", (len(x), self.units), x.dtype))
         out += self.b
         return out, (x if train else None)
 
-    def backward(self, dout, x, grads):
-        grads["W"] += x.T @ dout
+    def backward(self, dout, x, grads, ws=None):
+        ws = _workspace(ws)
+        grads["W"] += np.matmul(x.T, dout, out=ws.array(self, "dW", self.W.shape, dout.dtype))
         grads["b"] += dout.sum(axis=0)
         if not self.need_input_grad:
             return None
-        return (dout @ self.W.T).reshape(dout.shape[0], *self.in_shape)
+        grad = np.matmul(dout, self.W.T, out=ws.array(self, "grad", x.shape, dout.dtype))
+        return grad.reshape(dout.shape[0], *self.in_shape)
 
     def memory(self, m, itemsize, train):
-        return LayerMemory(
-            out=m * self.units * itemsize,
-            grad_in=m * self.inputs * itemsize,
-            backward_scratch=self.inputs * self.units * itemsize,  # x.T @ dout before +=
-            keeps_input=True,
-        )
+        out = m * self.units * itemsize
+        if not train:
+            return LayerMemory(workspace=out)
+        grad = m * self.inputs * itemsize if self.need_input_grad else 0
+        return LayerMemory(workspace=out + self.inputs * self.units * itemsize + grad,
+                           keeps_input=True)
 
     # The book flattens maps in (C, H, W) order; they are (H, W, C) here.
     def _book_order(self):
@@ -291,7 +301,7 @@ class Dropout:
         self.in_shape = self.out_shape = tuple(in_shape)
         self.ratio = ratio
 
-    def forward(self, x, train):
+    def forward(self, x, train, ws=None):
         if not train:
             x *= 1.0 - self.ratio
             return x, None
@@ -299,17 +309,22 @@ class Dropout:
         x *= mask
         return x, mask
 
-    def backward(self, dout, mask, grads):
+    def backward(self, dout, mask, grads, ws=None):
         dout *= mask
         return dout
 
     def memory(self, m, itemsize, train):
         n = m * _size(self.in_shape)
         # the mask, and the float64 random numbers it is drawn from
-        return LayerMemory(kept=n if train else 0, forward_scratch=8 * n if train else 0)
+        return LayerMemory(kept=n if train else 0, forward_scratch=8 * n if train else 0,
+                           in_place=True)
 
     def describe(self):
         return f"dropout {self.ratio}"
+
+
+def _workspace(ws):
+    return Workspace() if ws is None else ws
 
 
 def softmax_cross_entropy(scores: np.ndarray, labels: np.ndarray, batch_total: int):

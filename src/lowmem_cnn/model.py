@@ -16,8 +16,15 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from lowmem_cnn.config import NetworkConfig
+from lowmem_cnn.conv_pool import ConvolutionPooling
 from lowmem_cnn.errors import LowmemError
-from lowmem_cnn.layers import MaxPooling, ReLU, build_layer, softmax_cross_entropy
+from lowmem_cnn.layers import Convolution, MaxPooling, ReLU, build_layer, softmax_cross_entropy
+from lowmem_cnn.workspace import Workspace
+
+# A convolution with at most this many input channels is fused with the pooling after
+# it (see conv_pool.py). With more channels im2col's columns are cheap to copy and the
+# fused layer's extra multiply-adds cost more than it saves.
+FUSE_MAX_CHANNELS = 4
 
 
 class Network:
@@ -25,6 +32,8 @@ class Network:
         self.config = config
         self.threads = threads  # in use; the planner may lower it, never above the pool's
         self.pool = ThreadPoolExecutor(threads) if threads > 1 else None
+        self.workspaces = [Workspace() for _ in range(threads)]
+        self._training = None  # what the workspaces are sized for
         self._grads = None
         self.dtype = np.dtype(dtype)
         c, h, w = config.input_shape
@@ -39,7 +48,7 @@ class Network:
         if len(shape) != 1:
             raise LowmemError(f"{config.name}: the last layer must be affine (scores), not a map")
         self.classes = shape[0]
-        self.layers = _pool_before_relu(layers)
+        self.layers = _fuse_conv_pool(_pool_before_relu(layers))
         self.param_layers = {}  # book index -> layer
         for layer in self.layers:
             if layer.param_shapes:
@@ -69,8 +78,9 @@ class Network:
             setattr(layer, name, value.astype(self.dtype))
         self._grads = None
 
-    def _thread_grads(self) -> list:
-        """One set of gradient buffers per thread, made on first use (evaluation needs none)."""
+    def thread_grads(self) -> list:
+        """One set of gradient buffers per thread, made on first use (evaluation needs none).
+        The optimizer adds them up (and zeroes them); see also `grads`."""
         if self._grads is None:
             self._grads = [{key: np.zeros_like(getattr(layer, name))
                             for key, layer, name in self.param_names()}
@@ -82,10 +92,16 @@ class Network:
         return {key: getattr(layer, name) for key, layer, name in self.param_names()}
 
     def grads(self) -> dict:
-        return self._thread_grads()[0]
+        """The gradient so far: the other threads' sets added into the first's, and zeroed."""
+        first, *others = self.thread_grads()
+        for grads in others:
+            for key, grad in first.items():
+                grad += grads[key]
+                grads[key].fill(0)
+        return first
 
     def zero_grads(self):
-        for grads in self._thread_grads():
+        for grads in self.thread_grads():
             for grad in grads.values():
                 grad.fill(0)
 
@@ -116,33 +132,44 @@ class Network:
 
     # --- running ----------------------------------------------------------------
 
-    def to_input(self, images: np.ndarray) -> np.ndarray:
+    def to_input(self, images: np.ndarray, ws: Workspace | None = None) -> np.ndarray:
         """uint8 rows (m, C*H*W) -> NHWC floats in [0, 1], as the book: float32 / 255."""
         c = self.config.input_shape[0]
         h, w, _ = self.input_shape
-        x = images.astype(np.float32)
-        x /= 255.0
-        x = x.reshape(len(images), c, h, w).transpose(0, 2, 3, 1)
-        return np.ascontiguousarray(x, dtype=self.dtype)
-
-    def scores(self, x: np.ndarray) -> np.ndarray:
-        for layer in self.layers:
-            x, _ = layer.forward(x, False)
+        shape = (len(images), h, w, c)
+        x = np.empty(shape, self.dtype) if ws is None else ws.array(self, "input", shape, self.dtype)
+        np.divide(images.reshape(len(images), c, h, w).transpose(0, 2, 3, 1), np.float32(255),
+                  out=x, dtype=np.float32)
         return x
 
-    def _gradient(self, images, labels, total, grads, noise) -> float:
+    def scores(self, x: np.ndarray, ws: Workspace | None = None) -> np.ndarray:
+        """The last layer's output; from `ws` if given, so valid until its next use."""
+        ws = Workspace() if ws is None else ws
+        for layer in self.layers:
+            x, _ = layer.forward(x, False, ws)
+        return x
+
+    def _gradient(self, images, labels, total, grads, noise, ws) -> float:
         """Forward and backward of one micro-batch, adding into `grads`; its summed loss.
         `noise` is the Generator dropout draws from, or True."""
-        x = self.to_input(images)
+        x = self.to_input(images, ws)
         saved = []
         for layer in self.layers:
-            x, keep = layer.forward(x, noise)
+            x, keep = layer.forward(x, noise, ws)
             saved.append(keep)
         loss, grad = softmax_cross_entropy(x, labels, total)
         for layer, keep, layer_grads in zip(reversed(self.layers), reversed(saved),
                                             reversed(self._layer_grads(grads)), strict=True):
-            grad = layer.backward(grad, keep, layer_grads)
+            grad = layer.backward(grad, keep, layer_grads, ws)
         return loss
+
+    def _use_workspaces(self, training: bool):
+        """Training and evaluation size their arrays differently; the planner counts
+        the larger set, not both, so empty the workspaces when switching."""
+        if self._training != training:
+            for ws in self.workspaces:
+                ws.clear()
+            self._training = training
 
     def _map(self, work, parts):
         """work(part, thread index) for each part; the parts are dealt to the threads in turn."""
@@ -158,13 +185,19 @@ class Network:
         """Predicted labels of uint8 images, `micro_batch` images through the network at
         once on each thread."""
         starts = list(range(0, len(images), micro_batch))
-        parts = self._map(
-            lambda start, t: self.scores(self.to_input(images[start : start + micro_batch])
-                                         ).argmax(axis=1), starts)
+        self._use_workspaces(False)
+
+        def work(start, t):
+            ws = self.workspaces[t]
+            return self.scores(self.to_input(images[start : start + micro_batch], ws), ws
+                               ).argmax(axis=1)
+
+        parts = self._map(work, starts)
         return np.concatenate(parts) if parts else np.empty(0, np.int64)
 
     def accumulate_gradient(self, images, labels, micro_batch: int, noise_key=(0,)) -> float:
-        """Add d(mean loss)/d(params) of this mini-batch to the grads; return the mean loss.
+        """Add d(mean loss)/d(params) of this mini-batch to the thread's gradient sets;
+        return the mean loss.
 
         The mini-batch runs as micro-batches whose gradients are summed, so the result
         is the whole mini-batch's gradient, whatever the micro-batch size. Dropout masks
@@ -173,20 +206,17 @@ class Network:
         """
         total = len(images)
         starts = list(range(0, total, micro_batch))
-        thread_grads = self._thread_grads()
+        thread_grads = self.thread_grads()
         uses_noise = any(layer.kind == "dropout" for layer in self.layers)
+        self._use_workspaces(True)
 
         def work(start, t):
             noise = np.random.default_rng([*noise_key, start]) if uses_noise else True
             return self._gradient(images[start : start + micro_batch],
-                                  labels[start : start + micro_batch], total, thread_grads[t], noise)
+                                  labels[start : start + micro_batch], total, thread_grads[t], noise,
+                                  self.workspaces[t])
 
         losses = self._map(work, starts)
-        if self.threads > 1:
-            for grads in thread_grads[1:]:
-                for key, grad in thread_grads[0].items():
-                    grad += grads[key]
-                    grads[key].fill(0)
         return float(sum(losses)) / total
 
 
@@ -200,3 +230,18 @@ def _pool_before_relu(layers):
             pool = layers[i + 1]
             layers[i], layers[i + 1] = pool, ReLU(pool.out_shape)
     return layers
+
+
+def _fuse_conv_pool(layers):
+    """Replace each convolution with few input channels that is followed by a
+    non-overlapping pooling by one ConvolutionPooling layer."""
+    fused = []
+    for layer in layers:
+        previous = fused[-1] if fused else None
+        if (isinstance(layer, MaxPooling) and isinstance(previous, Convolution)
+                and layer.stride == layer.size and previous.stride == 1
+                and previous.in_shape[2] <= FUSE_MAX_CHANNELS):
+            fused[-1] = ConvolutionPooling(previous, layer)
+        else:
+            fused.append(layer)
+    return fused

@@ -60,40 +60,36 @@ def _convolutions(network):
 def activation_peak(network, m: int, train: bool) -> int:
     """Peak bytes of the arrays one micro-batch of m images allocates.
 
-    Walks the forward pass (and the backward pass when training) counting the
-    arrays alive at each step: what the layers keep for backward, the current
+    The layers' workspace arrays (see workspace.py) are held throughout; on top of
+    them, walks the forward pass (and the backward pass when training) counting the
+    other arrays alive at each step: what the layers keep for backward, the current
     activation or gradient, the layer's new output and its temporaries.
     """
     s = network.dtype.itemsize
-    inputs = m * int(np.prod(network.input_shape))
-    alive = inputs * s
-    peak = alive + inputs * 4  # uint8 -> float32 conversion
-    kept = 0
+    held = m * int(np.prod(network.input_shape)) * s  # the input, in the workspace
+    alive = peak = kept = 0
+    kept_by = []  # what each layer keeps until its backward
     for layer in network.layers:
         mem = layer.memory(m, s, train)
+        held += mem.workspace
         peak = max(peak, kept + alive + mem.out + mem.forward_scratch)
         if train:
-            kept += mem.kept + (alive if mem.keeps_input else 0)
+            kept_by.append(mem.kept + (alive if mem.keeps_input else 0))
+            kept += kept_by[-1]
             if mem.keeps_input:
                 alive = 0
-        if mem.out:
+        if not mem.in_place:
             alive = mem.out
     if not train:
-        return peak
+        return held + peak
     grad = alive  # the loss gradient takes the scores' place
     for layer in reversed(network.layers):
         mem = layer.memory(m, s, train)
         peak = max(peak, kept + grad + mem.grad_in + mem.backward_scratch)
-        kept -= mem.kept
-        if mem.keeps_input:
-            kept -= _input_bytes(layer, m, s)
-        if mem.grad_in:
+        kept -= kept_by.pop()
+        if not mem.in_place:
             grad = mem.grad_in
-    return peak
-
-
-def _input_bytes(layer, m, s):
-    return m * int(np.prod(layer.in_shape)) * s
+    return held + peak
 
 
 def training_state_bytes(network, optimizer_copies: int) -> int:

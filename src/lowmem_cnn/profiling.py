@@ -7,23 +7,37 @@ from lowmem_cnn.training import MAX_READ_IMAGES
 
 
 def layer_table(network, plan, batch_size: int) -> list[dict]:
-    """One row per layer for a batch of `batch_size` images."""
+    """One row per layer of the book's network for a batch of `batch_size` images (a
+    fused convolution and pooling make two rows)."""
     s = network.dtype.itemsize
     rows = []
-    for layer in network.layers:
-        book = layer.book_columns_bytes(batch_size) if hasattr(layer, "book_columns_bytes") else 0
-        tile_rows = getattr(layer, "tile_rows", 0) if layer.kind == "conv" else 0
+
+    def row(layer, name, column_rows, column_bytes):
         shape = layer.out_shape
+        book = layer.book_columns_bytes(batch_size) if hasattr(layer, "book_columns_bytes") else 0
         rows.append({
-            "layer": layer.describe(),
+            "layer": name,
             # the book's (C, H, W) order, for readers of the book
             "output_shape": [shape[2], shape[0], shape[1]] if len(shape) == 3 else list(shape),
             "book_im2col_bytes": book,
-            # pooling takes the max over strided views: no columns at all
-            "tiled_bytes": tile_rows * layer.width * s if tile_rows else 0,
-            "tile_rows": tile_rows,
+            # pooling takes the max over strided views or blocks: no columns at all
+            "tiled_bytes": column_bytes,
+            "tile_rows": column_rows,
             "activation_bytes": plan.micro_batch * int(np.prod(shape)) * s,
         })
+
+    for layer in network.layers:
+        if layer.kind == "conv+pool":
+            # one window per pooled output, all of a micro-batch's at once
+            ph, pw, _ = layer.out_shape
+            windows = plan.micro_batch * ph * pw
+            row(layer.conv, layer.conv.describe() + " (+pool)", windows,
+                layer.column_bytes(plan.micro_batch, s))
+            row(layer.pool, layer.pool.describe() + " (in conv)", 0, 0)
+        elif layer.kind == "conv":
+            row(layer, layer.describe(), layer.tile_rows, layer.tile_rows * layer.width * s)
+        else:
+            row(layer, layer.describe(), 0, 0)
     return rows
 
 

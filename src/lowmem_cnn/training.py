@@ -90,11 +90,12 @@ class Trainer:
             indices = self.order[start : start + self.batch_size]
             images = self.split.images.read(indices, self._buffer)
             labels = self.split.labels[indices]
-            self.network.zero_grads()
+            # the gradients are zero: the optimizer zeroes them after each update
             loss = self.network.accumulate_gradient(
                 images, labels, self.micro_batch, (self.seed, self.epochs_done, self.position))
-            self.optimizer.update(self.network.params(), self.network.grads(), self.network.pool,
-                                  self.network.threads)
+            self.optimizer.update(self.network.params(),
+                                  self.network.thread_grads()[: self.network.threads],
+                                  self.network.pool, self.network.threads)
             self.loss_sum += loss * len(indices)
             self.position += 1
             self.seconds += time.perf_counter() - began
