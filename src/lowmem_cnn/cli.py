@@ -55,9 +55,9 @@ def _common(command):
 
 
 def _progress_bar(total, description):
-    from tqdm import tqdm
+    from lowmem_cnn.progress import Progress
 
-    return tqdm(total=total or None, desc=description, unit="B", unit_scale=True, leave=False)
+    return Progress(total, description, "B", in_bytes=True)
 
 
 def _say(text, as_json):
@@ -170,12 +170,11 @@ def train(epochs, batch_size, lr, optimizer, seed, out, limit, checkpoint_path, 
 
     Ctrl-C or SIGTERM: the current update finishes, a checkpoint is written, and
     `lowmem-cnn train --resume` continues the run exactly."""
-    from tqdm import tqdm
-
     from lowmem_cnn.checkpoint import read_checkpoint, write_checkpoint
     from lowmem_cnn.optimizers import make_optimizer
     from lowmem_cnn.params import save_params
     from lowmem_cnn.planner import measure_baseline, recorded_plan, training_state_bytes
+    from lowmem_cnn.progress import Progress
     from lowmem_cnn.training import TRAIN_SAMPLE, Trainer, evaluate
 
     checkpoint_path = checkpoint_path or out.with_name(out.name + ".ckpt")
@@ -270,11 +269,11 @@ def train(epochs, batch_size, lr, optimizer, seed, out, limit, checkpoint_path, 
     saved_at = time.monotonic()
     while trainer.epochs_done < epochs:
         epoch = trainer.epochs_done + 1
-        with tqdm(total=trainer.count, initial=min(trainer.position * batch_size, trainer.count),
-                  desc=f"epoch {epoch}/{epochs}", unit="img", leave=False, mininterval=0.5) as bar:
+        with Progress(trainer.count, f"epoch {epoch}/{epochs}", "img",
+                      initial=min(trainer.position * batch_size, trainer.count)) as bar:
             for loss, n in trainer.steps():
                 bar.update(n)
-                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                bar.set_note(f"loss {loss:.4f}")
                 if stop.signal:
                     break
                 if (trainer.position % checkpoint_every == 0 if checkpoint_every

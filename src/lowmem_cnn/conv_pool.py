@@ -22,6 +22,9 @@ import numpy as np
 
 from lowmem_cnn.layers import LayerMemory, _workspace
 
+# Products of about this many bytes make one tile (see tile_images).
+TILE_BYTES = 1 << 20
+
 
 class ConvolutionPooling:
     kind = "conv+pool"
@@ -68,6 +71,21 @@ class ConvolutionPooling:
 
     # --- forward and backward ---------------------------------------------------
 
+    def tile_images(self, m, itemsize) -> int:
+        """Images whose products make one tile: about TILE_BYTES, so that the pooling
+        works on products still in the CPU's cache."""
+        ph, pw, k = self.out_shape
+        per_image = self.pool.size ** 2 * k * ph * pw * itemsize
+        return max(1, min(m, TILE_BYTES // per_image))
+
+    def _tiles(self, m, itemsize):
+        """(first image, last image + 1, first pooled output, last + 1) of each tile."""
+        ph, pw, _ = self.out_shape
+        step = self.tile_images(m, itemsize)
+        for first in range(0, m, step):
+            last = min(first + step, m)
+            yield first, last, first * ph * pw, last * ph * pw
+
     def forward(self, x, train, ws=None):
         ws = _workspace(ws)
         m = len(x)
@@ -80,19 +98,21 @@ class ConvolutionPooling:
         for a, b, view in self._window_views(padded):
             np.copyto(columns[a, b], view.transpose(3, 0, 1, 2))
         columns = columns.reshape(self.rows, n)
-        conv = ws.array(self, "conv", (blocks, k, n), x.dtype)
-        np.matmul(self._weights(ws), columns, out=conv.reshape(blocks * k, n))
-        # the max in place in block 0; a later block wins only if strictly greater, so
-        # ties go to the first position, as the book's argmax
-        best = conv[0]
-        wins = ws.array(self, "wins", (blocks, k, n), bool) if train else None
-        for i in range(1, blocks):
-            if train:
-                np.greater(conv[i], best, out=wins[i])
-            np.maximum(best, conv[i], out=best)
-        best += self.b[:, None]
+        weights = self._weights(ws)
+        wins = ws.array(self, "wins", (blocks - 1, k, n), bool) if train else None
         out = ws.array(self, "out", (m, ph, pw, k), x.dtype)
-        np.copyto(out, best.reshape(k, m, ph, pw).transpose(1, 2, 3, 0))
+        for first, last, lo, hi in self._tiles(m, x.dtype.itemsize):
+            products = ws.array(self, "products", (blocks, k, hi - lo), x.dtype)
+            np.matmul(weights, columns[:, lo:hi], out=products.reshape(blocks * k, hi - lo))
+            # the max in place in block 0; a later block wins only if strictly greater,
+            # so ties go to the first position, as the book's argmax
+            best = products[0]
+            for i in range(1, blocks):
+                if train:
+                    np.greater(products[i], best, out=wins[i - 1, :, lo:hi])
+                np.maximum(best, products[i], out=best)
+            best += self.b[:, None]
+            np.copyto(out[first:last], best.reshape(k, last - first, ph, pw).transpose(1, 2, 3, 0))
         return out, ((columns, wins) if train else None)
 
     def backward(self, dout, saved, grads, ws=None):
@@ -102,37 +122,52 @@ class ConvolutionPooling:
         ph, pw, k = self.out_shape
         blocks = self.pool.size ** 2
         n = m * ph * pw
-        grads["b"] += np.ones(n, dout.dtype) @ dout.reshape(n, k)
-        remaining = ws.array(self, "dpool", (k, n), dout.dtype)
-        np.copyto(remaining.reshape(k, m, ph, pw), dout.transpose(3, 0, 1, 2))
-        # The gradient goes to the last block that won; the forward's values are dead,
-        # so the convolution's gradient takes their array.
-        dconv = ws.array(self, "conv", (blocks, k, n), dout.dtype)
-        for i in range(blocks - 1, 0, -1):
-            np.multiply(remaining, wins[i], out=dconv[i])
-            np.subtract(remaining, dconv[i], out=dconv[0] if i == 1 else remaining)
-        if blocks == 1:
-            np.copyto(dconv[0], remaining)
-        dconv = dconv.reshape(blocks * k, n)
+        dtype = dout.dtype
+        grads["b"] += np.ones(n, dtype) @ dout.reshape(n, k)
+        weights = self._weights(ws) if self.need_input_grad else None
+        grad = None
+        if self.need_input_grad:
+            grad = ws.array(self, "grad", (m, *self._padded_shape()), dtype)
+            grad.fill(0)
+        dweights = ws.array(self, "dweights", (blocks * k, self.rows), dtype)
+        dweights.fill(0)
+        for first, last, lo, hi in self._tiles(m, dtype.itemsize):
+            remaining = ws.array(self, "dpool", (k, last - first, ph, pw), dtype)
+            np.copyto(remaining, dout[first:last].transpose(3, 0, 1, 2))
+            remaining = remaining.reshape(k, hi - lo)
+            # the gradient goes to the last block that won (block 0 if none did)
+            dconv = ws.array(self, "products", (blocks, k, hi - lo), dtype)
+            for i in range(blocks - 1, 0, -1):
+                np.multiply(remaining, wins[i - 1, :, lo:hi], out=dconv[i])
+                np.subtract(remaining, dconv[i], out=dconv[0] if i == 1 else remaining)
+            if blocks == 1:
+                np.copyto(dconv[0], remaining)
+            dconv = dconv.reshape(blocks * k, hi - lo)
+            dweights += np.matmul(dconv, columns[:, lo:hi].T,
+                                  out=ws.array(self, "dweights_tile", dweights.shape, dtype))
+            if grad is not None:
+                self._add_window_grads(grad[first:last], weights, dconv, ws)
         f, c, p, w = self.conv.size, self.in_shape[2], self.pool.size, self.window
-        dweights = np.matmul(dconv, columns.T, out=ws.array(self, "dweights", (blocks * k, self.rows),
-                                                           dout.dtype))
         dweights = dweights.reshape(p, p, k, w, w, c)
         dw = grads["W"].reshape(f, f, c, k)
         for dy, dx, (rows, cols) in self._blocks():
             dw += dweights[dy, dx, :, rows, cols, :].transpose(1, 2, 3, 0)
-        if not self.need_input_grad:
+        if grad is None:
             return None
-        dcolumns = np.matmul(self._weights(ws).T, dconv,
-                             out=ws.array(self, "dcolumns", (self.rows, n), dout.dtype))
-        dcolumns = dcolumns.reshape(w, w, c, m, ph, pw)
-        grad = ws.array(self, "grad", (m, *self._padded_shape()), dout.dtype)
-        grad.fill(0)
-        # one window offset at a time: for a fixed offset no two windows share a value
-        for a, b, view in self._window_views(grad):
-            view += dcolumns[a, b].transpose(1, 2, 3, 0)
         pad = self.conv.pad
         return grad[:, pad : grad.shape[1] - pad, pad : grad.shape[2] - pad, :]
+
+    def _add_window_grads(self, grad, weights, dconv, ws):
+        """col2im for one tile: the gradients of its windows' values, added onto `grad`
+        (the tile's images, padded), one window offset at a time: for a fixed offset no
+        two windows share a value."""
+        ph, pw, _ = self.out_shape
+        w, c = self.window, self.in_shape[2]
+        dcolumns = np.matmul(weights.T, dconv,
+                             out=ws.array(self, "dcolumns", (self.rows, dconv.shape[1]), dconv.dtype))
+        dcolumns = dcolumns.reshape(w, w, c, len(grad), ph, pw)
+        for a, b, view in self._window_views(grad):
+            view += dcolumns[a, b].transpose(1, 2, 3, 0)
 
     def _padded_shape(self):
         h, w, c = self.in_shape
@@ -151,16 +186,17 @@ class ConvolutionPooling:
     def memory(self, m, itemsize, train):
         ph, pw, k = self.out_shape
         n = m * ph * pw
+        tile = self.tile_images(m, itemsize) * ph * pw  # pooled outputs of a tile
         blocks = self.pool.size ** 2
-        padded = m * int(np.prod(self._padded_shape())) * itemsize if self.conv.pad else 0
+        padded = m * int(np.prod(self._padded_shape())) * itemsize
         weights = blocks * k * self.rows * itemsize
-        held = (padded + self.rows * n * itemsize + blocks * k * n * itemsize + weights
-                + n * k * itemsize)  # padded input, columns, products, weights, output
+        held = ((padded if self.conv.pad else 0) + self.rows * n * itemsize  # input, columns
+                + weights + blocks * k * tile * itemsize + n * k * itemsize)  # products, out
         if train:
-            held += blocks * k * n  # wins (bool)
-            held += k * n * itemsize + weights  # dpool, dweights
+            held += (blocks - 1) * k * n  # wins (bool)
+            held += k * tile * itemsize + 2 * weights  # dpool, dweights and a tile's
             if self.need_input_grad:
-                held += self.rows * n * itemsize + m * int(np.prod(self._padded_shape())) * itemsize
+                held += self.rows * tile * itemsize + padded  # dcolumns, grad
         return LayerMemory(workspace=held)
 
     # --- parameters and reports, as the convolution's -----------------------------

@@ -35,6 +35,10 @@ class LayerMemory:
     workspace: int = 0  # held in the thread's Workspace for the whole run (see workspace.py)
 
 
+# The affine weight gradient is made in slices of about this size (see Affine.backward).
+GRADIENT_SLICE_BYTES = 1 << 18
+
+
 def _size(shape) -> int:
     return int(np.prod(shape))
 
@@ -247,20 +251,28 @@ class Affine:
 
     def backward(self, dout, x, grads, ws=None):
         ws = _workspace(ws)
-        grads["W"] += np.matmul(x.T, dout, out=ws.array(self, "dW", self.W.shape, dout.dtype))
+        # x.T @ dout a slice of rows at a time: the product is added to the gradient
+        # while in cache, and its buffer stays small
+        rows = self._grad_rows(dout.dtype.itemsize)
+        for lo in range(0, self.inputs, rows):
+            part = ws.array(self, "dW", (min(rows, self.inputs - lo), self.units), dout.dtype)
+            grads["W"][lo : lo + rows] += np.matmul(x[:, lo : lo + rows].T, dout, out=part)
         grads["b"] += dout.sum(axis=0)
         if not self.need_input_grad:
             return None
         grad = np.matmul(dout, self.W.T, out=ws.array(self, "grad", x.shape, dout.dtype))
         return grad.reshape(dout.shape[0], *self.in_shape)
 
+    def _grad_rows(self, itemsize):
+        return max(1, GRADIENT_SLICE_BYTES // (self.units * itemsize))
+
     def memory(self, m, itemsize, train):
         out = m * self.units * itemsize
         if not train:
             return LayerMemory(workspace=out)
         grad = m * self.inputs * itemsize if self.need_input_grad else 0
-        return LayerMemory(workspace=out + self.inputs * self.units * itemsize + grad,
-                           keeps_input=True)
+        part = min(self._grad_rows(itemsize), self.inputs) * self.units * itemsize
+        return LayerMemory(workspace=out + part + grad, keeps_input=True)
 
     # The book flattens maps in (C, H, W) order; they are (H, W, C) here.
     def _book_order(self):

@@ -2,8 +2,8 @@
 
 An update takes the gradients as one set per thread (see Network.thread_grads), adds
 them up in thread order, and leaves them all zeroed for the next batch. It allocates
-nothing: it works in the first set's arrays and in one scratch buffer the size of all
-the parameters. Every step is elementwise, so it runs on chunks that stay in the CPU's
+nothing: it works in the first set's arrays and in one chunk-sized scratch buffer per
+thread. Every step is elementwise, so it runs on chunks that stay in the CPU's
 cache through all of a step's passes (measured: Adam over the 435,000 parameters of
 the SimpleConvNet, 1.41 ms whole, 0.91 ms in chunks of 65,536), and the chunks are
 shared among the network's threads, with the same result to the bit.
@@ -22,7 +22,7 @@ class Optimizer:
         self.lr = lr
         self.state: dict[str, np.ndarray] = {}
         self.steps = 0
-        self._scratch = None
+        self._scratch = []  # one chunk-sized buffer per thread
 
     @property
     def state_copies(self) -> int:
@@ -34,36 +34,35 @@ class Optimizer:
         grad_sets = [grads] if isinstance(grads, dict) else list(grads)
         self.steps += 1
         self._start_step()
-        total = sum(p.size for p in params.values())
-        if self._scratch is None or self._scratch.size != total:
-            self._scratch = np.empty(total, next(iter(params.values())).dtype)
-        jobs, offset = [], 0
+        pieces = pieces if pool is not None else 1
+        dtype = next(iter(params.values())).dtype
+        if len(self._scratch) != pieces or self._scratch[0].dtype != dtype:
+            self._scratch = [np.empty(CHUNK, dtype) for _ in range(pieces)]
+        jobs = []
         for key, param in params.items():
             for name in self.slots:
                 if name + key not in self.state:
                     self.state[name + key] = np.zeros_like(param)
-            state = [self.state[name + key] for name in self.slots]
-            scratch = self._scratch[offset : offset + param.size]
-            offset += param.size
-            flat = [a.reshape(-1) for a in (param, scratch, *state)]
+            flat = [a.reshape(-1) for a in (param, *(self.state[name + key] for name in self.slots))]
             sums = [grads_[key].reshape(-1) for grads_ in grad_sets]
             for lo in range(0, param.size, CHUNK):
                 jobs.append(([a[lo : lo + CHUNK] for a in sums],
                              [a[lo : lo + CHUNK] for a in flat]))
-        if pool is None or pieces == 1:
-            self._run(jobs)
+        if pieces == 1:
+            self._run(jobs, self._scratch[0])
         else:
-            shares = [jobs[i::pieces] for i in range(pieces)]
-            for future in [pool.submit(self._run, share) for share in shares]:
+            futures = [pool.submit(self._run, jobs[i::pieces], self._scratch[i])
+                       for i in range(pieces)]
+            for future in futures:
                 future.result()
 
-    def _run(self, jobs):
-        for sums, (param, scratch, *state) in jobs:
+    def _run(self, jobs, scratch):
+        for sums, (param, *state) in jobs:
             grad = sums[0]
             for other in sums[1:]:
                 grad += other
                 other.fill(0)
-            self._step(param, grad, scratch, *state)
+            self._step(param, grad, scratch[: param.size], *state)
             grad.fill(0)
 
     def _start_step(self):

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lowmem_cnn.errors import LowmemError
+from lowmem_cnn.optimizers import CHUNK
 
 # Column tiles of about this size: large enough that the per-tile Python work is
 # small against the GEMM (a 100-image conv forward took 5.2 ms in 25 KiB tiles, 3.2 ms
@@ -93,9 +94,10 @@ def activation_peak(network, m: int, train: bool) -> int:
 
 
 def training_state_bytes(network, optimizer_copies: int) -> int:
-    """Optimizer state and its scratch buffer. (The gradients exist from the warm-up in
+    """Optimizer state and its scratch buffers. (The gradients exist from the warm-up in
     `measure_baseline` on, so the baseline holds them.)"""
-    return network.param_bytes() * (optimizer_copies + 1)
+    scratch = len(network.workspaces) * CHUNK * network.dtype.itemsize
+    return network.param_bytes() * optimizer_copies + scratch
 
 
 def _activations(network, m, train):
