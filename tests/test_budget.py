@@ -35,3 +35,12 @@ def test_default_budget_is_a_share_of_available_ram():
 def test_resolve_budget_reports_garbage():
     with pytest.raises(LowmemError, match="banana"):
         resolve_budget("banana")
+
+
+def test_proc_figures_agree_with_psutil():
+    import psutil
+
+    from lowmem_cnn.budget import available_memory, current_rss
+
+    assert abs(current_rss() - psutil.Process().memory_info().rss) < 2 * 2**20
+    assert 0 < available_memory() <= psutil.virtual_memory().total

@@ -23,7 +23,7 @@ import numpy as np
 from lowmem_cnn.layers import LayerMemory, _workspace
 
 # Products of about this many bytes make one tile (see tile_images).
-TILE_BYTES = 1 << 20
+TILE_BYTES = 1 << 19
 
 
 class ConvolutionPooling:

@@ -5,10 +5,12 @@ returns the output and what backward needs (None unless training; `train` is fal
 for inference, else True or a NumPy Generator, from which dropout draws its masks);
 `backward(dout, saved, grads)` adds the parameter gradients into `grads` and returns
 the input gradient. Both may take their arrays from `ws`, the thread's Workspace: what
-they return is then valid until the next micro-batch on that thread. A layer holds no per-batch state, so several micro-batches can
-run through it at once on different threads. Layers may work in place on the array
-they are given (ReLU) and on the gradient they are handed back: the network never
-reuses either.
+they return is then valid until the next micro-batch on that thread. A layer holds no
+per-batch state, so several micro-batches can run through it at once on different
+threads. Layers may work in place on the array
+they are given (ReLU) and on the gradient they are handed back, and a layer's input
+is not read after its backward (layers keep what they need, such as masks, apart), so
+Affine writes its input gradient over its input.
 
 `memory(m, itemsize, train)` states, for a micro-batch of m images, the bytes the
 layer allocates, so that the planner can add them up (see planner.py).
@@ -260,7 +262,10 @@ class Affine:
         grads["b"] += dout.sum(axis=0)
         if not self.need_input_grad:
             return None
-        grad = np.matmul(dout, self.W.T, out=ws.array(self, "grad", x.shape, dout.dtype))
+        # Nothing reads the input after this (see the module's docstring), so the input
+        # gradient takes its array.
+        grad = np.matmul(dout, self.W.T, out=x if x.flags.c_contiguous else
+                         ws.array(self, "grad", x.shape, dout.dtype))
         return grad.reshape(dout.shape[0], *self.in_shape)
 
     def _grad_rows(self, itemsize):
@@ -270,9 +275,9 @@ class Affine:
         out = m * self.units * itemsize
         if not train:
             return LayerMemory(workspace=out)
-        grad = m * self.inputs * itemsize if self.need_input_grad else 0
         part = min(self._grad_rows(itemsize), self.inputs) * self.units * itemsize
-        return LayerMemory(workspace=out + part + grad, keeps_input=True)
+        # the input gradient overwrites the input, which is kept
+        return LayerMemory(workspace=out + part, keeps_input=True)
 
     # The book flattens maps in (C, H, W) order; they are (H, W, C) here.
     def _book_order(self):

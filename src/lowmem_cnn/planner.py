@@ -165,22 +165,35 @@ def _make_plan(network, budget: int, baseline: int, train: bool, batch_size: int
             f"--max-ram {budget:,} bytes is too small: this run needs at least {minimum:,} bytes "
             f"({minimum / 2**20:.1f} MiB; the process already holds {baseline / 2**20:.1f} MiB)"
         )
-    def largest(cap, training):  # the largest m <= cap whose peak fits
+    def largest(cap, training, fits):  # the largest m <= cap that fits (1 at least)
         low, high = 1, cap
         while low < high:
             mid = (low + high + 1) // 2
             set_tiles(mid, tile_bytes)
-            if _peak(baseline, fixed, _activations(network, mid, training)) <= budget:
+            if fits(_activations(network, mid, training)):
                 low = mid
             else:
                 high = mid - 1
         return low
 
+    def in_budget(activations):
+        return _peak(baseline, fixed, activations) <= budget
+
     per_thread = -(-batch_size // network.threads)
-    eval_micro_batch = largest(MAX_EVAL_MICRO_BATCH if train else
-                               min(per_thread, MAX_EVAL_MICRO_BATCH), False)
-    micro_batch = (largest(min(per_thread, MAX_TRAIN_MICRO_BATCH), True) if train
-                   else eval_micro_batch)
+    if train:
+        micro_batch = largest(min(per_thread, MAX_TRAIN_MICRO_BATCH), True, in_budget)
+        # equal micro-batches: 50 images as 31 + 19 would leave one thread idle a third
+        # of the time
+        parts = -(-per_thread // micro_batch)
+        micro_batch = -(-per_thread // parts)
+        # The evaluations between epochs take the room training has, no more: they
+        # are a small part of the time, and the budget's room goes to training.
+        set_tiles(micro_batch, tile_bytes)
+        room = _activations(network, micro_batch, True)
+        eval_micro_batch = largest(MAX_EVAL_MICRO_BATCH, False, lambda a: a <= room)
+    else:
+        eval_micro_batch = micro_batch = largest(min(per_thread, MAX_EVAL_MICRO_BATCH), False,
+                                                 in_budget)
     # Tiles sized for the smaller micro-batch serve the other as well.
     set_tiles(micro_batch, tile_bytes)
     activations = max(_activations(network, micro_batch, train),
