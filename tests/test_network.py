@@ -150,8 +150,8 @@ def test_plans_stay_within_budget(train):
         assert 1 <= plan.micro_batch <= 100
         assert plan.micro_batch >= previous  # more room never means smaller batches
         previous = plan.micro_batch
-        for rows in plan.tile_rows:
-            assert rows >= 1
+        for size in plan.tiles:
+            assert size >= 1
     assert previous == (min(100, MAX_TRAIN_MICRO_BATCH) if train else 100)
 
 

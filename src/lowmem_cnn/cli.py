@@ -96,12 +96,16 @@ class _Run:
         return data
 
     def describe_plan(self):
+        from lowmem_cnn.planner import tiled_layers
+
         p = self.plan
-        tiles = ", ".join(f"{rows:,}" for rows in p.tile_rows)
+        tiles = "".join(
+            f"{layer.describe()} in tiles of {size:,} "
+            f"{'column rows' if layer.kind == 'conv' else 'images'}; "
+            for layer, size in zip(tiled_layers(self.network), p.tiles, strict=True))
         _say(f"plan: {p.threads} thread{'s' if p.threads > 1 else ''} of {p.micro_batch} images "
-             f"at a time (evaluation {p.eval_micro_batch}), "
-             f"conv column tiles of {tiles} rows; planned peak {format_size(p.peak)} "
-             f"(baseline {format_size(p.baseline)})", self.as_json)
+             f"at a time (evaluation {p.eval_micro_batch}); {tiles}planned peak "
+             f"{format_size(p.peak)} (baseline {format_size(p.baseline)})", self.as_json)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -219,7 +223,7 @@ def train(epochs, batch_size, lr, optimizer, seed, out, limit, checkpoint_path, 
             p = meta["plan"]
             run.plan = recorded_plan(network, run.budget, measure_baseline(network, True),
                                      state + buffers, p["micro_batch"], p["eval_micro_batch"],
-                                     p["tile_rows"], p["threads"])
+                                     p["tiles"], p["threads"])
         else:
             run.make_plan(True, batch_size, state + buffers)
 
@@ -252,7 +256,7 @@ def train(epochs, batch_size, lr, optimizer, seed, out, limit, checkpoint_path, 
         p = run.plan
         meta.update(run=settings, history=history, finished=finished,
                     plan={"micro_batch": p.micro_batch, "eval_micro_batch": p.eval_micro_batch,
-                          "tile_rows": list(p.tile_rows), "threads": p.threads})
+                          "tiles": list(p.tiles), "threads": p.threads})
         write_checkpoint(checkpoint_path, meta, arrays)
 
     def stop_here(signum):

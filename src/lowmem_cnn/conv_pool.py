@@ -22,9 +22,6 @@ import numpy as np
 
 from lowmem_cnn.layers import LayerMemory, _workspace
 
-# Products of about this many bytes make one tile (see tile_images).
-TILE_BYTES = 1 << 19
-
 
 class ConvolutionPooling:
     kind = "conv+pool"
@@ -38,6 +35,10 @@ class ConvolutionPooling:
         self.need_input_grad = True
         self.window = conv.size + pool.size - 1
         self.rows = self.window * self.window * conv.in_shape[2]  # rows of the columns
+        # Images whose products are made at once (set by the planner): all of a
+        # micro-batch's, unless the budget says otherwise (each tile costs some 20
+        # NumPy calls, and with two threads more calls mean more waiting for the GIL).
+        self.tile_images = 1 << 30
 
     # --- helpers ----------------------------------------------------------------
 
@@ -71,17 +72,10 @@ class ConvolutionPooling:
 
     # --- forward and backward ---------------------------------------------------
 
-    def tile_images(self, m, itemsize) -> int:
-        """Images whose products make one tile: about TILE_BYTES, so that the pooling
-        works on products still in the CPU's cache."""
-        ph, pw, k = self.out_shape
-        per_image = self.pool.size ** 2 * k * ph * pw * itemsize
-        return max(1, min(m, TILE_BYTES // per_image))
-
-    def _tiles(self, m, itemsize):
+    def _tiles(self, m):
         """(first image, last image + 1, first pooled output, last + 1) of each tile."""
         ph, pw, _ = self.out_shape
-        step = self.tile_images(m, itemsize)
+        step = max(1, min(m, self.tile_images))
         for first in range(0, m, step):
             last = min(first + step, m)
             yield first, last, first * ph * pw, last * ph * pw
@@ -101,7 +95,7 @@ class ConvolutionPooling:
         weights = self._weights(ws)
         wins = ws.array(self, "wins", (blocks - 1, k, n), bool) if train else None
         out = ws.array(self, "out", (m, ph, pw, k), x.dtype)
-        for first, last, lo, hi in self._tiles(m, x.dtype.itemsize):
+        for first, last, lo, hi in self._tiles(m):
             products = ws.array(self, "products", (blocks, k, hi - lo), x.dtype)
             np.matmul(weights, columns[:, lo:hi], out=products.reshape(blocks * k, hi - lo))
             # the max in place in block 0; a later block wins only if strictly greater,
@@ -131,7 +125,7 @@ class ConvolutionPooling:
             grad.fill(0)
         dweights = ws.array(self, "dweights", (blocks * k, self.rows), dtype)
         dweights.fill(0)
-        for first, last, lo, hi in self._tiles(m, dtype.itemsize):
+        for first, last, lo, hi in self._tiles(m):
             remaining = ws.array(self, "dpool", (k, last - first, ph, pw), dtype)
             np.copyto(remaining, dout[first:last].transpose(3, 0, 1, 2))
             remaining = remaining.reshape(k, hi - lo)
@@ -186,7 +180,7 @@ class ConvolutionPooling:
     def memory(self, m, itemsize, train):
         ph, pw, k = self.out_shape
         n = m * ph * pw
-        tile = self.tile_images(m, itemsize) * ph * pw  # pooled outputs of a tile
+        tile = max(1, min(m, self.tile_images)) * ph * pw  # pooled outputs of a tile
         blocks = self.pool.size ** 2
         padded = m * int(np.prod(self._padded_shape())) * itemsize
         weights = blocks * k * self.rows * itemsize
