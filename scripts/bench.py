@@ -5,9 +5,10 @@ and one evaluation of the 10,000 test images (`lowmem-cnn eval --batch-size 1000
 With --torch-python, the same network in PyTorch (scripts/torch_baseline.py) runs
 alternately with lowmem-cnn, --repeats times. With --book, the book-style baseline
 (scripts/book_baseline.py) runs once. With --scale-dir, a training epoch on that
-data set (e.g. 600,000 images from scripts/make_big_mnist.py) is compared with one on
-the normal data set. Peak RSS is what the OS reports for each child (wait4); seconds
-are those the programs measure (epoch, evaluation), medians over the repeats.
+data set (e.g. 600,000 images from scripts/make_big_mnist.py) is compared with training
+on the normal data set for as many epochs as make the same number of images. Peak RSS
+is what the OS reports for each child (wait4); seconds are those the programs measure
+(epoch, evaluation), medians over the repeats.
 
     python scripts/bench.py --max-ram 64M --max-ram 2G --torch-python venv/bin/python \\
         --book --repeats 3 --data-dir DIR
@@ -81,14 +82,21 @@ def main():
             add("book-style NumPy", epoch=result["epoch_seconds"], eval=result["eval_seconds"],
                 train_peak=peak, eval_peak=peak, accuracy=result["test_accuracy"])
         if options.scale_dir:
-            for name, directory in (("60k", options.data_dir), ("scaled", options.scale_dir)):
-                params = os.path.join(tmp, f"scale-{name}.pkl")
-                trained, peak = measured(lowmem(
-                    "train", "--epochs", "1", "--max-ram", budgets[-1], "--out", params, "--json",
-                    "--data-dir", directory))
-                images = trained["train_images"]
-                add(f"scale {name}", epoch=trained["seconds_per_epoch"][0], train_peak=peak,
-                    images=images)
+            # The same number of images through both, so that both runs are long and
+            # see the same machine: one epoch of the larger set, as many epochs of the
+            # normal one as make the same count.
+            params = os.path.join(tmp, "scale.pkl")
+            big, peak = measured(lowmem(
+                "train", "--epochs", "1", "--max-ram", budgets[-1], "--out", params, "--json",
+                "--data-dir", options.scale_dir))
+            add("scale scaled", epoch=sum(big["seconds_per_epoch"]), train_peak=peak,
+                images=big["train_images"])
+            epochs = max(1, round(big["train_images"] / trained["train_images"]))
+            small, peak = measured(lowmem(
+                "train", "--epochs", str(epochs), "--max-ram", budgets[-1], "--out", params,
+                "--json", "--data-dir", options.data_dir))
+            add("scale 60k", epoch=sum(small["seconds_per_epoch"]), train_peak=peak,
+                images=small["train_images"] * epochs)
 
     median = {name: {k: statistics.median(v) for k, v in values.items()}
               for name, values in samples.items()}
@@ -110,7 +118,7 @@ def main():
                       f"{m['train_peak'] / torch['train_peak']:.3f}")
     if "scale 60k" in median:
         small, big = median["scale 60k"], median["scale scaled"]
-        print(f"scaling, --max-ram {budgets[-1]}: {small['images']:,.0f} images: "
+        print(f"scaling, --max-ram {budgets[-1]}: {small['images']:,.0f} images (several epochs): "
               f"{small['epoch']:.2f} s, {small['train_peak'] / 2**20:.1f} MiB; "
               f"{big['images']:,.0f} images: {big['epoch']:.2f} s, {big['train_peak'] / 2**20:.1f} MiB; "
               f"peak ratio {big['train_peak'] / small['train_peak']:.3f}, time per image ratio "

@@ -20,6 +20,7 @@ a constant commutes with it), on a quarter of the values.
 
 import numpy as np
 
+from lowmem_cnn.columns import windows
 from lowmem_cnn.layers import LayerMemory, _workspace
 
 
@@ -89,8 +90,7 @@ class ConvolutionPooling:
         padded = self._padded(x, ws)
         columns = ws.array(self, "columns", (self.window, self.window, self.in_shape[2], m, ph, pw),
                            x.dtype)
-        for a, b, view in self._window_views(padded):
-            np.copyto(columns[a, b], view.transpose(3, 0, 1, 2))
+        np.copyto(columns, windows(padded, self.window, self.pool.size).transpose(3, 4, 5, 0, 1, 2))
         columns = columns.reshape(self.rows, n)
         weights = self._weights(ws)
         wins = ws.array(self, "wins", (blocks - 1, k, n), bool) if train else None
