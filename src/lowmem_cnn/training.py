@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,12 +72,21 @@ class Trainer:
         self.micro_batch, self.batch_size, self.rng = micro_batch, batch_size, rng
         self.seed = seed  # with the epoch and update, seeds the dropout masks
         self.count = len(split) if count is None else min(count, len(split))
-        self._buffer = np.empty((min(batch_size, self.count), split.images.row_bytes), np.uint8)
+        # two batch buffers: the next batch is read while this one is computed
+        rows = min(batch_size, self.count)
+        self._buffers = [np.empty((rows, split.images.row_bytes), np.uint8) for _ in range(2)]
+        self._reader = ThreadPoolExecutor(1)
         self.epochs_done = 0
         self.order = None  # permutation of the epoch under way, None between epochs
         self.position = 0  # updates done in the epoch under way
         self.loss_sum = 0.0
         self.seconds = 0.0  # spent on updates in the epoch under way
+
+    def _read(self, position: int):
+        """The images and labels of update `position` of the epoch under way."""
+        indices = self.order[position * self.batch_size : (position + 1) * self.batch_size]
+        images = self.split.images.read(indices, self._buffers[position % 2])
+        return images, self.split.labels[indices]
 
     def steps(self):
         """Run the rest of the epoch under way (or a new one), yielding (loss, images)
@@ -84,22 +94,30 @@ class Trainer:
         if self.order is None:
             self.order = self.rng.permutation(self.count)
             self.position, self.loss_sum, self.seconds = 0, 0.0, 0.0
-        while self.position * self.batch_size < self.count:
-            began = time.perf_counter()
-            start = self.position * self.batch_size
-            indices = self.order[start : start + self.batch_size]
-            images = self.split.images.read(indices, self._buffer)
-            labels = self.split.labels[indices]
-            # the gradients are zero: the optimizer zeroes them after each update
-            loss = self.network.accumulate_gradient(
-                images, labels, self.micro_batch, (self.seed, self.epochs_done, self.position))
-            self.optimizer.update(self.network.params(),
-                                  self.network.thread_grads()[: self.network.threads],
-                                  self.network.pool, self.network.threads)
-            self.loss_sum += loss * len(indices)
-            self.position += 1
-            self.seconds += time.perf_counter() - began
-            yield loss, len(indices)
+        updates = -(-self.count // self.batch_size)
+        pending = None
+        try:
+            while self.position < updates:
+                began = time.perf_counter()
+                images, labels = (pending.result() if pending is not None
+                                  else self._read(self.position))
+                # the next batch is read while this one is computed (it goes to the
+                # other buffer): reads then cost no time, even from a cold disk cache
+                following = self.position + 1
+                pending = self._reader.submit(self._read, following) if following < updates else None
+                # the gradients are zero: the optimizer zeroes them after each update
+                loss = self.network.accumulate_gradient(
+                    images, labels, self.micro_batch, (self.seed, self.epochs_done, self.position))
+                self.optimizer.update(self.network.params(),
+                                      self.network.thread_grads()[: self.network.threads],
+                                      self.network.pool, self.network.threads)
+                self.loss_sum += loss * len(labels)
+                self.position += 1
+                self.seconds += time.perf_counter() - began
+                yield loss, len(labels)
+        finally:
+            if pending is not None:  # stopped early: let the read finish before the buffer is reused
+                pending.result()
 
     def finish_epoch(self) -> tuple[float, float]:
         """(mean loss, seconds) of the epoch just run."""
@@ -109,8 +127,8 @@ class Trainer:
         return result
 
     def buffer_bytes(self) -> int:
-        """The batch buffer and the epoch's permutation."""
-        return self._buffer.nbytes + 8 * self.count
+        """The batch buffers and the epoch's permutation."""
+        return sum(buffer.nbytes for buffer in self._buffers) + 8 * self.count
 
     def state(self) -> tuple[dict, dict]:
         """(metadata, arrays) that `restore` continues from exactly."""
