@@ -99,10 +99,14 @@ class _Run:
         from lowmem_cnn.planner import tiled_layers
 
         p = self.plan
-        tiles = "".join(
-            f"{layer.describe()} in tiles of {size:,} "
-            f"{'column rows' if layer.kind == 'conv' else 'images'}; "
-            for layer, size in zip(tiled_layers(self.network), p.tiles, strict=True))
+        sizes = {"conv": [], "conv+pool": []}
+        for layer, size in zip(tiled_layers(self.network), p.tiles, strict=True):
+            sizes[layer.kind].append(f"{size:,}")
+        tiles = ""
+        if sizes["conv"]:
+            tiles += f"conv column tiles of {', '.join(sizes['conv'])} rows; "
+        if sizes["conv+pool"]:
+            tiles += f"conv+pool tiles of {', '.join(sizes['conv+pool'])} images; "
         _say(f"plan: {p.threads} thread{'s' if p.threads > 1 else ''} of {p.micro_batch} images "
              f"at a time (evaluation {p.eval_micro_batch}); {tiles}planned peak "
              f"{format_size(p.peak)} (baseline {format_size(p.baseline)})", self.as_json)
