@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lowmem_cnn.conv_pool import ConvolutionPooling
-from lowmem_cnn.layers import Convolution, MaxPooling
+from lowmem_cnn.layers import Convolution, Gradients, MaxPooling
 
 
 def separate_and_fused(rng, in_shape, filters, size, pad, pool_size, integers):
@@ -49,9 +49,10 @@ def test_fused_layer_equals_conv_then_pool(case, tile_images):
     got, saved = fused.forward(x, True)
     np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
     dout = rng.standard_normal(expected.shape)
-    separate = {"W": np.zeros_like(conv.W), "b": np.zeros_like(conv.b)}
+    separate = Gradients({"W": np.zeros_like(conv.W), "b": np.zeros_like(conv.b)})
     expected_dx = conv.backward(pool.backward(dout.copy(), pool_saved, {}), conv_saved, separate)
-    together = {"W": np.zeros_like(conv.W), "b": np.zeros_like(conv.b)}
+    together = Gradients({"W": np.full_like(conv.W, 7.0), "b": np.full_like(conv.b, 7.0)})
+    together.restart()  # stale values: the first add overwrites them
     dx = fused.backward(dout.copy(), saved, together)
     np.testing.assert_allclose(together["W"], separate["W"], rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(together["b"], separate["b"], rtol=1e-10, atol=1e-10)
@@ -63,7 +64,7 @@ def test_ties_go_to_the_first_position():
     conv, pool, fused = separate_and_fused(rng, (4, 4, 1), 2, 1, 0, 2, integers=True)
     x = np.ones((1, 4, 4, 1))  # every pooling window is one tie
     _, saved = fused.forward(x, True)
-    grads = {"W": np.zeros_like(conv.W), "b": np.zeros_like(conv.b)}
+    grads = Gradients({"W": np.zeros_like(conv.W), "b": np.zeros_like(conv.b)})
     dx = fused.backward(np.ones((1, 2, 2, 2)), saved, grads)
     # each window's gradient lands on its top-left value only
     assert dx[0, ::2, ::2].all() and dx[0, 1::2].sum() == 0 and dx[0, :, 1::2].sum() == 0

@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lowmem_cnn.layers import Affine, Convolution, MaxPooling, ReLU, softmax_cross_entropy
+from lowmem_cnn.layers import (Affine, Convolution, Gradients, MaxPooling, ReLU,
+                               softmax_cross_entropy)
 
 
 def reference_conv(x, w, b, stride, pad):
@@ -92,7 +93,8 @@ def test_tiled_convolution_matches_reference(case):
 
     # backward against the gradient of sum(out * dout), computed directly
     dout = rng.standard_normal(out.shape)
-    grads = {"W": np.zeros_like(conv.W), "b": np.zeros_like(conv.b)}
+    grads = Gradients({"W": np.full_like(conv.W, np.nan), "b": np.full_like(conv.b, np.nan)})
+    grads.restart()  # the first tile overwrites the stale values, the others add
     dx = conv.backward(dout.copy(), saved, grads)
     xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
     oh, ow = out.shape[1:3]
@@ -149,8 +151,14 @@ def test_one_row_tiles_and_ragged_tiles_agree():
 def check_layer_gradients(layer, x, rng, params=()):
     out, saved = layer.forward(x.copy(), train=True)
     dout = rng.standard_normal(out.shape)
-    grads = {name: np.zeros_like(getattr(layer, name)) for name in params}
+    # adding onto ones, and writing over stale values after restart(), give the same
+    added = Gradients({name: np.ones_like(getattr(layer, name)) for name in params})
+    layer.backward(dout.copy(), layer.forward(x.copy(), train=True)[1], added)
+    grads = Gradients({name: np.full_like(getattr(layer, name), np.nan) for name in params})
+    grads.restart()
     dx = layer.backward(dout.copy(), saved, grads)
+    for name in params:
+        np.testing.assert_allclose(added[name] - 1, grads[name], rtol=1e-12, atol=1e-12)
 
     def loss():
         return float((layer.forward(x.copy(), train=False)[0] * dout).sum())

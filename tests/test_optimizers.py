@@ -72,7 +72,7 @@ def test_descends_a_quadratic(name):
 
 
 @pytest.mark.parametrize("name", ["sgd", "adam"])
-def test_gradient_sets_are_added_in_order_then_zeroed(name):
+def test_gradient_sets_are_added_in_order(name):
     rng = np.random.default_rng(2)
     start = rng.standard_normal(70_000).astype(np.float32)  # more than one chunk
     sets = [{"W": rng.standard_normal(start.shape).astype(np.float32)} for _ in range(3)]
@@ -81,5 +81,3 @@ def test_gradient_sets_are_added_in_order_then_zeroed(name):
     make_optimizer(name, 0.01).update({"W": one}, {"W": total})
     make_optimizer(name, 0.01).update({"W": several}, sets)
     np.testing.assert_array_equal(several, one)
-    for grads in sets:
-        assert not grads["W"].any()

@@ -117,7 +117,7 @@ class ConvolutionPooling:
         blocks = self.pool.size ** 2
         n = m * ph * pw
         dtype = dout.dtype
-        grads["b"] += np.ones(n, dtype) @ dout.reshape(n, k)
+        grads.add("b", np.ones(n, dtype) @ dout.reshape(n, k))
         weights = self._weights(ws) if self.need_input_grad else None
         grad = None
         if self.need_input_grad:
@@ -143,9 +143,10 @@ class ConvolutionPooling:
                 self._add_window_grads(grad[first:last], weights, dconv, ws)
         f, c, p, w = self.conv.size, self.in_shape[2], self.pool.size, self.window
         dweights = dweights.reshape(p, p, k, w, w, c)
-        dw = grads["W"].reshape(f, f, c, k)
+        dw = np.zeros((f, f, c, k), dtype)
         for dy, dx, (rows, cols) in self._blocks():
             dw += dweights[dy, dx, :, rows, cols, :].transpose(1, 2, 3, 0)
+        grads.add("W", dw.reshape(self.W.shape))
         if grad is None:
             return None
         pad = self.conv.pad

@@ -3,8 +3,8 @@
 Shapes are per image: (H, W, C) for maps, (D,) for vectors. `forward(x, train)`
 returns the output and what backward needs (None unless training; `train` is falsy
 for inference, else True or a NumPy Generator, from which dropout draws its masks);
-`backward(dout, saved, grads)` adds the parameter gradients into `grads` and returns
-the input gradient. Both may take their arrays from `ws`, the thread's Workspace: what
+`backward(dout, saved, grads)` adds the parameter gradients into `grads` (a
+Gradients) and returns the input gradient. Both may take their arrays from `ws`, the thread's Workspace: what
 they return is then valid until the next micro-batch on that thread. A layer holds no
 per-batch state, so several micro-batches can run through it at once on different
 threads. Layers may work in place on the array
@@ -39,6 +39,36 @@ class LayerMemory:
 
 # The affine weight gradient is made in slices of about this size (see Affine.backward).
 GRADIENT_SLICE_BYTES = 1 << 18
+
+
+class Gradients(dict):
+    """A layer's parameter gradients by name (W, b), for one thread.
+
+    `add` adds into the array, except that after `restart()` the first add to each
+    name overwrites it: the arrays then need no zeroing between mini-batches, and a
+    product can be written straight into them.
+    """
+
+    def __init__(self, arrays=()):
+        super().__init__(arrays)
+        self._stale = set()  # names whose array holds a previous mini-batch's gradient
+
+    def restart(self):
+        self._stale = set(self)
+
+    def overwrites(self, name) -> bool:
+        return name in self._stale
+
+    def written(self, name):
+        """`name`'s array was written whole (e.g. a product with out=)."""
+        self._stale.discard(name)
+
+    def add(self, name, value):
+        if name in self._stale:
+            np.copyto(self[name], value)
+            self._stale.discard(name)
+        else:
+            self[name] += value
 
 
 def _size(shape) -> int:
@@ -80,11 +110,11 @@ class Convolution:
     def backward(self, dout, x, grads, ws=None):
         dout = dout.reshape(-1, self.filters)
         # the column sums as a BLAS product: 3x faster than sum(axis=0) over many rows
-        grads["b"] += np.ones(len(dout), dout.dtype) @ dout
+        grads.add("b", np.ones(len(dout), dout.dtype) @ dout)
         grad = np.zeros_like(x) if self.need_input_grad else None
         grad_view = windows(grad, self.size, self.stride, writeable=True) if grad is not None else None
         for start, stop, columns in column_tiles(windows(x, self.size, self.stride), self.tile_rows):
-            grads["W"] += columns.T @ dout[start:stop]
+            grads.add("W", columns.T @ dout[start:stop])
             if grad is not None:
                 add_columns(grad_view, start, stop, dout[start:stop] @ self.W.T)
         if grad is None:
@@ -253,13 +283,17 @@ class Affine:
 
     def backward(self, dout, x, grads, ws=None):
         ws = _workspace(ws)
-        # x.T @ dout a slice of rows at a time: the product is added to the gradient
-        # while in cache, and its buffer stays small
-        rows = self._grad_rows(dout.dtype.itemsize)
-        for lo in range(0, self.inputs, rows):
-            part = ws.array(self, "dW", (min(rows, self.inputs - lo), self.units), dout.dtype)
-            grads["W"][lo : lo + rows] += np.matmul(x[:, lo : lo + rows].T, dout, out=part)
-        grads["b"] += dout.sum(axis=0)
+        if grads.overwrites("W"):
+            np.matmul(x.T, dout, out=grads["W"])
+            grads.written("W")
+        else:
+            # x.T @ dout a slice of rows at a time: the product is added to the
+            # gradient while in cache, and its buffer stays small
+            rows = self._grad_rows(dout.dtype.itemsize)
+            for lo in range(0, self.inputs, rows):
+                part = ws.array(self, "dW", (min(rows, self.inputs - lo), self.units), dout.dtype)
+                grads["W"][lo : lo + rows] += np.matmul(x[:, lo : lo + rows].T, dout, out=part)
+        grads.add("b", dout.sum(axis=0))
         if not self.need_input_grad:
             return None
         # Nothing reads the input after this (see the module's docstring), so the input

@@ -18,7 +18,8 @@ import numpy as np
 from lowmem_cnn.config import NetworkConfig
 from lowmem_cnn.conv_pool import ConvolutionPooling
 from lowmem_cnn.errors import LowmemError
-from lowmem_cnn.layers import Convolution, MaxPooling, ReLU, build_layer, softmax_cross_entropy
+from lowmem_cnn.layers import (Convolution, Gradients, MaxPooling, ReLU, build_layer,
+                               softmax_cross_entropy)
 from lowmem_cnn.workspace import Workspace
 
 # A convolution with at most this many input channels is fused with the pooling after
@@ -79,12 +80,21 @@ class Network:
         self._grads = None
 
     def thread_grads(self) -> list:
-        """One set of gradient buffers per thread, made on first use (evaluation needs none).
-        The optimizer adds them up (and zeroes them); see also `grads`."""
+        """One set of gradient arrays per thread (name -> array), made on first use
+        (evaluation needs none). Their sum is the gradient; see also `grads`."""
+        return [flat for flat, _ in self._gradient_sets()]
+
+    def _gradient_sets(self) -> list:
+        """Per thread: (name -> array, the same arrays as one Gradients per layer)."""
         if self._grads is None:
-            self._grads = [{key: np.zeros_like(getattr(layer, name))
-                            for key, layer, name in self.param_names()}
-                           for _ in range(self.threads)]
+            self._grads = []
+            for _ in range(self.threads):
+                flat = {key: np.zeros_like(getattr(layer, name))
+                        for key, layer, name in self.param_names()}
+                per_layer = {id(layer): Gradients() for layer in self.layers}
+                for key, layer, name in self.param_names():
+                    per_layer[id(layer)][name] = flat[key]
+                self._grads.append((flat, [per_layer[id(layer)] for layer in self.layers]))
         return self._grads
 
     def params(self) -> dict:
@@ -92,7 +102,7 @@ class Network:
         return {key: getattr(layer, name) for key, layer, name in self.param_names()}
 
     def grads(self) -> dict:
-        """The gradient so far: the other threads' sets added into the first's, and zeroed."""
+        """The gradient: the other threads' sets added into the first's, and zeroed."""
         first, *others = self.thread_grads()
         for grads in others:
             for key, grad in first.items():
@@ -104,13 +114,6 @@ class Network:
         for grads in self.thread_grads():
             for grad in grads.values():
                 grad.fill(0)
-
-    def _layer_grads(self, grads: dict):
-        """Per layer, its parameters' gradient buffers by local name (W, b)."""
-        per_layer = {id(layer): {} for layer in self.layers}
-        for key, layer, name in self.param_names():
-            per_layer[id(layer)][name] = grads[key]
-        return [per_layer[id(layer)] for layer in self.layers]
 
     def expected_book_shapes(self) -> dict:
         return {key: layer.book_shape(name) for key, layer, name in self.param_names()}
@@ -149,18 +152,19 @@ class Network:
             x, _ = layer.forward(x, False, ws)
         return x
 
-    def _gradient(self, images, labels, total, grads, noise, ws) -> float:
-        """Forward and backward of one micro-batch, adding into `grads`; its summed loss.
-        `noise` is the Generator dropout draws from, or True."""
+    def _gradient(self, images, labels, total, layer_grads, noise, ws) -> float:
+        """Forward and backward of one micro-batch, adding into `layer_grads` (one
+        Gradients per layer); its summed loss. `noise` is the Generator dropout draws
+        from, or True."""
         x = self.to_input(images, ws)
         saved = []
         for layer in self.layers:
             x, keep = layer.forward(x, noise, ws)
             saved.append(keep)
         loss, grad = softmax_cross_entropy(x, labels, total)
-        for layer, keep, layer_grads in zip(reversed(self.layers), reversed(saved),
-                                            reversed(self._layer_grads(grads)), strict=True):
-            grad = layer.backward(grad, keep, layer_grads, ws)
+        for layer, keep, grads in zip(reversed(self.layers), reversed(saved),
+                                      reversed(layer_grads), strict=True):
+            grad = layer.backward(grad, keep, grads, ws)
         return loss
 
     def _use_workspaces(self, training: bool):
@@ -196,27 +200,35 @@ class Network:
         return np.concatenate(parts) if parts else np.empty(0, np.int64)
 
     def accumulate_gradient(self, images, labels, micro_batch: int, noise_key=(0,)) -> float:
-        """Add d(mean loss)/d(params) of this mini-batch to the thread's gradient sets;
-        return the mean loss.
+        """Set the threads' gradient sets so that their sum is d(mean loss)/d(params) of
+        this mini-batch; return the mean loss.
 
-        The mini-batch runs as micro-batches whose gradients are summed, so the result
-        is the whole mini-batch's gradient, whatever the micro-batch size. Dropout masks
-        come from a Generator seeded by `noise_key` and the micro-batch's position, so
-        they do not depend on which thread runs it, nor on a run being resumed.
+        The mini-batch runs as micro-batches, dealt to the threads in turn; each thread
+        writes its first micro-batch's gradient over its set and adds the others, so
+        the result is the whole mini-batch's gradient, whatever the micro-batch size.
+        Dropout masks come from a Generator seeded by `noise_key` and the micro-batch's
+        position, so they do not depend on which thread runs it, nor on a run being
+        resumed.
         """
         total = len(images)
         starts = list(range(0, total, micro_batch))
-        thread_grads = self.thread_grads()
+        sets = self._gradient_sets()
         uses_noise = any(layer.kind == "dropout" for layer in self.layers)
         self._use_workspaces(True)
 
         def work(start, t):
+            if start == starts[t]:  # the thread's first micro-batch
+                for grads in sets[t][1]:
+                    grads.restart()
             noise = np.random.default_rng([*noise_key, start]) if uses_noise else True
             return self._gradient(images[start : start + micro_batch],
-                                  labels[start : start + micro_batch], total, thread_grads[t], noise,
+                                  labels[start : start + micro_batch], total, sets[t][1], noise,
                                   self.workspaces[t])
 
         losses = self._map(work, starts)
+        for flat, _ in sets[len(starts) : self.threads]:  # threads that had no micro-batch
+            for grad in flat.values():
+                grad.fill(0)
         return float(sum(losses)) / total
 
 
