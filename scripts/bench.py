@@ -48,6 +48,8 @@ def main():
     parser.add_argument("--book", action="store_true", help="also run the book-style baseline")
     parser.add_argument("--scale-dir", help="a larger data set to compare a training epoch on")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--scale-repeats", type=int, default=1,
+                        help="times to alternate the --scale-dir comparison")
     parser.add_argument("--limit", type=int, help="train on the first N images only")
     options = parser.parse_args()
     budgets = options.max_ram or ["2G"]
@@ -84,19 +86,20 @@ def main():
         if options.scale_dir:
             # The same number of images through both, so that both runs are long and
             # see the same machine: one epoch of the larger set, as many epochs of the
-            # normal one as make the same count.
+            # normal one as make the same count; alternated --scale-repeats times.
             params = os.path.join(tmp, "scale.pkl")
-            big, peak = measured(lowmem(
-                "train", "--epochs", "1", "--max-ram", budgets[-1], "--out", params, "--json",
-                "--data-dir", options.scale_dir))
-            add("scale scaled", epoch=sum(big["seconds_per_epoch"]), train_peak=peak,
-                images=big["train_images"])
-            epochs = max(1, round(big["train_images"] / trained["train_images"]))
-            small, peak = measured(lowmem(
-                "train", "--epochs", str(epochs), "--max-ram", budgets[-1], "--out", params,
-                "--json", "--data-dir", options.data_dir))
-            add("scale 60k", epoch=sum(small["seconds_per_epoch"]), train_peak=peak,
-                images=small["train_images"] * epochs)
+            for _ in range(options.scale_repeats):
+                big, peak = measured(lowmem(
+                    "train", "--epochs", "1", "--max-ram", budgets[-1], "--out", params, "--json",
+                    "--data-dir", options.scale_dir))
+                add("scale scaled", epoch=sum(big["seconds_per_epoch"]), train_peak=peak,
+                    images=big["train_images"])
+                epochs = max(1, round(big["train_images"] / trained["train_images"]))
+                small, peak = measured(lowmem(
+                    "train", "--epochs", str(epochs), "--max-ram", budgets[-1], "--out", params,
+                    "--json", "--data-dir", options.data_dir))
+                add("scale 60k", epoch=sum(small["seconds_per_epoch"]), train_peak=peak,
+                    images=small["train_images"] * epochs)
 
     median = {name: {k: statistics.median(v) for k, v in values.items()}
               for name, values in samples.items()}
