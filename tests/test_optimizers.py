@@ -81,3 +81,20 @@ def test_gradient_sets_are_added_in_order(name):
     make_optimizer(name, 0.01).update({"W": one}, {"W": total})
     make_optimizer(name, 0.01).update({"W": several}, sets)
     np.testing.assert_array_equal(several, one)
+
+
+@pytest.mark.parametrize("name", ["momentum", "adam"])
+def test_decaying_state_does_not_stay_subnormal(name):
+    from lowmem_cnn.optimizers import FLUSH_EVERY
+
+    tiny = np.finfo(np.float32).tiny
+    param = np.ones(1000, np.float32)
+    optimizer = make_optimizer(name, 0.01)
+    optimizer.update({"W": param}, {"W": np.full(1000, 1e-30, np.float32)})
+    # with zero gradients the state decays into the subnormals, and is flushed
+    assert FLUSH_EVERY < 100
+    for _ in range(500):
+        optimizer.update({"W": param}, {"W": np.zeros(1000, np.float32)})
+    for state in optimizer.state.values():
+        assert not ((state != 0) & (np.abs(state) < tiny)).any()
+    assert np.isfinite(param).all()

@@ -13,6 +13,18 @@ with the same result to the bit.
 import numpy as np
 
 CHUNK = 1 << 16
+# State that decays (Adam's m and v, Momentum's v) of a weight whose gradient stays
+# zero sinks into the subnormal numbers, which the CPU handles some 100 times slower:
+# after 1,000 updates a sixth of SimpleConvNet's Adam m was subnormal and an update
+# took 50% longer. Every FLUSH_EVERY steps they are set to zero, as a CPU's
+# flush-to-zero mode would; they are below 1.2e-38 (float32), where they no longer
+# change any update.
+FLUSH_EVERY = 16
+
+
+def _flush_subnormals(array, scratch):
+    np.abs(array, out=scratch)
+    np.copyto(array, 0, where=scratch < np.finfo(array.dtype).tiny)
 
 
 class Optimizer:
@@ -58,11 +70,15 @@ class Optimizer:
                 future.result()
 
     def _run(self, jobs, scratch):
+        flush = self.steps % FLUSH_EVERY == 0
         for sums, (param, *state) in jobs:
             grad = sums[0]
             for other in sums[1:]:
                 grad += other
             self._step(param, grad, scratch[: param.size], *state)
+            if flush:
+                for array in state:
+                    _flush_subnormals(array, scratch[: array.size])
 
     def _start_step(self):
         pass
