@@ -120,3 +120,18 @@ def test_huge_batch_size_still_fits(tmp_path):
                  "1000000000", "--max-ram", "128M", "--json")
     assert result.returncode == 0, result.stderr
     assert '"n": 25' in result.stdout
+
+
+def test_pictures_keep_within_the_budget_or_are_refused(tmp_path):
+    pytest.importorskip("matplotlib")
+    write_dataset(tmp_path / "data", n_train=200, n_test=50)
+    common = ["train", "--data-dir", tmp_path / "data", "--epochs", "1", "--out", tmp_path / "p.pkl",
+              "--plot", tmp_path / "curves.png", "--json"]
+    refused = run(*common, "--max-ram", "64M")
+    assert_clean_failure(refused, "a picture needs matplotlib", 1)
+    assert not (tmp_path / "p.pkl").exists() and not (tmp_path / "curves.png").exists()
+    drawn = run(*common, "--max-ram", "112M")
+    assert drawn.returncode == 0, drawn.stderr
+    summary = json.loads(drawn.stdout.strip().splitlines()[-1])
+    assert (tmp_path / "curves.png").exists()
+    assert summary["peak_rss_bytes"] <= 112 * 2**20

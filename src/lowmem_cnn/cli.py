@@ -83,6 +83,11 @@ class _Run:
         self.plan = make_plan(self.network, self.budget, baseline, train, batch_size, fixed)
         return self.plan
 
+    def check_picture_room(self, picture):
+        from lowmem_cnn.planner import check_picture_room
+
+        check_picture_room(self.budget, self.plan.baseline, picture)
+
     def open_data(self, data_dir):
         from lowmem_cnn.data import open_data
 
@@ -233,6 +238,8 @@ def train(epochs, batch_size, lr, optimizer, seed, out, limit, checkpoint_path, 
 
     # Refuse a budget that is too small before touching (or downloading) the data.
     plan(batch_size * network.input_size)
+    if plot:
+        run.check_picture_room("curves")
     data = run.open_data(data_dir)
     trainer = Trainer(network, optimizer, data.train, run.plan.micro_batch, batch_size, rng,
                       settings["limit"], settings["seed"])
@@ -309,6 +316,8 @@ def train(epochs, batch_size, lr, optimizer, seed, out, limit, checkpoint_path, 
     if plot:
         from lowmem_cnn.plotting import plot_curves
 
+        optimizer.state.clear()
+        network.release_memory()
         plot_curves(history, plot)
         _say(f"learning curves drawn in {plot}", as_json)
     peak = peak_rss()
@@ -349,6 +358,8 @@ def evaluate_command(params, batch_size, split, misclassified, max_ram, data_dir
     # uint8 rows and predicted labels of one read
     fixed = min(batch_size, MAX_READ_IMAGES) * (run.network.input_size + 8)
     run.make_plan(False, batch_size, fixed)
+    if misclassified:
+        run.check_picture_room("digits")
     data = run.open_data(data_dir)
     run.make_plan(False, batch_size, fixed)
     run.describe_plan()
@@ -360,6 +371,7 @@ def evaluate_command(params, batch_size, split, misclassified, max_ram, data_dir
     if misclassified:
         from lowmem_cnn.plotting import plot_misclassified
 
+        run.network.release_memory()
         indices = np.array([i for i, _, _ in result.wrong], np.int64)
         plot_misclassified(chosen.images.read(indices), [t for _, t, _ in result.wrong],
                            [p for _, _, p in result.wrong], (chosen.images.rows, chosen.images.cols),
@@ -411,6 +423,8 @@ def profile_memory(batch_size, train, plot, max_ram, data_dir, config_name, dtyp
 
         fixed += training_state_bytes(network, 0)
     run.make_plan(train, batch_size, fixed)
+    if plot:
+        run.check_picture_room("memory")
     data = run.open_data(data_dir)
     run.make_plan(train, batch_size, fixed)
     rows = layer_table(network, run.plan, batch_size)
@@ -418,6 +432,7 @@ def profile_memory(batch_size, train, plot, max_ram, data_dir, config_name, dtyp
     if plot:
         from lowmem_cnn.plotting import plot_memory
 
+        network.release_memory()
         plot_memory(rows, run.budget, plot)
         _say(f"memory per layer drawn in {plot}", as_json)
     if as_json:

@@ -167,6 +167,13 @@ class Network:
             grad = layer.backward(grad, keep, grads, ws)
         return loss
 
+    def release_memory(self):
+        """Give back the workspaces and gradient arrays (the run is over)."""
+        for ws in self.workspaces:
+            ws.clear()
+        self._training = None
+        self._grads = None
+
     def _use_workspaces(self, training: bool):
         """Training and evaluation size their arrays differently; the planner counts
         the larger set, not both, so empty the workspaces when switching."""
