@@ -444,13 +444,13 @@ def profile_memory(batch_size, train, plot, max_ram, data_dir, config_name, dtyp
         return
     click.echo(f"{batch_size:,} images, {'forward and backward' if train else 'forward'}, "
                f"{dtype}, {run.plan.micro_batch} images at a time")
-    click.echo(f"{'layer':<28}{'output (C,H,W)':>16}{'book im2col':>16}{'tiled':>14}{'tile rows':>11}")
+    click.echo(f"{'layer':<36}{'output (C,H,W)':>16}{'book im2col':>16}{'tiled':>14}{'windows':>11}")
     for row in rows:
         shape = "x".join(map(str, row["output_shape"]))
         book = f"{row['book_im2col_bytes']:,}" if row["book_im2col_bytes"] else "-"
         tiled = f"{row['tiled_bytes']:,}" if row["book_im2col_bytes"] else "-"
         tile = f"{row['tile_rows']:,}" if row["tile_rows"] else "-"
-        click.echo(f"{row['layer']:<28}{shape:>16}{book:>16}{tiled:>14}{tile:>11}")
+        click.echo(f"{row['layer']:<36}{shape:>16}{book:>16}{tiled:>14}{tile:>11}")
     click.echo(f"planned peak: {run.plan.peak:,} bytes ({format_size(run.plan.peak)}); "
                f"measured peak RSS: {measured:,} bytes ({format_size(measured)}); "
                f"budget {run.budget:,} bytes")
