@@ -167,3 +167,17 @@ def test_a_new_run_does_not_overwrite_an_unfinished_one(tmp_path, mnist_dir):
                            cwd=tmp_path)
     assert code == 1 and "at least" in err and "Traceback" not in err
     assert checkpoint.read_bytes() == before
+
+
+def test_checkpoint_of_another_format_version_is_refused(tmp_path):
+    import struct
+
+    from lowmem_cnn.checkpoint import MAGIC, VERSION, read_checkpoint, write_checkpoint
+
+    path = tmp_path / "old.ckpt"
+    write_checkpoint(path, {"run": {}}, {"x": np.zeros(3)})
+    data = bytearray(path.read_bytes())
+    data[len(MAGIC) : len(MAGIC) + 4] = struct.pack("<I", VERSION - 1)
+    path.write_bytes(bytes(data))
+    with pytest.raises(LowmemError, match=f"version {VERSION - 1}, this lowmem-cnn reads {VERSION}"):
+        read_checkpoint(path)

@@ -20,7 +20,8 @@ from lowmem_cnn.errors import LowmemError
 from lowmem_cnn.files import atomic_write
 
 MAGIC = b"LOWMEM-CNN CHECKPOINT\n"
-VERSION = 1
+# 2: the plan records tile sizes per tiled layer ("tiles"), fused layers included
+VERSION = 2
 _CHUNK = 1 << 20
 
 
