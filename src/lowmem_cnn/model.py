@@ -32,7 +32,8 @@ class Network:
     def __init__(self, config: NetworkConfig, dtype=np.float32, threads: int = 1):
         self.config = config
         self.threads = threads  # in use; the planner may lower it, never above the pool's
-        self.pool = ThreadPoolExecutor(threads) if threads > 1 else None
+        # the calling thread is one of the threads (see _map)
+        self.pool = ThreadPoolExecutor(threads - 1) if threads > 1 else None
         self.workspaces = [Workspace() for _ in range(threads)]
         self._training = None  # what the workspaces are sized for
         self._grads = None
@@ -188,8 +189,9 @@ class Network:
             return [work(part, 0) for part in parts]
         chunks = [parts[t :: self.threads] for t in range(self.threads)]
         futures = [self.pool.submit(lambda chunk, t: [work(p, t) for p in chunk], chunk, t)
-                   for t, chunk in enumerate(chunks)]
-        results = [future.result() for future in futures]
+                   for t, chunk in enumerate(chunks) if t]
+        # the calling thread takes the first share itself rather than wait idle
+        results = [[work(p, 0) for p in chunks[0]]] + [future.result() for future in futures]
         return [results[i % self.threads][i // self.threads] for i in range(len(parts))]
 
     def predict(self, images: np.ndarray, micro_batch: int) -> np.ndarray:

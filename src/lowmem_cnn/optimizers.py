@@ -61,13 +61,11 @@ class Optimizer:
             for lo in range(0, param.size, CHUNK):
                 jobs.append(([a[lo : lo + CHUNK] for a in sums],
                              [a[lo : lo + CHUNK] for a in flat]))
-        if pieces == 1:
-            self._run(jobs, self._scratch[0])
-        else:
-            futures = [pool.submit(self._run, jobs[i::pieces], self._scratch[i])
-                       for i in range(pieces)]
-            for future in futures:
-                future.result()
+        futures = [pool.submit(self._run, jobs[i::pieces], self._scratch[i])
+                   for i in range(1, pieces)]
+        self._run(jobs[::pieces], self._scratch[0])  # the calling thread's share
+        for future in futures:
+            future.result()
 
     def _run(self, jobs, scratch):
         flush = self.steps % FLUSH_EVERY == 0
