@@ -69,7 +69,6 @@ def test_whole_network_gradient_numerically(tiny):
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, (3, 64), dtype=np.uint8)
     labels = np.array([1, 7, 3])
-    tiny.zero_grads()
     tiny.accumulate_gradient(images, labels, micro_batch=3)
     for key, param in tiny.params().items():
         analytic = tiny.grads()[key]
@@ -90,10 +89,8 @@ def test_micro_batches_give_the_whole_batch_gradient(tiny, micro):
     rng = np.random.default_rng(2)
     images = rng.integers(0, 256, (7, 64), dtype=np.uint8)
     labels = rng.integers(0, 10, 7)
-    tiny.zero_grads()
     whole_loss = tiny.accumulate_gradient(images, labels, 7)
     whole = {k: g.copy() for k, g in tiny.grads().items()}
-    tiny.zero_grads()
     loss = tiny.accumulate_gradient(images, labels, micro)
     assert loss == pytest.approx(whole_loss, rel=1e-12)
     for key, grad in tiny.grads().items():
@@ -106,8 +103,6 @@ def test_threads_give_the_same_gradient_and_predictions(tmp_path, threads):
     images = rng.integers(0, 256, (11, 64), dtype=np.uint8)
     labels = rng.integers(0, 10, 11)
     single, several = make_tiny(tmp_path), make_tiny(tmp_path, threads)
-    for net in (single, several):
-        net.zero_grads()
     loss_single = single.accumulate_gradient(images, labels, 2)
     loss_several = several.accumulate_gradient(images, labels, 2)
     assert loss_several == pytest.approx(loss_single, rel=1e-12)
@@ -116,7 +111,6 @@ def test_threads_give_the_same_gradient_and_predictions(tmp_path, threads):
     np.testing.assert_array_equal(several.predict(images, 3), single.predict(images, 3))
     # the same threads twice: the same bits
     again = make_tiny(tmp_path, threads)
-    again.zero_grads()
     again.accumulate_gradient(images, labels, 2)
     for key, grad in several.grads().items():
         np.testing.assert_array_equal(again.grads()[key], grad)

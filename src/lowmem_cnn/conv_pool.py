@@ -185,7 +185,7 @@ class ConvolutionPooling:
         blocks = self.pool.size ** 2
         padded = m * int(np.prod(self._padded_shape())) * itemsize
         weights = blocks * k * self.rows * itemsize
-        held = ((padded if self.conv.pad else 0) + self.rows * n * itemsize  # input, columns
+        held = ((padded if self.conv.pad else 0) + self.column_bytes(m, itemsize)  # input, columns
                 + weights + blocks * k * tile * itemsize + n * k * itemsize)  # products, out
         if train:
             held += (blocks - 1) * k * n  # wins (bool)

@@ -111,11 +111,6 @@ class Network:
                 grads[key].fill(0)
         return first
 
-    def zero_grads(self):
-        for grads in self.thread_grads():
-            for grad in grads.values():
-                grad.fill(0)
-
     def expected_book_shapes(self) -> dict:
         return {key: layer.book_shape(name) for key, layer, name in self.param_names()}
 
@@ -170,12 +165,10 @@ class Network:
 
     def release_memory(self):
         """Give back the workspaces and gradient arrays (the run is over)."""
-        for ws in self.workspaces:
-            ws.clear()
-        self._training = None
+        self._use_workspaces(None)
         self._grads = None
 
-    def _use_workspaces(self, training: bool):
+    def _use_workspaces(self, training: bool | None):
         """Training and evaluation size their arrays differently; the planner counts
         the larger set, not both, so empty the workspaces when switching."""
         if self._training != training:

@@ -285,7 +285,6 @@ def measure_baseline(network, train: bool) -> int:
     images = np.zeros((2, network.input_size), np.uint8)
     if train:
         network.accumulate_gradient(images, np.zeros(2, np.int64), 2)
-        network.zero_grads()
     else:
         network.predict(images, 2)
     return current_rss()

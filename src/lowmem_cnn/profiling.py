@@ -47,7 +47,6 @@ def run_batch(network, split, plan, batch_size: int, train: bool) -> int:
     n = min(batch_size, len(split), MAX_READ_IMAGES)
     images = split.images.read_range(0, n)
     if train:
-        network.zero_grads()
         network.accumulate_gradient(images, split.labels[:n], plan.micro_batch)
     else:
         network.predict(images, plan.eval_micro_batch)

@@ -105,7 +105,6 @@ class Trainer:
                 # other buffer): reads then cost no time, even from a cold disk cache
                 following = self.position + 1
                 pending = self._reader.submit(self._read, following) if following < updates else None
-                # the gradients are zero: the optimizer zeroes them after each update
                 loss = self.network.accumulate_gradient(
                     images, labels, self.micro_batch, (self.seed, self.epochs_done, self.position))
                 self.optimizer.update(self.network.params(),

@@ -28,7 +28,3 @@ class Workspace:
 
     def clear(self):
         self._arrays.clear()
-
-    @property
-    def nbytes(self) -> int:
-        return sum(array.nbytes for array in self._arrays.values())
