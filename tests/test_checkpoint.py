@@ -3,31 +3,42 @@
 import errno
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
+from idx_files import write_dataset
 
 from lowmem_cnn.checkpoint import read_checkpoint, write_checkpoint
 from lowmem_cnn.errors import LowmemError
+from lowmem_cnn.locks import lock_path
 
 # 1,000 real images, batches of 50: 20 updates an epoch, a checkpoint every 3.
 ARGS = ["train", "--limit", "1000", "--epochs", "2", "--batch-size", "50", "--checkpoint-every", "3",
         "--max-ram", "256M", "--json"]
+CRASH_CHILD = Path(__file__).with_name("crash_child.py")
 
 
-def start(*args, cwd):
-    return subprocess.Popen([sys.executable, "-m", "lowmem_cnn", *map(str, args)], cwd=cwd,
+def start(*args, cwd, crash=()):
+    """`lowmem-cnn ARGS` in a child; with `crash`, through crash_child.py, which crashes
+    it at the point those options name (counted in updates, epochs or checkpoints)."""
+    prefix = [str(CRASH_CHILD), *map(str, crash), "--"] if crash else ["-m", "lowmem_cnn"]
+    return subprocess.Popen([sys.executable, *prefix, *map(str, args)], cwd=cwd,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def finish(process):
     out, err = process.communicate(timeout=600)
     return process.returncode, out, err
+
+
+def killed(*args, cwd, crash):
+    code, _, err = finish(start(*args, cwd=cwd, crash=crash))
+    assert code == -signal.SIGKILL, f"exit {code}, not killed: {err}"
 
 
 def history_without_seconds(stdout):
@@ -43,48 +54,44 @@ def reference(mnist_dir, tmp_path_factory):
     return (directory / "params.pkl").read_bytes(), history_without_seconds(out)
 
 
-def wait_for(path, process, limit=120):
-    deadline = time.monotonic() + limit
-    while not path.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-
-
-def test_sigkill_at_random_points_then_resume_gives_the_same_run(mnist_dir, tmp_path, reference):
-    rng = random.Random(1234)
+def test_sigkill_at_three_points_then_resume_gives_the_same_run(mnist_dir, tmp_path, reference):
     checkpoint = tmp_path / "params.pkl.ckpt"
-    process = start(*ARGS, "--data-dir", mnist_dir, cwd=tmp_path)
-    kills = 0
-    for _ in range(4):  # a bounded number of crashes
-        wait_for(checkpoint, process)
-        time.sleep(rng.uniform(0.0, 0.8))
-        if process.poll() is not None:
-            break
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-        kills += 1
-        process = start("train", "--resume", "--json", "--data-dir", mnist_dir, cwd=tmp_path)
-    code, out, err = finish(process)
+    resume = ["train", "--resume", "--json", "--data-dir", mnist_dir]
+    # inside epoch 1, after update 8: the checkpoint of update 6 is the last one
+    killed(*ARGS, "--data-dir", mnist_dir, cwd=tmp_path, crash=["--at-update", "8"])
+    meta, _ = read_checkpoint(checkpoint)
+    assert (meta["epochs_done"], meta["position"]) == (0, 6)
+    # between epochs: right after epoch 1's evaluation and checkpoint
+    killed(*resume, cwd=tmp_path, crash=["--at-epoch-end", "1"])
+    meta, _ = read_checkpoint(checkpoint)
+    assert (meta["epochs_done"], meta["position"], len(meta["history"])) == (1, 0, 1)
+    # half-way through writing a checkpoint (update 3 of epoch 2): the old one stays whole
+    before = checkpoint.read_bytes()
+    killed(*resume, cwd=tmp_path, crash=["--in-checkpoint", "1"])
+    assert checkpoint.read_bytes() == before
+    assert list(tmp_path.glob(".params.pkl.ckpt.*.tmp"))  # the write had begun
+    code, out, err = finish(start(*resume, cwd=tmp_path))
     assert code == 0, err
-    assert kills >= 1
     params, history = reference
     assert (tmp_path / "params.pkl").read_bytes() == params  # bitwise
     assert history_without_seconds(out) == history
 
 
-@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize("signum, status, crash", [
+    (signal.SIGINT, 130, ["--at-update", "5"]),  # inside epoch 1
+    (signal.SIGTERM, 143, ["--at-epoch-end", "1"]),  # between epochs
+])
 def test_interrupt_checkpoints_and_resume_finishes_the_same(mnist_dir, tmp_path, reference, signum,
-                                                            status):
+                                                            status, crash):
     checkpoint = tmp_path / "params.pkl.ckpt"
-    process = start(*ARGS, "--data-dir", mnist_dir, cwd=tmp_path)
-    wait_for(checkpoint, process)
-    process.send_signal(signum)
-    code, _, err = finish(process)
-    if code == 0:
-        pytest.skip("the run finished before the signal arrived")
-    assert code == status
+    code, _, err = finish(start(*ARGS, "--data-dir", mnist_dir, cwd=tmp_path,
+                                crash=[*crash, "--action", signal.Signals(signum).name]))
+    assert code == status, err
     assert "train --resume --checkpoint" in err and "Traceback" not in err
     meta, _ = read_checkpoint(checkpoint)
     assert not meta["finished"]
+    # the update under way when the signal came finished, and was checkpointed
+    assert (meta["epochs_done"], meta["position"]) == ((0, 5) if crash[0] == "--at-update" else (1, 0))
     code, out, err = finish(start("train", "--resume", "--json", "--data-dir", mnist_dir, cwd=tmp_path))
     assert code == 0, err
     assert (tmp_path / "params.pkl").read_bytes() == reference[0]
@@ -94,6 +101,59 @@ def test_interrupt_checkpoints_and_resume_finishes_the_same(mnist_dir, tmp_path,
     code, out, _ = finish(start("train", "--resume", "--data-dir", mnist_dir, cwd=tmp_path))
     assert code == 0 and "finished all 2 epochs" in out
     assert (tmp_path / "params.pkl").read_bytes() == before
+
+
+def stopped_itself(process):
+    """Wait until the child, which stops itself with SIGSTOP, is stopped (or has exited)."""
+    _, status = os.waitpid(process.pid, os.WUNTRACED)
+    assert os.WIFSTOPPED(status), f"the child ended instead (status {status})"
+
+
+def test_two_runs_started_together_on_one_checkpoint(mnist_dir, tmp_path, reference):
+    # Both stop themselves after their first update, so whichever holds the checkpoint
+    # is still there (stopped) when the other tries: that one must refuse at once.
+    runs = [start(*ARGS, "--data-dir", mnist_dir, *extra, cwd=tmp_path,
+                  crash=["--at-update", "1", "--action", "stop"])
+            for extra in ([], ["--seed", "5"])]
+    states, deadline = {}, time.monotonic() + 600  # the deadline only ends a hung test
+    while len(states) < 2 and time.monotonic() < deadline:  # waits for events, not for time
+        for i, process in enumerate(runs):
+            if i not in states:
+                pid, status = os.waitpid(process.pid, os.WUNTRACED | os.WNOHANG)
+                if pid:
+                    states[i] = status
+        time.sleep(0.01)
+    stopped = [i for i, status in states.items() if os.WIFSTOPPED(status)]
+    exited = [i for i, status in states.items() if os.WIFEXITED(status)]
+    assert len(stopped) == 1 and len(exited) == 1, f"not one holder and one refusal: {states}"
+    holder, refused = runs[stopped[0]], runs[exited[0]]
+    refused.returncode = os.waitstatus_to_exitcode(states[exited[0]])  # reaped above
+    err = refused.stderr.read()
+    assert refused.returncode == 1, err
+    assert f"params.pkl.ckpt is in use by process {holder.pid}" in err
+    assert "Traceback" not in err
+    holder.send_signal(signal.SIGCONT)
+    code, out, err = finish(holder)
+    assert code == 0, err
+    if holder is runs[0]:  # the run with the reference's settings
+        assert (tmp_path / "params.pkl").read_bytes() == reference[0]
+        assert history_without_seconds(out) == reference[1]
+    else:
+        assert (tmp_path / "params.pkl").read_bytes() != reference[0]
+
+
+def test_a_run_on_the_same_out_with_another_checkpoint_is_refused(mnist_dir, tmp_path):
+    first = start(*ARGS, "--data-dir", mnist_dir, "--checkpoint", "a.ckpt", cwd=tmp_path,
+                  crash=["--at-update", "1", "--action", "stop"])
+    stopped_itself(first)
+    try:
+        code, _, err = finish(start(*ARGS, "--data-dir", mnist_dir, "--checkpoint", "b.ckpt",
+                                    cwd=tmp_path))
+        assert code == 1 and f"params.pkl is in use by process {first.pid}" in err
+        assert not (tmp_path / "b.ckpt").exists()
+    finally:
+        first.kill()
+        first.wait()
 
 
 def make_checkpoint(path):
@@ -154,10 +214,8 @@ def test_resume_errors_are_clear(tmp_path, mnist_dir):
 
 def test_a_new_run_does_not_overwrite_an_unfinished_one(tmp_path, mnist_dir):
     checkpoint = tmp_path / "params.pkl.ckpt"
-    process = start(*ARGS, "--data-dir", mnist_dir, cwd=tmp_path)
-    wait_for(checkpoint, process)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    killed(*ARGS, "--data-dir", mnist_dir, cwd=tmp_path, crash=["--at-update", "4"])
+    assert lock_path(checkpoint).exists()  # left by the killed run, and no obstacle
     before = checkpoint.read_bytes()
     code, _, err = run_cli(*ARGS, "--data-dir", mnist_dir, cwd=tmp_path)
     assert code == 1 and "holds an unfinished run" in err and "--resume" in err
@@ -167,6 +225,14 @@ def test_a_new_run_does_not_overwrite_an_unfinished_one(tmp_path, mnist_dir):
                            cwd=tmp_path)
     assert code == 1 and "at least" in err and "Traceback" not in err
     assert checkpoint.read_bytes() == before
+    # nor a resume on other data of the same size
+    other = write_dataset(tmp_path / "other", n_train=1000, n_test=10)
+    code, _, err = run_cli("train", "--resume", "--data-dir", other, cwd=tmp_path)
+    assert code == 1 and "started on other data" in err and "Traceback" not in err
+    assert checkpoint.read_bytes() == before
+    # the killed run's lock does not block its resume
+    code, _, err = run_cli("train", "--resume", "--data-dir", mnist_dir, cwd=tmp_path)
+    assert code == 0, err
 
 
 def test_checkpoint_of_another_format_version_is_refused(tmp_path):

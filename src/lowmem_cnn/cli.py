@@ -16,6 +16,7 @@ from lowmem_cnn.config import DEFAULT_CONFIG, load_config
 from lowmem_cnn.errors import LowmemError
 from lowmem_cnn.model import Network
 from lowmem_cnn.optimizers import OPTIMIZERS
+from lowmem_cnn.training import CHECKPOINT_SECONDS
 
 BUDGET_HELP = ("Peak RAM (resident set size) the process may use: bytes, or K/M/G/T and "
                "KiB..TiB (powers of 1024), KB..TB (powers of 1000), e.g. 512M, 2G, 1.5GiB. "
@@ -54,33 +55,65 @@ def _common(command):
     return _user_errors(command)
 
 
-def _progress_bar(total, description):
-    from lowmem_cnn.progress import Progress
+def _progress(total, description, unit, initial=0, in_bytes=False):
+    """A tqdm bar on stderr, shown only when stderr is a terminal."""
+    from tqdm import tqdm
 
-    return Progress(total, description, "B", in_bytes=True)
+    return tqdm(total=total or None, desc=description, unit=unit, initial=initial,
+                unit_scale=in_bytes, unit_divisor=1024 if in_bytes else 1000, leave=False,
+                file=sys.stderr, disable=not sys.stderr.isatty(), dynamic_ncols=True)
 
 
-def _say(text, as_json):
+def _download_bar(total, description):
+    return _progress(total, description, "B", in_bytes=True)
+
+
+def _sayer(as_json):
     # With --json, stdout ends with the JSON line; the story goes to stderr.
-    click.echo(text, err=as_json)
+    return lambda text: click.echo(text, err=as_json)
+
+
+def _open_data(data_dir, say):
+    from lowmem_cnn.data import open_data
+
+    data = open_data(data_dir, progress=_download_bar)
+    say(f"data: {data.describe()}")
+    return data
+
+
+def _describe_plan(network, plan, say):
+    from lowmem_cnn.planner import tiled_layers
+
+    sizes = {"conv": [], "conv+pool": []}
+    for layer, size in zip(tiled_layers(network), plan.tiles, strict=True):
+        sizes[layer.kind].append(f"{size:,}")
+    tiles = ""
+    if sizes["conv"]:
+        tiles += f"conv column tiles of {', '.join(sizes['conv'])} rows; "
+    if sizes["conv+pool"]:
+        tiles += f"conv+pool tiles of {', '.join(sizes['conv+pool'])} images; "
+    say(f"plan: {plan.threads} thread{'s' if plan.threads > 1 else ''} of {plan.micro_batch} images "
+        f"at a time (evaluation {plan.eval_micro_batch}); {tiles}planned peak "
+        f"{format_size(plan.peak)} (baseline {format_size(plan.baseline)})")
 
 
 class _Run:
-    """What every command sets up: budget, network, data and the memory plan."""
+    """What eval and profile-memory set up: budget, network, data and the memory plan."""
 
     def __init__(self, max_ram, config_name, dtype, threads, as_json):
-        self.as_json = as_json
+        self.say = _sayer(as_json)
         self.budget = resolve_budget(max_ram)
         source = f"--max-ram {max_ram}" if max_ram else "half of the available RAM"
-        _say(f"budget: {self.budget:,} bytes ({format_size(self.budget)}, {source})", as_json)
+        self.say(f"budget: {self.budget:,} bytes ({format_size(self.budget)}, {source})")
         self.config = load_config(config_name)
         self.network = Network(self.config.network, np.dtype(dtype), threads)
 
-    def make_plan(self, train, batch_size, fixed):
+    def make_plan(self, train, batch_size, fixed, evaluations=True):
         from lowmem_cnn.planner import make_plan, measure_baseline
 
         baseline = measure_baseline(self.network, train)
-        self.plan = make_plan(self.network, self.budget, baseline, train, batch_size, fixed)
+        self.plan = make_plan(self.network, self.budget, baseline, train, batch_size, fixed,
+                              evaluations)
         return self.plan
 
     def check_picture_room(self, picture):
@@ -89,32 +122,14 @@ class _Run:
         check_picture_room(self.budget, self.plan.baseline, picture)
 
     def open_data(self, data_dir):
-        from lowmem_cnn.data import open_data
+        from lowmem_cnn.training import check_image_shape
 
-        data = open_data(data_dir, progress=_progress_bar)
-        _say(f"data: {data.describe()}", self.as_json)
-        c, h, w = self.config.network.input_shape
-        if c != 1 or (data.test.images.rows, data.test.images.cols) != (h, w):
-            raise LowmemError(f"{data.test.images.path}: images are "
-                              f"{data.test.images.rows}x{data.test.images.cols}, the network "
-                              f"{self.config.network.name} takes {c}x{h}x{w}")
+        data = _open_data(data_dir, self.say)
+        check_image_shape(self.network, data.test)
         return data
 
     def describe_plan(self):
-        from lowmem_cnn.planner import tiled_layers
-
-        p = self.plan
-        sizes = {"conv": [], "conv+pool": []}
-        for layer, size in zip(tiled_layers(self.network), p.tiles, strict=True):
-            sizes[layer.kind].append(f"{size:,}")
-        tiles = ""
-        if sizes["conv"]:
-            tiles += f"conv column tiles of {', '.join(sizes['conv'])} rows; "
-        if sizes["conv+pool"]:
-            tiles += f"conv+pool tiles of {', '.join(sizes['conv+pool'])} images; "
-        _say(f"plan: {p.threads} thread{'s' if p.threads > 1 else ''} of {p.micro_batch} images "
-             f"at a time (evaluation {p.eval_micro_batch}); {tiles}planned peak "
-             f"{format_size(p.peak)} (baseline {format_size(p.baseline)})", self.as_json)
+        _describe_plan(self.network, self.plan, self.say)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -126,7 +141,7 @@ def main():
 
 
 class _StopRequest:
-    """SIGINT and SIGTERM let the current update finish; the loop then checkpoints and exits."""
+    """SIGINT and SIGTERM let the current update finish; the run then checkpoints and stops."""
 
     def __init__(self):
         self.signal = None
@@ -136,29 +151,15 @@ class _StopRequest:
     def _request(self, signum, frame):
         self.signal = signum
 
-
-# Without --checkpoint-every, the checkpoint is written after this much training time.
-CHECKPOINT_SECONDS = 60
-
-
-def _existing_checkpoint(path: Path):
-    """A checkpoint already at `path` that a new run must not overwrite, or None."""
-    from lowmem_cnn.checkpoint import read_checkpoint
-
-    if not path.exists():
-        return None
-    try:
-        meta, _ = read_checkpoint(path)
-    except LowmemError as err:
-        raise LowmemError(f"{err}; remove it or choose another --checkpoint") from None
-    return None if meta.get("finished") else meta
+    def __call__(self) -> bool:
+        return self.signal is not None
 
 
 @main.command()
 @click.option("--epochs", type=click.IntRange(min=1), help="Passes over the training data. "
               "[default: from the config, 20]")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Images per update. "
-              "[default: from the config, 100]")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Images per update (at most the "
+              "number of training images). [default: from the config, 100]")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True, max=1e6),
               help="Learning rate. [default: from the config, 0.001]")
 @click.option("--optimizer", type=click.Choice(list(OPTIMIZERS)), help="[default: from the config, adam]")
@@ -182,158 +183,93 @@ def train(epochs, batch_size, lr, optimizer, seed, out, limit, checkpoint_path, 
     """Train the network on the training images; report test accuracy after each epoch.
 
     Ctrl-C or SIGTERM: the current update finishes, a checkpoint is written, and
-    `lowmem-cnn train --resume` continues the run exactly."""
-    from lowmem_cnn.checkpoint import read_checkpoint, write_checkpoint
-    from lowmem_cnn.optimizers import make_optimizer
-    from lowmem_cnn.params import save_params
-    from lowmem_cnn.planner import measure_baseline, recorded_plan, training_state_bytes
-    from lowmem_cnn.progress import Progress
-    from lowmem_cnn.training import TRAIN_SAMPLE, Trainer, evaluate
+    `lowmem-cnn train --resume` continues the run exactly. Another train on the same
+    checkpoint or parameter file is refused while this one runs."""
+    from lowmem_cnn import training
 
-    checkpoint_path = checkpoint_path or out.with_name(out.name + ".ckpt")
+    checkpointing = training.Checkpointing(checkpoint_path or out.with_name(out.name + ".ckpt"),
+                                           checkpoint_every)
+    say = _sayer(as_json)
+
+    def open_data_for(run):
+        if plot:
+            from lowmem_cnn.planner import check_picture_room
+
+            check_picture_room(run.budget, run.plan.baseline, "curves")
+        return _open_data(data_dir, say)
+
     if resume:
-        meta, arrays = read_checkpoint(checkpoint_path)
-        settings = meta.get("run")
-        if not isinstance(settings, dict):
-            raise LowmemError(f"{checkpoint_path}: not a training checkpoint")
-        if meta.get("finished"):
-            _say(f"{checkpoint_path}: this run finished all {settings['epochs']} epochs; its "
-                 f"parameters are in {settings['out']}", as_json)
+        budget = resolve_budget(max_ram) if max_ram else None
+        try:
+            run, _ = training.resume(checkpointing, budget, open_data_for, say)
+        except training.AlreadyFinished as done:
+            say(f"{checkpointing.path}: this run finished all {done.settings.epochs} epochs; its "
+                f"parameters are in {done.settings.out}")
             return
-        config_name, dtype, threads = settings["config"], settings["dtype"], settings["threads"]
-        max_ram = max_ram or str(settings["max_ram"])
     else:
-        if _existing_checkpoint(checkpoint_path):
-            raise LowmemError(f"{checkpoint_path} holds an unfinished run: continue it with "
-                              "--resume, or choose another --checkpoint")
+        defaults = load_config(config_name).training
+        settings = training.Settings(
+            config=config_name, dtype=dtype, epochs=epochs or defaults.epochs,
+            batch_size=batch_size or defaults.batch_size, lr=lr or defaults.lr,
+            optimizer=optimizer or defaults.optimizer, seed=seed, limit=limit, out=str(out),
+            max_ram=resolve_budget(max_ram), threads=threads)
+        run, _ = training.start(settings, checkpointing, open_data_for, say)
+    settings, loop = run.settings, run.loop
+    _describe_plan(run.network, run.plan, say)
+    say(f"{'resuming' if resume else 'training'} {run.network.config.name} ({settings.dtype}) on "
+        f"{loop.count:,} images: {settings.epochs} epochs, batches of {loop.batch_size}, "
+        f"{settings.optimizer} lr {settings.lr}"
+        + (f"; from epoch {loop.epochs_done + 1}, update {loop.position}" if resume else ""))
 
-    run = _Run(max_ram, config_name, dtype, threads, as_json)
-    defaults = run.config.training
-    if not resume:
-        settings = {
-            "config": config_name, "dtype": dtype, "epochs": epochs or defaults.epochs,
-            "batch_size": batch_size or defaults.batch_size, "lr": lr or defaults.lr,
-            "optimizer": optimizer or defaults.optimizer, "seed": seed, "limit": limit,
-            "out": str(out), "max_ram": run.budget, "threads": threads,
-        }
-    epochs, batch_size, out = settings["epochs"], settings["batch_size"], Path(settings["out"])
-    if not np.isfinite(settings["lr"]):
-        raise click.BadParameter(f"{settings['lr']} is not a finite number", param_hint="--lr")
+    bar = None
 
-    rng = np.random.default_rng(settings["seed"])
-    network = run.network
-    network.init_params(rng)
-    optimizer = make_optimizer(settings["optimizer"], settings["lr"])
-    state = training_state_bytes(network, optimizer.state_copies)
-    eval_batch = 1000
+    def epoch_starts(epoch, done):
+        nonlocal bar
+        bar = _progress(loop.count, f"epoch {epoch}/{settings.epochs}", "img", initial=done)
 
-    def plan(buffers):
-        if resume:
-            p = meta["plan"]
-            run.plan = recorded_plan(network, run.budget, measure_baseline(network, True),
-                                     state + buffers, p["micro_batch"], p["eval_micro_batch"],
-                                     p["tiles"], p["threads"])
-        else:
-            run.make_plan(True, batch_size, state + buffers)
+    def updated(loss, n):
+        bar.update(n)
+        bar.set_postfix_str(f"loss {loss:.4f}", refresh=False)
 
-    # Refuse a budget that is too small before touching (or downloading) the data.
-    plan(batch_size * network.input_size)
-    if plot:
-        run.check_picture_room("curves")
-    data = run.open_data(data_dir)
-    trainer = Trainer(network, optimizer, data.train, run.plan.micro_batch, batch_size, rng,
-                      settings["limit"], settings["seed"])
-    history = []
-    if resume:
-        if trainer.count != settings["train_images"]:
-            raise LowmemError(f"{checkpoint_path}: the run was started on "
-                              f"{settings['train_images']:,} training images, this data has "
-                              f"{trainer.count:,}")
-        trainer.restore(meta, arrays)
-        history = meta["history"]
-        del arrays
-    settings["train_images"] = trainer.count
-    plan(trainer.buffer_bytes() + eval_batch * network.input_size)
-    trainer.micro_batch = run.plan.micro_batch
-    run.describe_plan()
-    _say(f"{'resuming' if resume else 'training'} {run.config.network.name} ({dtype}) on "
-         f"{trainer.count:,} images: {epochs} epochs, batches of {batch_size}, "
-         f"{settings['optimizer']} lr {settings['lr']}"
-         + (f"; from epoch {trainer.epochs_done + 1}, update {trainer.position}" if resume else ""),
-         as_json)
-
-    def save_checkpoint(finished=False):
-        meta, arrays = trainer.state()
-        p = run.plan
-        meta.update(run=settings, history=history, finished=finished,
-                    plan={"micro_batch": p.micro_batch, "eval_micro_batch": p.eval_micro_batch,
-                          "tiles": list(p.tiles), "threads": p.threads})
-        write_checkpoint(checkpoint_path, meta, arrays)
-
-    def stop_here(signum):
-        save_checkpoint()
-        where = (f"in epoch {trainer.epochs_done + 1} after update {trainer.position}"
-                 if trainer.position else f"after epoch {trainer.epochs_done}")
-        click.echo(f"stopped by {signal.Signals(signum).name} {where}; checkpoint written to "
-                   f"{checkpoint_path}. "
-                   f"Continue with: lowmem-cnn train --resume --checkpoint {checkpoint_path}",
-                   err=True)
-        sys.exit(128 + signum)
+    def epoch_ends(h):
+        bar.close()
+        say(f"epoch {h['epoch']:>3}: loss {h['loss']:.4f}  train accuracy {h['train_accuracy']:.4f} "
+            f"(first {h['train_sample']:,})  test accuracy {h['test_accuracy']:.4f}  "
+            f"{h['seconds']:.1f} s ({loop.count / h['seconds']:,.0f} img/s)")
 
     stop = _StopRequest()
-    saved_at = time.monotonic()
-    while trainer.epochs_done < epochs:
-        epoch = trainer.epochs_done + 1
-        with Progress(trainer.count, f"epoch {epoch}/{epochs}", "img",
-                      initial=min(trainer.position * batch_size, trainer.count)) as bar:
-            for loss, n in trainer.steps():
-                bar.update(n)
-                bar.set_note(f"loss {loss:.4f}")
-                if stop.signal:
-                    break
-                if (trainer.position % checkpoint_every == 0 if checkpoint_every
-                        else time.monotonic() - saved_at >= CHECKPOINT_SECONDS):
-                    save_checkpoint()
-                    saved_at = time.monotonic()
-        if stop.signal:
-            stop_here(stop.signal)
-        loss, seconds = trainer.finish_epoch()
-        test = evaluate(network, data.test, run.plan.eval_micro_batch, eval_batch)
-        sample = evaluate(network, data.train, run.plan.eval_micro_batch, eval_batch,
-                          count=min(TRAIN_SAMPLE, trainer.count))
-        history.append({"epoch": epoch, "loss": loss, "seconds": seconds,
-                        "train_accuracy": sample.accuracy, "test_accuracy": test.accuracy})
-        save_checkpoint()
-        saved_at = time.monotonic()
-        _say(f"epoch {epoch:>3}: loss {loss:.4f}  train accuracy {sample.accuracy:.4f} "
-             f"(first {sample.n:,})  test accuracy {test.accuracy:.4f}  {seconds:.1f} s "
-             f"({trainer.count / seconds:,.0f} img/s)", as_json)
-        if stop.signal:
-            stop_here(stop.signal)
-
-    save_params(out, network)
-    save_checkpoint(finished=True)
+    try:
+        history = run.run(updated, epoch_ends, epoch_starts, stop)
+    except training.Stopped as stopped:
+        bar.close()
+        where = (f"in epoch {stopped.epoch} after update {stopped.position}" if stopped.position
+                 else f"after epoch {stopped.epoch - 1}")
+        click.echo(f"stopped by {signal.Signals(stop.signal).name} {where}; checkpoint written to "
+                   f"{stopped.checkpoint}. Continue with: lowmem-cnn train --resume --checkpoint "
+                   f"{stopped.checkpoint}", err=True)
+        sys.exit(128 + stop.signal)
+    out = Path(settings.out)
+    run.finish(out)
     if plot:
         from lowmem_cnn.plotting import plot_curves
 
-        optimizer.state.clear()
-        network.release_memory()
+        run.release_memory()
         plot_curves(history, plot)
-        _say(f"learning curves drawn in {plot}", as_json)
+        say(f"learning curves drawn in {plot}")
     peak = peak_rss()
-    _say(f"saved {out}; peak RSS {peak:,} bytes ({format_size(peak)})", as_json)
+    say(f"saved {out}; peak RSS {peak:,} bytes ({format_size(peak)})")
     if as_json:
         click.echo(json.dumps({
-            "epochs": epochs,
+            "epochs": settings.epochs,
             "train_accuracy": history[-1]["train_accuracy"],
             "test_accuracy": history[-1]["test_accuracy"],
             "seconds_per_epoch": [h["seconds"] for h in history],
             "history": history,
             "peak_rss_bytes": peak,
-            "max_ram_bytes": run.budget,
+            "max_ram_bytes": settings.max_ram,
             "params": str(out),
-            "train_images": trainer.count,
-            "checkpoint": str(checkpoint_path),
+            "train_images": loop.count,
+            "checkpoint": str(checkpointing.path),
         }))
 
 
@@ -353,7 +289,10 @@ def evaluate_command(params, batch_size, split, misclassified, max_ram, data_dir
     from lowmem_cnn.params import load_params
     from lowmem_cnn.training import MAX_READ_IMAGES, evaluate
 
+    from lowmem_cnn.planner import check_parameters_fit
+
     run = _Run(max_ram, config_name, dtype, threads, as_json)
+    check_parameters_fit(run.network, run.budget, loading=True)
     load_params(params, run.network)
     # uint8 rows and predicted labels of one read
     fixed = min(batch_size, MAX_READ_IMAGES) * (run.network.input_size + 8)
@@ -376,7 +315,7 @@ def evaluate_command(params, batch_size, split, misclassified, max_ram, data_dir
         plot_misclassified(chosen.images.read(indices), [t for _, t, _ in result.wrong],
                            [p for _, _, p in result.wrong], (chosen.images.rows, chosen.images.cols),
                            misclassified)
-        _say(f"{len(result.wrong)} misclassified images drawn in {misclassified}", as_json)
+        run.say(f"{len(result.wrong)} misclassified images drawn in {misclassified}")
     peak = peak_rss()
     if as_json:
         click.echo(json.dumps({
@@ -414,19 +353,21 @@ def profile_memory(batch_size, train, plot, max_ram, data_dir, config_name, dtyp
     from lowmem_cnn.profiling import layer_table, run_batch
     from lowmem_cnn.training import MAX_READ_IMAGES
 
+    from lowmem_cnn.planner import check_parameters_fit, training_state_bytes
+
     run = _Run(max_ram, config_name, dtype, threads, as_json)
     network = run.network
+    check_parameters_fit(network, run.budget, 0 if train else None)
     network.init_params(np.random.default_rng(0))
     fixed = min(batch_size, MAX_READ_IMAGES) * (network.input_size + 8)
     if train:
-        from lowmem_cnn.planner import training_state_bytes
-
         fixed += training_state_bytes(network, 0)
-    run.make_plan(train, batch_size, fixed)
+    # forward and backward of one batch: no evaluations between epochs to make room for
+    run.make_plan(train, batch_size, fixed, evaluations=False)
     if plot:
         run.check_picture_room("memory")
     data = run.open_data(data_dir)
-    run.make_plan(train, batch_size, fixed)
+    run.make_plan(train, batch_size, fixed, evaluations=False)
     rows = layer_table(network, run.plan, batch_size)
     measured = run_batch(network, data.test, run.plan, batch_size, train)
     if plot:
@@ -434,7 +375,7 @@ def profile_memory(batch_size, train, plot, max_ram, data_dir, config_name, dtyp
 
         network.release_memory()
         plot_memory(rows, run.budget, plot)
-        _say(f"memory per layer drawn in {plot}", as_json)
+        run.say(f"memory per layer drawn in {plot}")
     if as_json:
         click.echo(json.dumps({
             "batch_size": batch_size, "mode": "train" if train else "eval", "layers": rows,

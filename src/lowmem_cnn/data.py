@@ -93,6 +93,10 @@ class ImageFile:
     def __len__(self):
         return self.count
 
+    def empty(self, n: int) -> np.ndarray:
+        """A buffer for `read` of n images."""
+        return np.empty((n, self.row_bytes), np.uint8)
+
     def read(self, indices: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """The images at `indices` (any order) as rows of uint8."""
         out = np.empty((len(indices), self.row_bytes), np.uint8) if out is None else out

@@ -26,6 +26,8 @@ from lowmem_cnn.workspace import Workspace
 # it (see conv_pool.py). With more channels im2col's columns are cheap to copy and the
 # fused layer's extra multiply-adds cost more than it saves.
 FUSE_MAX_CHANNELS = 4
+# Weights are drawn this many at a time (float64: 512 KiB of temporaries).
+INIT_CHUNK = 1 << 16
 
 
 class Network:
@@ -71,13 +73,18 @@ class Network:
         init = self.config.weight_init
         for _, layer, name in self.param_names():
             shape = layer.param_shapes[name]
+            value = np.zeros(shape, self.dtype)
             if name == "W":
                 # He: std sqrt(2 / inputs of one output), as the book's DeepConvNet
                 std = np.sqrt(2.0 / shape[0]) if init == "he" else init
-                value = std * rng.standard_normal(shape)
-            else:
-                value = np.zeros(shape)
-            setattr(layer, name, value.astype(self.dtype))
+                # drawn in float64 a chunk at a time, so that the temporaries stay small
+                # (the draws are the same as one whole-array draw's)
+                flat = value.reshape(-1)
+                for lo in range(0, flat.size, INIT_CHUNK):
+                    part = rng.standard_normal(min(INIT_CHUNK, flat.size - lo))
+                    part *= std
+                    flat[lo : lo + len(part)] = part
+            setattr(layer, name, value)
         self._grads = None
 
     def thread_grads(self) -> list:

@@ -129,17 +129,55 @@ def _peak(baseline, fixed, activations):
     return baseline + fixed + activations + MARGIN_BYTES + int(MARGIN_SHARE * (fixed + activations))
 
 
+def _too_small(budget: int, minimum: int, held: int) -> LowmemError:
+    return LowmemError(
+        f"--max-ram {budget:,} bytes is too small: this run needs at least {minimum:,} bytes "
+        f"({minimum / 2**20:.1f} MiB; the process already holds {held / 2**20:.1f} MiB)")
+
+
+def check_parameters_fit(network, budget: int, optimizer_copies: int | None = None,
+                         loading: bool = False):
+    """Refuse, before any parameter exists, a budget that cannot hold the parameters
+    (from the config's shapes), what making them takes (drawing them in chunks, or
+    reading a file: its bytes and the float64 arrays in it), for training one set of
+    gradients and `optimizer_copies` more copies, and one image's activations.
+
+    A lower bound of the plan's minimum: without it, a config of a billion filters
+    died in NumPy's MemoryError, and a 3 GB affine layer peaked at 9.1 GB before the
+    plan refused it.
+    """
+    from lowmem_cnn.budget import current_rss
+    from lowmem_cnn.model import INIT_CHUNK
+
+    params = network.param_bytes()
+    train = optimizer_copies is not None
+    need = params * (2 + optimizer_copies) if train else params
+    if loading:
+        need += 2 * params * 8 // network.dtype.itemsize
+    else:
+        need += INIT_CHUNK * 8
+    saved = _tiles(network)
+    _set_tiles(network, (1,) * len(saved))
+    need += activation_peak(network, 1, train)
+    _set_tiles(network, saved)
+    held = current_rss()
+    minimum = held + need + MARGIN_BYTES
+    if minimum > budget:
+        raise _too_small(budget, minimum, held)
+
+
 def make_plan(network, budget: int, baseline: int, train: bool, batch_size: int,
-              fixed: int) -> Plan:
+              fixed: int, evaluations: bool = True) -> Plan:
     """The plan of the fastest thread count, up to the network's: under a tight budget,
     one thread with large micro-batches beats two with tiny ones (measured at 64M: 15.5 s
-    an epoch against 25.7 s)."""
+    an epoch against 25.7 s). A training plan also makes room for the evaluations
+    between epochs unless `evaluations` is False."""
     most = network.threads
     best, best_speed, refusal = None, 0.0, None
     for threads in range(most, 0, -1):
         network.threads = threads
         try:
-            plan = _make_plan(network, budget, baseline, train, batch_size, fixed)
+            plan = _make_plan(network, budget, baseline, train, batch_size, fixed, evaluations)
         except LowmemError as err:
             refusal = err  # the last, one thread's, names the smallest minimum
             continue
@@ -156,7 +194,7 @@ def make_plan(network, budget: int, baseline: int, train: bool, batch_size: int,
 
 
 def _make_plan(network, budget: int, baseline: int, train: bool, batch_size: int,
-               fixed: int) -> Plan:
+               fixed: int, evaluations: bool) -> Plan:
     """The largest micro-batch (at most `batch_size`) and tiles that fit `budget`.
 
     A training plan also sizes the micro-batch of the evaluations made between
@@ -185,10 +223,7 @@ def _make_plan(network, budget: int, baseline: int, train: bool, batch_size: int
         tile_bytes //= 2
     minimum = peak_for(1, 1)
     if minimum > budget:
-        raise LowmemError(
-            f"--max-ram {budget:,} bytes is too small: this run needs at least {minimum:,} bytes "
-            f"({minimum / 2**20:.1f} MiB; the process already holds {baseline / 2**20:.1f} MiB)"
-        )
+        raise _too_small(budget, minimum, baseline)
 
     def largest(cap, fits):  # the largest value <= cap that fits (1 at least)
         low, high = 1, cap
@@ -231,13 +266,15 @@ def _make_plan(network, budget: int, baseline: int, train: bool, batch_size: int
     set_tiles(micro_batch, tile_bytes)
     room = _activations(network, micro_batch, train)
     eval_micro_batch = micro_batch
-    if train:
+    if train and evaluations:
         # The evaluations between epochs take the room training has, no more: they
         # are a small part of the time, and the budget's room goes to training.
         eval_micro_batch = largest(MAX_EVAL_MICRO_BATCH, batch_fits(False, lambda a: a <= room))
     # Tiles sized for the training micro-batch serve the evaluation's as well.
     set_tiles(micro_batch, tile_bytes)
-    activations = max(room, _activations(network, eval_micro_batch, False))
+    activations = room
+    if evaluations:
+        activations = max(room, _activations(network, eval_micro_batch, False))
     return Plan(
         budget=budget, baseline=baseline, fixed=fixed, micro_batch=micro_batch,
         eval_micro_batch=eval_micro_batch, threads=network.threads, tiles=_tiles(network),

@@ -1,18 +1,34 @@
-"""Training epochs and evaluation, reading the data a batch at a time."""
+"""Training runs and evaluation, reading the data a batch at a time.
+
+`EpochLoop` makes the mini-batch updates of an epoch over a fresh permutation, and
+can stop after any update and continue with the same arithmetic. `TrainingRun` is a
+whole run: the memory plan, the epoch loop, the evaluations after each epoch, the
+history, and (when given a checkpoint file) checkpoints, resume and the run lock.
+The CLI's `train` and `lowmem_cnn.book.Trainer` both run one. Nothing here prints:
+a face passes callbacks and reads the results.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
+from lowmem_cnn.errors import LowmemError
+
 # Train accuracy after each epoch is measured on this many training images (the first ones).
 TRAIN_SAMPLE = 10_000
-# Evaluation reads at most this many uint8 images at a time (7.8 MB for MNIST), whatever
+# Evaluation reads at most this many images at a time (7.8 MB for MNIST), whatever
 # the batch size asked for: a larger read would only cost memory.
 MAX_READ_IMAGES = 10_000
+# The evaluations between epochs read this many images at a time.
+EVAL_READ = 1000
+# Without `checkpoint_every`, the checkpoint is written after this much training time.
+CHECKPOINT_SECONDS = 60
 
 
 @dataclass
@@ -58,7 +74,30 @@ def evaluate(network, split, micro_batch: int, batch_size: int, count: int | Non
     return Evaluation(confusion, wrong)
 
 
-class Trainer:
+def data_identity(split) -> str:
+    """A short fingerprint of a training split: its labels, its image shape and a few of
+    its rows, so that a run is not resumed on other data of the same size."""
+    images = split.images
+    digest = hashlib.sha256(np.ascontiguousarray(split.labels).tobytes())
+    digest.update(repr((len(split), images.row_bytes, getattr(images, "rows", None),
+                        getattr(images, "cols", None))).encode())
+    for index in np.linspace(0, len(split) - 1, num=min(16, len(split)), dtype=np.int64):
+        digest.update(images.read(np.array([index])).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def check_image_shape(network, *splits):
+    """A one-line error unless the splits' images are the network's input shape."""
+    expected = tuple(network.config.input_shape)
+    for split in splits:
+        images = split.images
+        found = (getattr(images, "channels", 1), images.rows, images.cols)
+        if found != expected:
+            raise LowmemError(f"{images.path}: images are {'x'.join(map(str, found))}, the network "
+                              f"{network.config.name} takes {'x'.join(map(str, expected))}")
+
+
+class EpochLoop:
     """Mini-batch training over a fresh random permutation each epoch.
 
     The state between two updates (the epoch's permutation and the position in it,
@@ -66,21 +105,27 @@ class Trainer:
     can stop a run after any update and continue it with the same arithmetic.
     """
 
-    def __init__(self, network, optimizer, split, micro_batch: int, batch_size: int,
-                 rng: np.random.Generator, count: int | None = None, seed: int = 0):
+    def __init__(self, network, optimizer, split, batch_size: int, rng: np.random.Generator,
+                 count: int | None = None, seed: int = 0):
         self.network, self.optimizer, self.split = network, optimizer, split
-        self.micro_batch, self.batch_size, self.rng = micro_batch, batch_size, rng
+        self.rng = rng
         self.seed = seed  # with the epoch and update, seeds the dropout masks
         self.count = len(split) if count is None else min(count, len(split))
+        # a batch larger than the data is the whole data: one update an epoch
+        self.batch_size = min(batch_size, self.count)
+        self.micro_batch = 1  # from the plan
         # two batch buffers: the next batch is read while this one is computed
-        rows = min(batch_size, self.count)
-        self._buffers = [np.empty((rows, split.images.row_bytes), np.uint8) for _ in range(2)]
+        self._buffers = [split.images.empty(self.batch_size) for _ in range(2)]
         self._reader = ThreadPoolExecutor(1)
         self.epochs_done = 0
         self.order = None  # permutation of the epoch under way, None between epochs
         self.position = 0  # updates done in the epoch under way
         self.loss_sum = 0.0
         self.seconds = 0.0  # spent on updates in the epoch under way
+
+    @property
+    def updates_per_epoch(self) -> int:
+        return -(-self.count // self.batch_size)
 
     def _read(self, position: int):
         """The images and labels of update `position` of the epoch under way."""
@@ -94,7 +139,7 @@ class Trainer:
         if self.order is None:
             self.order = self.rng.permutation(self.count)
             self.position, self.loss_sum, self.seconds = 0, 0.0, 0.0
-        updates = -(-self.count // self.batch_size)
+        updates = self.updates_per_epoch
         pending = None
         try:
             while self.position < updates:
@@ -152,3 +197,295 @@ class Trainer:
         self.order = arrays.get("order")
         self.epochs_done, self.position = meta["epochs_done"], meta["position"]
         self.loss_sum, self.seconds = meta["loss_sum"], meta["seconds"]
+
+
+@dataclass
+class Settings:
+    """What a run is: recorded in its checkpoint, so that a resumed run is the same run."""
+
+    config: str
+    dtype: str
+    epochs: int
+    batch_size: int
+    lr: float
+    optimizer: str
+    seed: int = 0
+    limit: int | None = None
+    out: str = "params.pkl"
+    max_ram: int = 0  # the budget in bytes
+    threads: int = 1
+    train_images: int | None = None  # known once the data is open
+    data: str | None = None  # data_identity of the training split
+
+
+@dataclass
+class Stopped(Exception):
+    """The run stopped on request after an update; its checkpoint is written."""
+
+    epoch: int  # the epoch under way (1-based)
+    position: int  # updates done in it (0: stopped between epochs)
+    checkpoint: Path
+
+
+@dataclass
+class Checkpointing:
+    path: Path
+    every_updates: int | None = None  # else every CHECKPOINT_SECONDS of training
+    _saved_at: float = field(default_factory=time.monotonic)
+
+
+class TrainingRun:
+    """A whole training run on a network, an optimizer and a data set's two splits.
+
+    Make it, `plan_without_data()` to refuse a budget too small before the data is
+    touched, `use_data()`, optionally `restore()`, then `run()`.
+    """
+
+    def __init__(self, network, optimizer, budget: int, epochs: int, batch_size: int,
+                 seed: int = 0, limit: int | None = None, test_count: int | None = None,
+                 train_sample: int = TRAIN_SAMPLE, checkpointing: Checkpointing | None = None,
+                 recorded_plan: dict | None = None):
+        self.network, self.optimizer, self.budget = network, optimizer, budget
+        self.epochs, self.batch_size, self.seed, self.limit = epochs, batch_size, seed, limit
+        self.test_count, self.train_sample = test_count, train_sample
+        self.checkpointing, self.recorded_plan = checkpointing, recorded_plan
+        self.rng = np.random.default_rng(seed)
+        self.history: list[dict] = []
+        self.settings: Settings | None = None  # recorded in checkpoints, when checkpointing
+        self.loop: EpochLoop | None = None
+        self.test = None
+        self.plan = None
+
+    # --- the memory plan ------------------------------------------------------------
+
+    def _plan(self, buffers: int):
+        from lowmem_cnn.planner import (make_plan, measure_baseline, recorded_plan,
+                                        training_state_bytes)
+
+        fixed = training_state_bytes(self.network, self.optimizer.state_copies) + buffers
+        baseline = measure_baseline(self.network, True)
+        if self.recorded_plan:
+            p = self.recorded_plan
+            self.plan = recorded_plan(self.network, self.budget, baseline, fixed, p["micro_batch"],
+                                      p["eval_micro_batch"], p["tiles"], p["threads"])
+        else:
+            self.plan = make_plan(self.network, self.budget, baseline, True, self.batch_size, fixed)
+        if self.loop is not None:
+            self.loop.micro_batch = self.plan.micro_batch
+        return self.plan
+
+    def plan_without_data(self):
+        """Refuse (LowmemError) a budget that cannot hold the run with a one-image batch
+        buffer, before any data is read or downloaded."""
+        return self._plan(2 * self.network.input_size)
+
+    def use_data(self, train_split, test_split):
+        """Train on `train_split` (its first `limit` images), evaluate on `test_split`;
+        plan with the real batch buffers."""
+        check_image_shape(self.network, train_split, test_split)
+        self.loop = EpochLoop(self.network, self.optimizer, train_split, self.batch_size, self.rng,
+                              self.limit, self.seed)
+        self.test = test_split
+        if self.settings is not None:
+            self.settings.train_images = self.loop.count
+            self.settings.data = data_identity(train_split)
+        return self._plan(self.loop.buffer_bytes() + EVAL_READ * self.network.input_size)
+
+    # --- checkpoints ------------------------------------------------------------------
+
+    def checkpoint_state(self, finished: bool = False) -> tuple[dict, dict]:
+        meta, arrays = self.loop.state()
+        p = self.plan
+        meta.update(run=asdict(self.settings), history=self.history, finished=finished,
+                    plan={"micro_batch": p.micro_batch, "eval_micro_batch": p.eval_micro_batch,
+                          "tiles": list(p.tiles), "threads": p.threads})
+        return meta, arrays
+
+    def save_checkpoint(self, finished: bool = False):
+        from lowmem_cnn.checkpoint import write_checkpoint
+
+        write_checkpoint(self.checkpointing.path, *self.checkpoint_state(finished))
+        self.checkpointing._saved_at = time.monotonic()
+
+    def _checkpoint_due(self) -> bool:
+        c = self.checkpointing
+        if c is None:
+            return False
+        if c.every_updates:
+            return self.loop.position % c.every_updates == 0
+        return time.monotonic() - c._saved_at >= CHECKPOINT_SECONDS
+
+    def restore(self, meta: dict, arrays: dict):
+        """Continue from a checkpoint's state (see checkpoint_state)."""
+        recorded = meta["run"]
+        if self.loop.count != recorded["train_images"]:
+            raise LowmemError(f"{self.checkpointing.path}: the run was started on "
+                              f"{recorded['train_images']:,} training images, this data has "
+                              f"{self.loop.count:,}")
+        if recorded.get("data") and recorded["data"] != self.settings.data:
+            raise LowmemError(f"{self.checkpointing.path}: the run was started on other data "
+                              f"(fingerprint {recorded['data']}, this data's is {self.settings.data})")
+        self.loop.restore(meta, arrays)
+        self.history = list(meta["history"])
+
+    # --- running ------------------------------------------------------------------------
+
+    @property
+    def epochs_done(self) -> int:
+        return self.loop.epochs_done
+
+    def run(self, on_update=None, on_epoch=None, on_epoch_start=None, stop_requested=None):
+        """Train the remaining epochs; return the history (one dict per epoch).
+
+        on_epoch_start(epoch, images done) when an epoch starts or resumes;
+        on_update(loss, images) after each update; on_epoch(record) after each epoch's
+        evaluation. When stop_requested() turns true after an update, the checkpoint is
+        written and Stopped is raised.
+        """
+        loop = self.loop
+        while loop.epochs_done < self.epochs:
+            epoch = loop.epochs_done + 1
+            if on_epoch_start:
+                on_epoch_start(epoch, min(loop.position * loop.batch_size, loop.count))
+            for loss, n in loop.steps():
+                if on_update:
+                    on_update(loss, n)
+                if stop_requested and stop_requested():
+                    self._stop()
+                if self._checkpoint_due():
+                    self.save_checkpoint()
+            record = self._end_epoch(epoch)
+            if on_epoch:
+                on_epoch(record)
+            if stop_requested and stop_requested():
+                self._stop()
+        return self.history
+
+    def _end_epoch(self, epoch: int) -> dict:
+        loss, seconds = self.loop.finish_epoch()
+        test = evaluate(self.network, self.test, self.plan.eval_micro_batch, EVAL_READ,
+                        count=self.test_count)
+        sample = evaluate(self.network, self.loop.split, self.plan.eval_micro_batch, EVAL_READ,
+                          count=min(self.train_sample, self.loop.count))
+        record = {"epoch": epoch, "loss": loss, "seconds": seconds,
+                  "train_accuracy": sample.accuracy, "test_accuracy": test.accuracy,
+                  "train_sample": sample.n, "test_sample": test.n}
+        self.history.append(record)
+        if self.checkpointing is not None:
+            self.save_checkpoint()
+        return record
+
+    def _stop(self):
+        if self.checkpointing is None:
+            raise Stopped(self.loop.epochs_done + 1, self.loop.position, None)
+        self.save_checkpoint()
+        raise Stopped(self.loop.epochs_done + 1, self.loop.position, self.checkpointing.path)
+
+    def finish(self, out: Path | None):
+        """Save the parameters (the book's format) and mark the checkpoint finished."""
+        from lowmem_cnn.params import save_params
+
+        if out is not None:
+            save_params(out, self.network)
+        if self.checkpointing is not None:
+            self.save_checkpoint(finished=True)
+
+    def release_memory(self):
+        """Give back the optimizer state and the network's workspaces (e.g. before drawing)."""
+        self.optimizer.state.clear()
+        self.network.release_memory()
+
+
+class AlreadyFinished(Exception):
+    """`resume` of a run that finished all its epochs; `settings` says where its
+    parameters are."""
+
+    def __init__(self, settings: Settings):
+        super().__init__(f"the run finished all {settings.epochs} epochs")
+        self.settings = settings
+
+
+def _finished_or_unfinished(path: Path):
+    """The metadata of a checkpoint at `path` (None if there is none)."""
+    from lowmem_cnn.checkpoint import read_checkpoint
+
+    if not path.exists():
+        return None
+    try:
+        meta, _ = read_checkpoint(path)
+    except LowmemError as err:
+        raise LowmemError(f"{err}; remove it or choose another --checkpoint") from None
+    return meta
+
+
+def _lock(path: Path, what: str, locks: list):
+    from lowmem_cnn.locks import RunLock
+
+    locks.append(RunLock(path, what))
+
+
+def start(settings: Settings, checkpointing: Checkpointing, open_data, report=lambda text: None):
+    """A new run of `settings` with its checkpoint: (TrainingRun, data set).
+
+    The checkpoint and the parameter file are locked first (another live run on
+    either is refused), then the budget is checked against the network before any
+    array is allocated and before `open_data(run)` is called."""
+    locks = []
+    _lock(checkpointing.path, "checkpoint", locks)
+    _lock(Path(settings.out), "parameter file", locks)
+    meta = _finished_or_unfinished(checkpointing.path)
+    if meta is not None and not meta.get("finished"):
+        raise LowmemError(f"{checkpointing.path} holds an unfinished run: continue it with "
+                          "--resume, or choose another --checkpoint")
+    return _build(settings, checkpointing, open_data, report, locks)
+
+
+def resume(checkpointing: Checkpointing, max_ram: int | None, open_data, report=lambda text: None):
+    """The run recorded in a checkpoint, ready to continue where it stopped, with its
+    settings and plan (a budget may be given anew): (TrainingRun, data set). Raises
+    AlreadyFinished for a run that is over."""
+    from lowmem_cnn.checkpoint import read_checkpoint
+
+    locks = []
+    _lock(checkpointing.path, "checkpoint", locks)
+    meta, arrays = read_checkpoint(checkpointing.path)
+    recorded = meta.get("run")
+    if not isinstance(recorded, dict):
+        raise LowmemError(f"{checkpointing.path}: not a training checkpoint")
+    try:
+        settings = Settings(**recorded)
+    except TypeError as err:
+        raise LowmemError(f"{checkpointing.path}: not a checkpoint of this lowmem-cnn ({err})") from None
+    if meta.get("finished"):
+        raise AlreadyFinished(settings)
+    _lock(Path(settings.out), "parameter file", locks)
+    if max_ram is not None:
+        settings.max_ram = max_ram
+    return _build(settings, checkpointing, open_data, report, locks, meta, arrays)
+
+
+def _build(settings, checkpointing, open_data, report, locks, meta=None, arrays=None):
+    from lowmem_cnn.budget import format_size
+    from lowmem_cnn.config import load_config
+    from lowmem_cnn.model import Network
+    from lowmem_cnn.optimizers import make_optimizer
+    from lowmem_cnn.planner import check_parameters_fit
+
+    if not np.isfinite(settings.lr) or settings.lr <= 0:
+        raise LowmemError(f"--lr {settings.lr} is not a positive finite number")
+    report(f"budget: {settings.max_ram:,} bytes ({format_size(settings.max_ram)})")
+    config = load_config(settings.config)
+    network = Network(config.network, np.dtype(settings.dtype), settings.threads)
+    optimizer = make_optimizer(settings.optimizer, settings.lr)
+    check_parameters_fit(network, settings.max_ram, optimizer.state_copies)
+    run = TrainingRun(network, optimizer, settings.max_ram, settings.epochs, settings.batch_size,
+                      settings.seed, settings.limit, checkpointing=checkpointing,
+                      recorded_plan=meta["plan"] if meta else None)
+    run.settings, run.locks = settings, locks
+    network.init_params(run.rng)
+    run.plan_without_data()
+    data = open_data(run)
+    run.use_data(data.train, data.test)
+    if meta is not None:
+        run.restore(meta, arrays)
+    return run, data
