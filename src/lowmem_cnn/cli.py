@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 import numpy as np
+from tqdm import tqdm  # imported before any plan measures the baseline: it costs RSS
 
 from lowmem_cnn import __version__, default_threads
 from lowmem_cnn.budget import format_size, map_large_arrays, peak_rss, resolve_budget
@@ -57,8 +58,6 @@ def _common(command):
 
 def _progress(total, description, unit, initial=0, in_bytes=False):
     """A tqdm bar on stderr, shown only when stderr is a terminal."""
-    from tqdm import tqdm
-
     return tqdm(total=total or None, desc=description, unit=unit, initial=initial,
                 unit_scale=in_bytes, unit_divisor=1024 if in_bytes else 1000, leave=False,
                 file=sys.stderr, disable=not sys.stderr.isatty(), dynamic_ncols=True)
@@ -402,16 +401,20 @@ def profile_memory(batch_size, train, plot, max_ram, data_dir, config_name, dtyp
 @click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--config", "config_name", default=DEFAULT_CONFIG, show_default=True,
               help="Network config: a name in configs/ or a .toml path.")
+@click.option("--max-ram", metavar="SIZE", help=BUDGET_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON line per image.")
 @_user_errors
-def predict(params, images, config_name, as_json):
+def predict(params, images, config_name, max_ram, as_json):
     """The digit in each picture (PNG, JPEG, PGM, any size; needs the images extra),
     made to look like MNIST's first: grayscale, white on black, centred in 28x28."""
     from lowmem_cnn.imaging import mnist_style
     from lowmem_cnn.params import load_params
+    from lowmem_cnn.planner import check_parameters_fit
 
+    budget = resolve_budget(max_ram)
     config = load_config(config_name)
     network = Network(config.network)
+    check_parameters_fit(network, budget, loading=True)
     load_params(params, network)
     c, h, w = config.network.input_shape
     if c != 1 or (h, w) != (28, 28):

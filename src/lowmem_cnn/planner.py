@@ -38,6 +38,8 @@ MARGIN_BYTES = 4 * 1024 * 1024
 # memory per layer 46.9 MiB, 100 misclassified digits (100 small axes) 82.3 MiB.
 PICTURE_BYTES = {"curves": 48 * 2**20, "memory": 50 * 2**20, "digits": 88 * 2**20}
 MARGIN_SHARE = 0.10
+# See check_parameters_fit.
+SMALL_PARAMETERS = 16 * 2**20
 
 
 @dataclass(frozen=True)
@@ -130,9 +132,11 @@ def _peak(baseline, fixed, activations):
 
 
 def _too_small(budget: int, minimum: int, held: int) -> LowmemError:
+    from lowmem_cnn.budget import format_size
+
     return LowmemError(
         f"--max-ram {budget:,} bytes is too small: this run needs at least {minimum:,} bytes "
-        f"({minimum / 2**20:.1f} MiB; the process already holds {held / 2**20:.1f} MiB)")
+        f"({format_size(minimum)}; the process already holds {format_size(held)})")
 
 
 def check_parameters_fit(network, budget: int, optimizer_copies: int | None = None,
@@ -144,7 +148,8 @@ def check_parameters_fit(network, budget: int, optimizer_copies: int | None = No
 
     A lower bound of the plan's minimum: without it, a config of a billion filters
     died in NumPy's MemoryError, and a 3 GB affine layer peaked at 9.1 GB before the
-    plan refused it.
+    plan refused it. Parameters that take less than SMALL_PARAMETERS to make are made
+    anyway, so that the plan (which measures them) names the exact minimum.
     """
     from lowmem_cnn.budget import current_rss
     from lowmem_cnn.model import INIT_CHUNK
@@ -156,13 +161,14 @@ def check_parameters_fit(network, budget: int, optimizer_copies: int | None = No
         need += 2 * params * 8 // network.dtype.itemsize
     else:
         need += INIT_CHUNK * 8
+    making = need
     saved = _tiles(network)
     _set_tiles(network, (1,) * len(saved))
     need += activation_peak(network, 1, train)
     _set_tiles(network, saved)
     held = current_rss()
     minimum = held + need + MARGIN_BYTES
-    if minimum > budget:
+    if minimum > budget and making > SMALL_PARAMETERS:
         raise _too_small(budget, minimum, held)
 
 

@@ -285,6 +285,7 @@ class TrainingRun:
         check_image_shape(self.network, train_split, test_split)
         self.loop = EpochLoop(self.network, self.optimizer, train_split, self.batch_size, self.rng,
                               self.limit, self.seed)
+        self.batch_size = self.loop.batch_size  # at most the number of training images
         self.test = test_split
         if self.settings is not None:
             self.settings.train_images = self.loop.count

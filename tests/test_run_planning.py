@@ -1,0 +1,69 @@
+"""What a run allocates is planned before it is allocated: configs too big for the
+budget are refused from their shapes, a batch larger than the data is the data, and
+profile-memory --train plans training alone."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from lowmem_cnn.config import load_config
+from lowmem_cnn.model import Network
+from lowmem_cnn.planner import activation_peak, make_plan, measure_baseline
+
+HUGE = {
+    # 784 x 1,000,000 float32 weights: 3 GB, with Adam's state 12 GB
+    "affine": '[[network.layers]]\ntype = "affine"\nunits = 1000000\n',
+    # a billion 5x5 filters: 100 GB of weights
+    "conv": '[[network.layers]]\ntype = "conv"\nfilters = 1000000000\nsize = 5\n',
+}
+
+
+def huge_config(tmp_path, kind):
+    path = tmp_path / f"huge_{kind}.toml"
+    path.write_text('[network]\nname = "huge"\ninput_shape = [1, 28, 28]\n' + HUGE[kind]
+                    + '[[network.layers]]\ntype = "affine"\nunits = 10\n')
+    return path
+
+
+@pytest.mark.parametrize("kind", sorted(HUGE))
+@pytest.mark.parametrize("command", ["train", "eval", "profile-memory", "predict"])
+def test_a_config_too_big_for_the_budget_is_refused_before_allocating(tmp_path, kind, command,
+                                                                      book_params):
+    config = huge_config(tmp_path, kind)
+    data = ["--data-dir", tmp_path / "no-data"]  # never reached
+    args = {"train": ["train", *data], "eval": ["eval", book_params, *data],
+            "profile-memory": ["profile-memory", *data],
+            "predict": ["predict", book_params, tmp_path / "digit.png"]}[command]
+    child = subprocess.Popen([sys.executable, "-m", "lowmem_cnn", *map(str, args), "--config",
+                              config, "--max-ram", "256M"],
+                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    err = child.stderr.read()
+    _, status, usage = os.wait4(child.pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 1, err
+    assert "needs at least" in err and "Traceback" not in err and "MemoryError" not in err
+    assert len(err.strip().splitlines()) <= 2  # the budget line (train) and the error
+    assert usage.ru_maxrss * 1024 < 256 * 2**20  # refused within the budget
+
+
+def test_a_batch_larger_than_the_data_is_the_whole_data(tmp_path, mnist_dir):
+    result = subprocess.run([sys.executable, "-m", "lowmem_cnn", "train", "--batch-size",
+                             "1000000000", "--limit", "300", "--epochs", "1", "--max-ram", "128M",
+                             "--data-dir", mnist_dir, "--json"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "batches of 300" in result.stderr
+    assert json.loads(result.stdout.splitlines()[-1])["train_images"] == 300
+
+
+def test_a_training_profile_plans_training_alone():
+    network = Network(load_config("simple_convnet").network, np.float32, 2)
+    network.init_params(np.random.default_rng(0))
+    baseline = measure_baseline(network, True)
+    alone = make_plan(network, 2**30, baseline, True, 100, 0, evaluations=False)
+    assert alone.activations == alone.threads * activation_peak(network, alone.micro_batch, True)
+    with_evaluations = make_plan(network, 2**30, baseline, True, 100, 0)
+    assert with_evaluations.eval_micro_batch > alone.micro_batch  # room was made for them
