@@ -10,6 +10,7 @@ import gzip
 import hashlib
 import os
 import struct
+import threading
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,7 +89,13 @@ class ImageFile:
         self.path = Path(path)
         self.count, self.rows, self.cols = _header(self.path, IMAGES_MAGIC)
         self.row_bytes = self.rows * self.cols
-        self._fd = os.open(self.path, os.O_RDONLY)
+        # pread where the OS has it: threads (the trainer reads the next batch on one)
+        # read at once with no shared file position. Without it (Windows), seek and
+        # read on one file object, which a lock keeps together.
+        if hasattr(os, "preadv"):
+            self._fd, self._file = os.open(self.path, os.O_RDONLY), None
+        else:
+            self._file, self._lock = open(self.path, "rb", buffering=0), threading.Lock()
 
     def __len__(self):
         return self.count
@@ -109,9 +116,24 @@ class ImageFile:
         self._pread(out, 16 + start * self.row_bytes)
         return out
 
+    def _read_at(self, buffer, offset: int) -> int:
+        if self._file is None:
+            return os.preadv(self._fd, [buffer], offset)
+        with self._lock:
+            self._file.seek(offset)
+            return self._file.readinto(buffer)
+
     def _pread(self, out, offset):
-        if os.preadv(self._fd, [out], offset) != out.nbytes:
-            raise LowmemError(f"{self.path}: file shrank while reading")
+        """Fill the contiguous array `out` from byte `offset` on."""
+        done = self._read_at(out, offset)
+        if done == out.nbytes:
+            return
+        view = memoryview(out).cast("B")
+        while done < len(view):  # a short read: a signal, or over 2 GiB (Linux's most a call)
+            got = self._read_at(view[done:], offset + done)
+            if not got:
+                raise LowmemError(f"{self.path}: file shrank while reading")
+            done += got
 
 
 def read_labels(path: Path) -> np.ndarray:

@@ -1,0 +1,135 @@
+"""The command where the Unix-only pieces are missing, as on Windows: no `resource`
+module, no os.preadv, no glibc mallopt. Run on Linux with those taken away in the
+child before lowmem_cnn is imported."""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the launcher forks")
+
+# Takes the pieces away, then runs the command line with the arguments given.
+WITHOUT_UNIX = """
+import os, sys
+import psutil  # psutil itself needs `resource` on Linux (not on Windows): import it first
+sys.modules["resource"] = None  # `import resource` fails from here on
+del os.preadv
+import ctypes
+def no_library(*args, **kwargs):
+    raise OSError("no such library")
+ctypes.CDLL = no_library  # no C library to find mallopt in
+from lowmem_cnn import budget, cli
+assert budget.map_large_arrays() is False
+sys.argv = ["lowmem-cnn", *sys.argv[1:]]
+cli.main()
+"""
+
+# Linux carries the peak RSS of a process across exec, so a child of pytest would count
+# pytest's peak in its ru_maxrss. This bare interpreter of a few MiB forks the command
+# and writes its exit status and wait4's ru_maxrss (KiB) to the file named first.
+LAUNCHER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
+    finally:
+        os._exit(127)
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as report:
+    report.write(f"{os.waitstatus_to_exitcode(status)} {usage.ru_maxrss}")
+"""
+
+
+def run_without_unix(*args, cwd):
+    """(exit status, the JSON line the command printed last, wait4's peak RSS in bytes, stderr)"""
+    with tempfile.TemporaryDirectory() as scratch:
+        report = Path(scratch) / "rusage"
+        done = subprocess.run(
+            [sys.executable, "-I", "-S", "-c", LAUNCHER, str(report), "-c", WITHOUT_UNIX,
+             *map(str, args), "--json"],
+            capture_output=True, text=True, cwd=cwd, timeout=600)
+        status, kib = map(int, report.read_text().split())
+    assert status == 0, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1]), kib * 1024
+
+
+def assert_same_peak(printed, measured):
+    # the peak the command prints (from /proc here) against the OS's figure for the whole
+    # process, taken after it exited
+    assert abs(printed - measured) <= 0.03 * measured, (printed, measured)
+
+
+def test_train_without_unix_pieces(mnist_dir, tmp_path):
+    result, peak = run_without_unix("train", "--limit", "300", "--epochs", "1", "--data-dir",
+                                    mnist_dir, "--out", tmp_path / "p.pkl", cwd=tmp_path)
+    assert (tmp_path / "p.pkl").exists()
+    assert result["train_images"] == 300
+    assert 0 < result["test_accuracy"] <= 1
+    assert_same_peak(result["peak_rss_bytes"], peak)
+    assert peak < result["max_ram_bytes"]
+
+
+def test_eval_without_unix_pieces(mnist_dir, book_params, tmp_path):
+    # all 10,000 test images in one read: seek and read instead of pread
+    result, peak = run_without_unix("eval", book_params, "--batch-size", "10000", "--max-ram",
+                                    "128M", "--data-dir", mnist_dir, cwd=tmp_path)
+    assert (result["correct"], result["n"]) == (9600, 10_000)  # as the book's code gets
+    assert_same_peak(result["peak_rss_bytes"], peak)
+    assert peak < 128 * 2**20
+
+
+def test_images_read_with_seek_match_pread(mnist_dir, monkeypatch):
+    # Both ways of reading in one process, and two threads reading the same file at
+    # once (the trainer reads the next batch on a thread while the main one may evaluate).
+    # Without the lock, 1 to 3 of these 20,000 rows came out wrong (3 runs).
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    from lowmem_cnn.data import ImageFile, open_directory
+
+    pread = open_directory(mnist_dir).train.images
+    order = np.random.default_rng(0).permutation(len(pread))[:20_000]
+    expected, expected_range = pread.read(order), pread.read_range(7, 5007)
+    monkeypatch.delattr(os, "preadv")
+    seek = ImageFile(pread.path)
+    assert seek._file is not None
+    np.testing.assert_array_equal(seek.read(order), expected)
+    np.testing.assert_array_equal(seek.read_range(7, 5007), expected_range)
+
+    def reads(start):
+        return [seek.read(order[i : i + 100]) for i in range(start, len(order), 200)]
+
+    with ThreadPoolExecutor(2) as pool:
+        both = list(pool.map(reads, [0, 100]))
+    for start, batches in zip([0, 100], both, strict=True):
+        for batch, i in zip(batches, range(start, len(order), 200), strict=True):
+            np.testing.assert_array_equal(batch, expected[i : i + 100])
+
+
+@pytest.mark.parametrize("has_preadv", [True, False])
+def test_a_file_that_shrank_is_an_error(tmp_path, monkeypatch, has_preadv):
+    import numpy as np
+    from idx_files import images_bytes
+
+    from lowmem_cnn.data import ImageFile
+    from lowmem_cnn.errors import LowmemError
+
+    if not has_preadv:
+        monkeypatch.delattr(os, "preadv")
+    path = tmp_path / "images"
+    path.write_bytes(images_bytes(np.zeros((10, 28, 28), np.uint8)))
+    images = ImageFile(path)
+    os.truncate(path, 16 + 5 * 784)
+    assert images.read_range(0, 5).shape == (5, 784)
+    with pytest.raises(LowmemError, match="shrank"):
+        images.read_range(0, 10)
+    with pytest.raises(LowmemError, match="shrank"):
+        images.read(np.array([2, 7]))
