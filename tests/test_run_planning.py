@@ -3,12 +3,12 @@ budget are refused from their shapes, a batch larger than the data is the data, 
 profile-memory --train plans training alone."""
 
 import json
-import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from peak import run_measured
 
 from lowmem_cnn.config import load_config
 from lowmem_cnn.model import Network
@@ -38,15 +38,11 @@ def test_a_config_too_big_for_the_budget_is_refused_before_allocating(tmp_path, 
     args = {"train": ["train", *data], "eval": ["eval", book_params, *data],
             "profile-memory": ["profile-memory", *data],
             "predict": ["predict", book_params, tmp_path / "digit.png"]}[command]
-    child = subprocess.Popen([sys.executable, "-m", "lowmem_cnn", *map(str, args), "--config",
-                              config, "--max-ram", "256M"],
-                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    err = child.stderr.read()
-    _, status, usage = os.wait4(child.pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 1, err
+    code, _, err, peak = run_measured(*args, "--config", config, "--max-ram", "256M", cwd=tmp_path)
+    assert code == 1, err
     assert "needs at least" in err and "Traceback" not in err and "MemoryError" not in err
     assert len(err.strip().splitlines()) <= 2  # the budget line (train) and the error
-    assert usage.ru_maxrss * 1024 < 256 * 2**20  # refused within the budget
+    assert peak < 256 * 2**20  # refused within the budget
 
 
 def test_a_batch_larger_than_the_data_is_the_whole_data(tmp_path, mnist_dir):

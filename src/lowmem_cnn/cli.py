@@ -96,14 +96,24 @@ def _describe_plan(network, plan, say):
         f"{format_size(plan.peak)} (baseline {format_size(plan.baseline)})")
 
 
+def _budget(max_ram, threads, say):
+    """The budget in bytes, said with where it came from."""
+    from lowmem_cnn.budget import explain_default_budget
+
+    if max_ram:
+        budget, source = resolve_budget(max_ram, threads), f"--max-ram {max_ram}"
+    else:
+        budget, source = explain_default_budget(threads)
+    say(f"budget: {budget:,} bytes ({format_size(budget)}, {source})")
+    return budget
+
+
 class _Run:
     """What eval and profile-memory set up: budget, network, data and the memory plan."""
 
     def __init__(self, max_ram, config_name, dtype, threads, as_json):
         self.say = _sayer(as_json)
-        self.budget = resolve_budget(max_ram)
-        source = f"--max-ram {max_ram}" if max_ram else "half of the available RAM"
-        self.say(f"budget: {self.budget:,} bytes ({format_size(self.budget)}, {source})")
+        self.budget = _budget(max_ram, threads, self.say)
         self.config = load_config(config_name)
         self.network = Network(self.config.network, np.dtype(dtype), threads)
 
@@ -198,7 +208,7 @@ def train(epochs, batch_size, lr, optimizer, seed, out, limit, checkpoint_path, 
         return _open_data(data_dir, say)
 
     if resume:
-        budget = resolve_budget(max_ram) if max_ram else None
+        budget = resolve_budget(max_ram) if max_ram else None  # else the recorded one
         try:
             run, _ = training.resume(checkpointing, budget, open_data_for, say)
         except training.AlreadyFinished as done:
@@ -211,7 +221,7 @@ def train(epochs, batch_size, lr, optimizer, seed, out, limit, checkpoint_path, 
             config=config_name, dtype=dtype, epochs=epochs or defaults.epochs,
             batch_size=batch_size or defaults.batch_size, lr=lr or defaults.lr,
             optimizer=optimizer or defaults.optimizer, seed=seed, limit=limit, out=str(out),
-            max_ram=resolve_budget(max_ram), threads=threads)
+            max_ram=_budget(max_ram, threads, say), threads=threads)
         run, _ = training.start(settings, checkpointing, open_data_for, say)
     settings, loop = run.settings, run.loop
     _describe_plan(run.network, run.plan, say)
@@ -411,7 +421,7 @@ def predict(params, images, config_name, max_ram, as_json):
     from lowmem_cnn.params import load_params
     from lowmem_cnn.planner import check_parameters_fit
 
-    budget = resolve_budget(max_ram)
+    budget = resolve_budget(max_ram, 1)
     config = load_config(config_name)
     network = Network(config.network)
     check_parameters_fit(network, budget, loading=True)

@@ -135,7 +135,7 @@ def _too_small(budget: int, minimum: int, held: int) -> LowmemError:
     from lowmem_cnn.budget import format_size
 
     return LowmemError(
-        f"--max-ram {budget:,} bytes is too small: this run needs at least {minimum:,} bytes "
+        f"the budget of {budget:,} bytes is too small: this run needs at least {minimum:,} bytes "
         f"({format_size(minimum)}; the process already holds {format_size(held)})")
 
 

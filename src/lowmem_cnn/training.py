@@ -88,13 +88,16 @@ def data_identity(split) -> str:
 
 def check_image_shape(network, *splits):
     """A one-line error unless the splits' images are the network's input shape."""
+    def text(c, h, w):
+        return f"{h}x{w}" + (f" with {c} channels" if c != 1 else "")
+
     expected = tuple(network.config.input_shape)
     for split in splits:
         images = split.images
         found = (getattr(images, "channels", 1), images.rows, images.cols)
         if found != expected:
-            raise LowmemError(f"{images.path}: images are {'x'.join(map(str, found))}, the network "
-                              f"{network.config.name} takes {'x'.join(map(str, expected))}")
+            raise LowmemError(f"{images.path}: images are {text(*found)}, the network "
+                              f"{network.config.name} takes {text(*expected)}")
 
 
 class EpochLoop:
@@ -460,13 +463,16 @@ def resume(checkpointing: Checkpointing, max_ram: int | None, open_data, report=
     if meta.get("finished"):
         raise AlreadyFinished(settings)
     _lock(Path(settings.out), "parameter file", locks)
+    source = "recorded in the checkpoint"
     if max_ram is not None:
-        settings.max_ram = max_ram
+        settings.max_ram, source = max_ram, "--max-ram"
+    from lowmem_cnn.budget import format_size
+
+    report(f"budget: {settings.max_ram:,} bytes ({format_size(settings.max_ram)}, {source})")
     return _build(settings, checkpointing, open_data, report, locks, meta, arrays)
 
 
 def _build(settings, checkpointing, open_data, report, locks, meta=None, arrays=None):
-    from lowmem_cnn.budget import format_size
     from lowmem_cnn.config import load_config
     from lowmem_cnn.model import Network
     from lowmem_cnn.optimizers import make_optimizer
@@ -474,7 +480,6 @@ def _build(settings, checkpointing, open_data, report, locks, meta=None, arrays=
 
     if not np.isfinite(settings.lr) or settings.lr <= 0:
         raise LowmemError(f"--lr {settings.lr} is not a positive finite number")
-    report(f"budget: {settings.max_ram:,} bytes ({format_size(settings.max_ram)})")
     config = load_config(settings.config)
     network = Network(config.network, np.dtype(settings.dtype), settings.threads)
     optimizer = make_optimizer(settings.optimizer, settings.lr)
