@@ -17,8 +17,11 @@ if BLAS_SINGLE_THREADED:
 
 
 def default_threads() -> int:
-    """One thread per usable core when the BLAS is single-threaded, else one."""
-    if not BLAS_SINGLE_THREADED:
+    """One thread per usable core when the BLAS can be made single-threaded (see
+    blas.py), else one."""
+    from lowmem_cnn.blas import can_limit
+
+    if not can_limit():
         return 1
     try:
         return max(1, len(os.sched_getaffinity(0)))

@@ -85,6 +85,9 @@ def _header(path: Path, magic: int) -> tuple[int, ...]:
 class ImageFile:
     """uint8 images of an IDX file, read a few rows at a time with pread."""
 
+    pixels = True  # 0..255, divided by 255 on the way in (see Network.to_input)
+    channels = 1
+
     def __init__(self, path: Path):
         self.path = Path(path)
         self.count, self.rows, self.cols = _header(self.path, IMAGES_MAGIC)
@@ -143,6 +146,35 @@ def read_labels(path: Path) -> np.ndarray:
         bad = int(np.argmax(labels >= CLASSES))
         raise LowmemError(f"{path}: label {labels[bad]} at index {bad} is outside 0..{CLASSES - 1}")
     return labels
+
+
+class ArrayImages:
+    """Images the caller holds in memory (N, C, H, W) or (N, C*H*W), e.g. the book's
+    x_train, read as rows like an ImageFile's. The values are the network's input as
+    they are (`pixels` False: not 0..255 pixels to divide by 255)."""
+
+    pixels = False
+
+    def __init__(self, x: np.ndarray, shape: tuple, name: str = "the images"):
+        self.channels, self.rows, self.cols = shape
+        self.row_bytes = self.channels * self.rows * self.cols  # values, not bytes
+        self._rows = x.reshape(len(x), self.row_bytes)  # a view: nothing is copied
+        self.path = name
+        self.count = len(x)
+
+    def __len__(self):
+        return self.count
+
+    def empty(self, n: int) -> np.ndarray:
+        return np.empty((n, self.row_bytes), self._rows.dtype)
+
+    def read(self, indices: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        out = self.empty(len(indices)) if out is None else out
+        np.take(self._rows, indices, axis=0, out=out[: len(indices)])
+        return out[: len(indices)]
+
+    def read_range(self, start: int, stop: int) -> np.ndarray:
+        return self._rows[start:stop]
 
 
 @dataclass

@@ -65,7 +65,8 @@ def evaluate(network, split, micro_batch: int, batch_size: int, count: int | Non
     wrong = []
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
-        predicted = network.predict(split.images.read_range(start, stop), micro_batch)
+        predicted = network.predict(split.images.read_range(start, stop), micro_batch,
+                                    split.images.pixels)
         true = split.labels[start:stop].astype(np.int64)
         confusion += np.bincount(true * classes + predicted,
                                  minlength=classes * classes).reshape(classes, classes)
@@ -154,7 +155,8 @@ class EpochLoop:
                 following = self.position + 1
                 pending = self._reader.submit(self._read, following) if following < updates else None
                 loss = self.network.accumulate_gradient(
-                    images, labels, self.micro_batch, (self.seed, self.epochs_done, self.position))
+                    images, labels, self.micro_batch, (self.seed, self.epochs_done, self.position),
+                    self.split.images.pixels)
                 self.optimizer.update(self.network.params(),
                                       self.network.thread_grads()[: self.network.threads],
                                       self.network.pool, self.network.threads)
