@@ -17,8 +17,17 @@ def book_steps(name, lr, params, grads_seq):
         elif name == "momentum":
             v = 0.9 * v - lr * g
             p += v
+        elif name == "nesterov":
+            v *= 0.9
+            v -= lr * g
+            p += 0.9 * 0.9 * v
+            p -= (1 + 0.9) * lr * g
         elif name == "adagrad":
             h += g * g
+            p -= lr * g / (np.sqrt(h) + 1e-7)
+        elif name == "rmsprop":
+            h *= 0.99
+            h += (1 - 0.99) * g * g
             p -= lr * g / (np.sqrt(h) + 1e-7)
         else:
             lr_t = lr * np.sqrt(1 - 0.999**t) / (1 - 0.9**t)
@@ -28,7 +37,7 @@ def book_steps(name, lr, params, grads_seq):
     return p
 
 
-@pytest.mark.parametrize("name", ["sgd", "momentum", "adagrad", "adam"])
+@pytest.mark.parametrize("name", ["sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam"])
 def test_updates_follow_the_book(name):
     rng = np.random.default_rng(0)
     start = rng.standard_normal((4, 3))
@@ -98,3 +107,16 @@ def test_decaying_state_does_not_stay_subnormal(name):
     for state in optimizer.state.values():
         assert not ((state != 0) & (np.abs(state) < tiny)).any()
     assert np.isfinite(param).all()
+
+
+def test_optimizer_settings_are_used():
+    start, g = np.ones(3), np.full(3, 0.5)
+    plain, changed = start.copy(), start.copy()
+    make_optimizer("momentum", 0.1).update({"W": plain}, {"W": g.copy()})
+    slow = make_optimizer("momentum", 0.1, momentum=0.5)
+    slow.update({"W": changed}, {"W": g.copy()})
+    slow.update({"W": changed}, {"W": g.copy()})
+    # second step: v = 0.5 * (-0.05) - 0.05
+    np.testing.assert_allclose(changed, start - 0.05 - 0.075)
+    with pytest.raises(TypeError):
+        make_optimizer("sgd", 0.1, momentum=0.9)  # SGD has no such setting

@@ -1,4 +1,5 @@
-"""The book's optimizers (SGD, Momentum, AdaGrad, Adam), updating parameters in place.
+"""The book's optimizers (SGD, Momentum, Nesterov, AdaGrad, RMSprop, Adam), updating
+parameters in place.
 
 An update takes the gradients as one set per thread (see Network.thread_grads) and
 adds them up in thread order, into the first set, whose arrays it then uses as
@@ -32,7 +33,7 @@ class Optimizer:
     slots: tuple = ()
 
     def __init__(self, lr: float):
-        self.lr = lr
+        self.lr = float(lr)  # a NumPy float64 would send float32 arithmetic through float64
         self.state: dict[str, np.ndarray] = {}
         self.steps = 0
         self._scratch = []  # one chunk-sized buffer per thread
@@ -97,13 +98,32 @@ class Momentum(Optimizer):
 
     def __init__(self, lr, momentum=0.9):
         super().__init__(lr)
-        self.momentum = momentum
+        self.momentum = float(momentum)
 
     def _step(self, param, grad, scratch, v):
         v *= self.momentum
         grad *= self.lr
         v -= grad
         param += v
+
+
+class Nesterov(Optimizer):
+    """The book's Nesterov momentum: v = m v - lr g; param += m^2 v - (1 + m) lr g."""
+
+    slots = ("v",)
+
+    def __init__(self, lr, momentum=0.9):
+        super().__init__(lr)
+        self.momentum = float(momentum)
+
+    def _step(self, param, grad, scratch, v):
+        v *= self.momentum
+        grad *= self.lr
+        v -= grad
+        np.multiply(v, self.momentum * self.momentum, out=scratch)
+        param += scratch
+        grad *= 1 + self.momentum
+        param -= grad
 
 
 class AdaGrad(Optimizer):
@@ -119,12 +139,33 @@ class AdaGrad(Optimizer):
         param -= scratch
 
 
+class RMSprop(Optimizer):
+    """h = d h + (1 - d) g^2; param -= lr g / (sqrt(h) + 1e-7)."""
+
+    slots = ("h",)
+
+    def __init__(self, lr, decay_rate=0.99):
+        super().__init__(lr)
+        self.decay_rate = float(decay_rate)
+
+    def _step(self, param, grad, scratch, h):
+        h *= self.decay_rate
+        np.multiply(grad, grad, out=scratch)
+        scratch *= 1 - self.decay_rate
+        h += scratch
+        np.sqrt(h, out=scratch)
+        scratch += 1e-7
+        np.divide(grad, scratch, out=scratch)
+        scratch *= self.lr
+        param -= scratch
+
+
 class Adam(Optimizer):
     slots = ("m", "v")
 
     def __init__(self, lr, beta1=0.9, beta2=0.999):
         super().__init__(lr)
-        self.beta1, self.beta2 = beta1, beta2
+        self.beta1, self.beta2 = float(beta1), float(beta2)
 
     def _start_step(self):
         t = self.steps
@@ -148,8 +189,11 @@ class Adam(Optimizer):
         param -= grad
 
 
-OPTIMIZERS = {"sgd": SGD, "momentum": Momentum, "adagrad": AdaGrad, "adam": Adam}
+OPTIMIZERS = {"sgd": SGD, "momentum": Momentum, "nesterov": Nesterov, "adagrad": AdaGrad,
+              "rmsprop": RMSprop, "adam": Adam}
 
 
-def make_optimizer(name: str, lr: float) -> Optimizer:
-    return OPTIMIZERS[name](lr)
+def make_optimizer(name: str, lr: float, **options) -> Optimizer:
+    """`options`: the optimizer's own settings, by the book's names (momentum,
+    decay_rate, beta1, beta2)."""
+    return OPTIMIZERS[name](lr, **options)
