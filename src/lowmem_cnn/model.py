@@ -138,28 +138,38 @@ class Network:
 
     # --- running ----------------------------------------------------------------
 
-    def to_input(self, images: np.ndarray, ws: Workspace | None = None) -> np.ndarray:
-        """uint8 rows (m, C*H*W) -> NHWC floats in [0, 1], as the book: float32 / 255."""
+    def to_input(self, images: np.ndarray, ws: Workspace | None = None,
+                 pixels: bool = True) -> np.ndarray:
+        """m images, as rows (m, C*H*W) or NCHW (m, C, H, W), -> NHWC floats.
+
+        pixels=True: the values are pixels 0..255 (the data's uint8 rows), made [0, 1]
+        as the book does: float32 / 255. pixels=False: the values are the network's
+        input as they are (the book's classes take floats that way, and uint8 too).
+        """
         c = self.config.input_shape[0]
         h, w, _ = self.input_shape
         shape = (len(images), h, w, c)
         x = np.empty(shape, self.dtype) if ws is None else ws.array(self, "input", shape, self.dtype)
-        np.divide(images.reshape(len(images), c, h, w).transpose(0, 2, 3, 1), np.float32(255),
-                  out=x, dtype=np.float32)
+        nhwc = images.reshape(len(images), c, h, w).transpose(0, 2, 3, 1)
+        if pixels:
+            np.divide(nhwc, np.float32(255), out=x, dtype=np.float32)
+        else:
+            np.copyto(x, nhwc, casting="unsafe")  # the caller checked the dtype is real numbers
         return x
 
-    def scores(self, x: np.ndarray, ws: Workspace | None = None) -> np.ndarray:
-        """The last layer's output; from `ws` if given, so valid until its next use."""
+    def scores(self, x: np.ndarray, ws: Workspace | None = None, noise=False) -> np.ndarray:
+        """The last layer's output; from `ws` if given, so valid until its next use.
+        `noise`: a Generator to run dropout as in training (see accumulate_gradient)."""
         ws = Workspace() if ws is None else ws
         for layer in self.layers:
-            x, _ = layer.forward(x, False, ws)
+            x, _ = layer.forward(x, noise, ws)
         return x
 
-    def _gradient(self, images, labels, total, layer_grads, noise, ws) -> float:
+    def _gradient(self, images, labels, total, layer_grads, noise, ws, pixels=True) -> float:
         """Forward and backward of one micro-batch, adding into `layer_grads` (one
         Gradients per layer); its summed loss. `noise` is the Generator dropout draws
         from, or True."""
-        x = self.to_input(images, ws)
+        x = self.to_input(images, ws, pixels)
         saved = []
         for layer in self.layers:
             x, keep = layer.forward(x, noise, ws)
@@ -169,6 +179,14 @@ class Network:
                                       reversed(layer_grads), strict=True):
             grad = layer.backward(grad, keep, grads, ws)
         return loss
+
+    def held_bytes(self) -> int:
+        """Bytes of what release_memory gives back: the workspaces' arrays and the
+        gradient sets (so that a caller can tell its own memory from the network's)."""
+        held = sum(array.nbytes for ws in self.workspaces for array in ws._arrays.values())
+        if self._grads is not None:
+            held += sum(grad.nbytes for flat, _ in self._grads for grad in flat.values())
+        return held
 
     def release_memory(self):
         """Give back the workspaces and gradient arrays (the run is over)."""
@@ -194,21 +212,41 @@ class Network:
         results = [[work(p, 0) for p in chunks[0]]] + [future.result() for future in futures]
         return [results[i % self.threads][i // self.threads] for i in range(len(parts))]
 
-    def predict(self, images: np.ndarray, micro_batch: int) -> np.ndarray:
-        """Predicted labels of uint8 images, `micro_batch` images through the network at
-        once on each thread."""
+    def predict(self, images: np.ndarray, micro_batch: int, pixels: bool = True) -> np.ndarray:
+        """Predicted labels of images (see to_input for `pixels`), `micro_batch` images
+        through the network at once on each thread."""
         starts = list(range(0, len(images), micro_batch))
         self._use_workspaces(False)
 
         def work(start, t):
             ws = self.workspaces[t]
-            return self.scores(self.to_input(images[start : start + micro_batch], ws), ws
+            return self.scores(self.to_input(images[start : start + micro_batch], ws, pixels), ws
                                ).argmax(axis=1)
 
         parts = self._map(work, starts)
         return np.concatenate(parts) if parts else np.empty(0, np.int64)
 
-    def accumulate_gradient(self, images, labels, micro_batch: int, noise_key=(0,)) -> float:
+    def predict_scores(self, images: np.ndarray, micro_batch: int, pixels: bool = True,
+                       out: np.ndarray | None = None, noise_key=None) -> np.ndarray:
+        """The last layer's output for every image, written into `out` (n, classes) in
+        micro-batches. With `noise_key`, dropout runs as in training, its masks drawn as
+        accumulate_gradient's (and the arrays are those of training)."""
+        n = len(images)
+        out = np.empty((n, self.classes), self.dtype) if out is None else out
+        starts = list(range(0, n, micro_batch))
+        self._use_workspaces(noise_key is not None)
+
+        def work(start, t):
+            ws = self.workspaces[t]
+            noise = False if noise_key is None else np.random.default_rng([*noise_key, start])
+            x = self.to_input(images[start : start + micro_batch], ws, pixels)
+            out[start : start + len(x)] = self.scores(x, ws, noise)
+
+        self._map(work, starts)
+        return out
+
+    def accumulate_gradient(self, images, labels, micro_batch: int, noise_key=(0,),
+                            pixels: bool = True) -> float:
         """Set the threads' gradient sets so that their sum is d(mean loss)/d(params) of
         this mini-batch; return the mean loss.
 
@@ -232,7 +270,7 @@ class Network:
             noise = np.random.default_rng([*noise_key, start]) if uses_noise else True
             return self._gradient(images[start : start + micro_batch],
                                   labels[start : start + micro_batch], total, sets[t][1], noise,
-                                  self.workspaces[t])
+                                  self.workspaces[t], pixels)
 
         losses = self._map(work, starts)
         for flat, _ in sets[len(starts) : self.threads]:  # threads that had no micro-batch
