@@ -13,6 +13,8 @@ with the same result to the bit.
 
 import numpy as np
 
+from lowmem_cnn.executor import run_shared
+
 CHUNK = 1 << 16
 # State that decays (Adam's m and v, Momentum's v) of a weight whose gradient stays
 # zero sinks into the subnormal numbers, which the CPU handles some 100 times slower:
@@ -62,22 +64,18 @@ class Optimizer:
             for lo in range(0, param.size, CHUNK):
                 jobs.append(([a[lo : lo + CHUNK] for a in sums],
                              [a[lo : lo + CHUNK] for a in flat]))
-        futures = [pool.submit(self._run, jobs[i::pieces], self._scratch[i])
-                   for i in range(1, pieces)]
-        self._run(jobs[::pieces], self._scratch[0])  # the calling thread's share
-        for future in futures:
-            future.result()
+        run_shared(pool, pieces, self._run, jobs)
 
-    def _run(self, jobs, scratch):
-        flush = self.steps % FLUSH_EVERY == 0
-        for sums, (param, *state) in jobs:
-            grad = sums[0]
-            for other in sums[1:]:
-                grad += other
-            self._step(param, grad, scratch[: param.size], *state)
-            if flush:
-                for array in state:
-                    _flush_subnormals(array, scratch[: array.size])
+    def _run(self, job, thread):
+        sums, (param, *state) = job
+        scratch = self._scratch[thread]
+        grad = sums[0]
+        for other in sums[1:]:
+            grad += other
+        self._step(param, grad, scratch[: param.size], *state)
+        if self.steps % FLUSH_EVERY == 0:
+            for array in state:
+                _flush_subnormals(array, scratch[: array.size])
 
     def _start_step(self):
         pass
