@@ -27,7 +27,6 @@ Where the book's code has a quirk, these follow its intent:
 
 from __future__ import annotations
 
-import functools
 import pickle
 from pathlib import Path
 
@@ -240,18 +239,6 @@ def _cross_entropy_sum(scores: np.ndarray, labels: np.ndarray) -> float:
     return float(-np.log(p + 1e-7).sum())
 
 
-def _computing(method):
-    """Run a method with a single-threaded BLAS: the engine runs its own threads (see
-    blas.py; the book's scripts import NumPy first)."""
-    @functools.wraps(method)
-    def run(*args, **kwargs):
-        from lowmem_cnn.blas import single_threaded
-
-        with single_threaded():
-            return method(*args, **kwargs)
-    return run
-
-
 # --- the book's networks ------------------------------------------------------------
 
 
@@ -277,7 +264,7 @@ class _BookNetwork:
             self.params[key] = value
         self.network.load_book_params(self.params)
         self.engine = Engine(self.network, self.budget)
-        _computing(self.engine.use_plan)(False, 1, 0)  # a budget too small is refused now
+        self.engine.use_plan(False, 1, 0)  # a budget too small is refused now
 
     def _check_room_for_params(self):
         """Refuse a budget that cannot hold the parameters (the book's float64 dict,
@@ -383,7 +370,6 @@ class _BookNetwork:
             total += _cross_entropy_sum(part, labels)
         return total / n
 
-    @_computing
     def loss(self, x, t) -> float:
         """Mean cross-entropy of the softmax of the scores, as the book's loss."""
         x = check_images(self.network, x)
@@ -391,7 +377,6 @@ class _BookNetwork:
         self.sync_to_engine()
         return self._loss(self.engine, x, t, self._loss_trains)
 
-    @_computing
     def accuracy(self, x, t, batch_size=100) -> float:
         """The share of images whose highest score is their label. `batch_size` is
         accepted for the book's scripts; the budget decides how many images go through
@@ -413,7 +398,6 @@ class _BookNetwork:
             correct += int(np.count_nonzero(predicted == label_slice(self.network, t, lo, hi)))
         return correct / n
 
-    @_computing
     def gradient(self, x, t) -> dict:
         """d loss / d params by backpropagation: a dict of new float64 arrays in the
         book's shapes."""
@@ -479,12 +463,10 @@ class SimpleConvNet(_BookNetwork):
         config = NetworkConfig("SimpleConvNet", _input_dim(input_dim), layers, float(weight_init_std))
         super().__init__(config, [weight_init_std] * 3, max_ram, dtype, threads)
 
-    @_computing
     def predict(self, x) -> np.ndarray:
         """The last affine layer's scores, (N, output_size), in the engine's dtype."""
         return self._scores(x, False)
 
-    @_computing
     def numerical_gradient(self, x, t) -> dict:
         """d loss / d params by central differences, one parameter value at a time, as
         the book's numerical_gradient (h = 1e-4). Computed in float64 whatever the
@@ -552,7 +534,6 @@ class DeepConvNet(_BookNetwork):
         scales = np.sqrt(2.0 / np.array(_deep_fan_in(_count(hidden_size, "hidden_size"))))
         super().__init__(config, scales, max_ram, dtype, threads)
 
-    @_computing
     def predict(self, x, train_flg=False) -> np.ndarray:
         """The last layer's scores, (N, output_size), in the engine's dtype; train_flg
         runs dropout as in training (else it scales, as the book's)."""
