@@ -1,5 +1,6 @@
 """Networks from configs (DeepConvNet, dropout, He initialisation), pictures and predict."""
 
+import json
 import pickle
 import re
 import subprocess
@@ -16,9 +17,7 @@ from lowmem_cnn.layers import Dropout
 from lowmem_cnn.model import Network
 from lowmem_cnn.params import read_params
 
-from conftest import SHARED
-
-DEEP_PARAMS = SHARED / "fixtures" / "book" / "deep_convnet_params.pkl"
+from conftest import run_lowmem
 
 
 def test_deep_convnet_has_the_books_parameters():
@@ -30,9 +29,12 @@ def test_deep_convnet_has_the_books_parameters():
     for key, shape in expected.items():
         assert shapes[key] == shape
         assert shapes["b" + key[1:]] == (shape[0] if len(shape) == 4 else shape[1],)
-    if DEEP_PARAMS.exists():
-        book = read_params(DEEP_PARAMS, 10**8)
-        assert {k: v.shape for k, v in book.items()} == shapes
+
+
+def test_deep_convnet_reads_the_books_file(deep_params):
+    book = read_params(deep_params, 10**8)
+    shapes = Network(load_config("deep_convnet").network).expected_book_shapes()
+    assert {k: v.shape for k, v in book.items()} == shapes
 
 
 def test_he_initialisation():
@@ -86,34 +88,53 @@ def test_dropout_trains_with_masks_and_scales_at_test_time():
     np.testing.assert_array_equal(test_out, 0.5)
 
 
-def test_dropout_gradients_are_deterministic_across_threads(tmp_path):
-    config = write_config(tmp_path, [
-        {"type": "conv", "filters": 3, "size": 5, "stride": 3}, {"type": "relu"},
-        {"type": "affine", "units": 20}, {"type": "relu"}, {"type": "dropout", "ratio": 0.5},
-        {"type": "affine", "units": 10}], init='"he"')
+def test_dropout_gradients_are_deterministic_across_threads(tmp_path, monkeypatch):
+    layers = [{"type": "conv", "filters": 3, "size": 5, "stride": 3}, {"type": "relu"},
+              {"type": "affine", "units": 20}, {"type": "relu"}, {"type": "dropout", "ratio": 0.5},
+              {"type": "affine", "units": 10}]
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, (9, 784), dtype=np.uint8)
     labels = rng.integers(0, 10, 9)
-    grads = []
-    for threads in (1, 2, 2):
+    masks = []
+    real_forward = Dropout.forward
+
+    def recording_forward(self, x, train, ws=None):
+        out, mask = real_forward(self, x, train, ws)
+        masks.append(mask)
+        return out, mask
+
+    monkeypatch.setattr(Dropout, "forward", recording_forward)
+
+    def gradient(config, threads):
         net = Network(load_config(config).network, np.float64, threads)
         net.init_params(np.random.default_rng(0))
         net.accumulate_gradient(images, labels, 2, noise_key=(7, 0, 3))
-        grads.append({k: g.copy() for k, g in net.grads().items()})
+        return {k: g.copy() for k, g in net.grads().items()}
+
+    config = write_config(tmp_path, layers, init='"he"')
+    grads = [gradient(config, threads) for threads in (1, 2, 2)]
     for key in grads[0]:
         np.testing.assert_allclose(grads[1][key], grads[0][key], rtol=1e-10, atol=1e-14)
         np.testing.assert_array_equal(grads[2][key], grads[1][key])
+    # dropout was applied: masks of 5 micro-batches per run, about half of them zeros,
+    # and the gradient differs from that of the same network without the dropout layer
+    assert len(masks) == 3 * 5 and all(mask.shape[1:] == (20,) for mask in masks)
+    kept = np.concatenate([mask.reshape(-1) for mask in masks[:5]])
+    assert kept.size == 9 * 20 and 0.35 < kept.mean() < 0.65
+    plain = gradient(write_config(tmp_path, layers[:4] + layers[5:], init='"he"'), 1)
+    assert sorted(plain) == sorted(grads[0])
+    for key in ("W2", "W3"):
+        assert np.abs(grads[0][key] - plain[key]).max() > 1e-3 * np.abs(plain[key]).max(), key
 
 
-def test_book_deep_convnet_on_real_test_set(mnist_dir):
-    if not DEEP_PARAMS.exists():
-        pytest.skip(f"the book's parameter file is not at {DEEP_PARAMS}")
-    result = CliRunner().invoke(main, [
-        "eval", str(DEEP_PARAMS), "--config", "deep_convnet", "--batch-size", "10000",
-        "--max-ram", "128M", "--data-dir", str(mnist_dir), "--json"])
-    assert result.exit_code == 0, result.output
-    summary = __import__("json").loads(result.output.strip().splitlines()[-1])
+def test_book_deep_convnet_on_real_test_set(mnist_dir, deep_params):
+    # in its own process: the budget is the process's, and pytest's is already larger
+    result = run_lowmem("eval", deep_params, "--config", "deep_convnet", "--batch-size", "10000",
+                        "--max-ram", "128M", "--data-dir", mnist_dir, "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert (summary["correct"], summary["n"]) == (9797, 10000)
+    assert result.peak_rss < 128 * 2**20
 
 
 # --- pictures -------------------------------------------------------------------------
@@ -138,9 +159,49 @@ def test_curves_and_memory_plots(tmp_path):
     plot_curves(history, tmp_path / "curves.png")
     assert png_size(tmp_path / "curves.png") == (1000, 400)
     rows = [{"layer": f"l{i}", "book_im2col_bytes": 10**9 * i, "tiled_bytes": 10**6 * i}
-            for i in range(6)]
+            for i in range(1, 7)]
     plot_memory(rows, 2**27, tmp_path / "mem.png")
     assert png_size(tmp_path / "mem.png") == (600, 450)
+
+
+def drawn_memory_plot(rows, tmp_path, monkeypatch):
+    """What plot_memory puts on its axes: bar heights, x labels, texts."""
+    from lowmem_cnn import plotting
+
+    seen = {}
+    real_save = plotting._save
+
+    def save(fig, path):
+        (ax,) = fig.axes
+        seen["heights"] = [bar.get_height() for bar in ax.patches]
+        seen["labels"] = [label.get_text() for label in ax.get_xticklabels()]
+        seen["texts"] = [text.get_text() for text in ax.texts]
+        real_save(fig, path)
+
+    monkeypatch.setattr(plotting, "_save", save)
+    plotting.plot_memory(rows, 2**27, tmp_path / "mem.png")
+    assert png_size(tmp_path / "mem.png")[1] == 450
+    return seen
+
+
+def test_memory_plot_draws_no_bars_for_layers_without_columns(tmp_path, monkeypatch):
+    from lowmem_cnn.planner import make_plan
+    from lowmem_cnn.profiling import layer_table
+
+    net = Network(load_config().network)
+    net.init_params(np.random.default_rng(0))
+    rows = layer_table(net, make_plan(net, 2**30, 40 * 2**20, False, 100, 0), 10_000)
+    assert [r["layer"].split()[0] for r in rows] == ["conv", "pool", "relu", "affine", "relu",
+                                                      "affine"]
+    seen = drawn_memory_plot(rows, tmp_path, monkeypatch)
+    # the convolution (both bars) and its fused pooling (the book's bar; "none" tiled);
+    # ReLU and affine have no columns either way and are left out
+    assert seen["labels"] == [rows[0]["layer"], rows[1]["layer"]]
+    assert sorted(seen["heights"]) == sorted([rows[0]["book_im2col_bytes"],
+                                              rows[0]["tiled_bytes"],
+                                              rows[1]["book_im2col_bytes"]])
+    assert min(seen["heights"]) > 1000
+    assert seen["texts"] == ["none"]
 
 
 def test_plot_without_matplotlib_says_which_extra(tmp_path, monkeypatch):
@@ -200,7 +261,7 @@ def test_predict_own_pictures(digit_pictures, book_params):
     paths, labels = digit_pictures
     result = CliRunner().invoke(main, ["predict", str(book_params), *map(str, paths), "--json"])
     assert result.exit_code == 0, result.output
-    lines = [__import__("json").loads(line) for line in result.output.strip().splitlines()]
+    lines = [json.loads(line) for line in result.output.strip().splitlines()]
     assert [line["digit"] for line in lines] == labels
     assert all(abs(sum(line["probabilities"]) - 1) < 1e-4 for line in lines)
 

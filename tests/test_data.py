@@ -1,16 +1,23 @@
 import gzip
+import hashlib
 import http.server
 import os
+import re
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SHARED, unavailable
 from idx_files import NAMES, images_bytes, labels_bytes, write_dataset
 
 from lowmem_cnn import data as data_module
 from lowmem_cnn.data import MNIST_SHA256, download_mnist, open_data, open_directory
 from lowmem_cnn.errors import LowmemError
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def test_reads_raw_and_gzip_alike(tmp_path):
@@ -23,18 +30,32 @@ def test_reads_raw_and_gzip_alike(tmp_path):
     np.testing.assert_array_equal(raw.test.images.read_range(5, 9), packed.test.images.read_range(5, 9))
 
 
-def test_gzip_is_decompressed_to_the_cache_not_the_data_dir(tmp_path):
+def test_gzip_is_decompressed_to_the_cache_not_the_data_dir(tmp_path, monkeypatch):
     directory = write_dataset(tmp_path / "gz", gz=True)
     before = sorted(os.listdir(directory))
+    decompressed = []
+    real_decompress = data_module._decompress
+    monkeypatch.setattr(data_module, "_decompress",
+                        lambda source, target: decompressed.append(source.name)
+                        or real_decompress(source, target))
     os.chmod(directory, 0o555)
     try:
         dataset = open_directory(directory)
     finally:
         os.chmod(directory, 0o755)
     assert sorted(os.listdir(directory)) == before
-    assert str(dataset.train.images.path).startswith(os.environ["XDG_CACHE_HOME"])
-    # the second time the cached copy is used as it is
-    assert open_directory(directory).train.images.path == dataset.train.images.path
+    assert sorted(decompressed) == sorted(before)
+    cached = dataset.train.images.path
+    assert str(cached).startswith(os.environ["XDG_CACHE_HOME"])
+    assert cached.read_bytes() == gzip.decompress((directory / (NAMES["train_images"] + ".gz")).read_bytes())
+    first = cached.stat()
+    # the second time the cached copies are used as they are: nothing decompressed or rewritten
+    decompressed.clear()
+    again = open_directory(directory)
+    assert decompressed == []
+    assert again.train.images.path == cached
+    assert (cached.stat().st_ino, cached.stat().st_mtime_ns) == (first.st_ino, first.st_mtime_ns)
+    np.testing.assert_array_equal(again.train.labels, dataset.train.labels)
 
 
 def test_rows_come_back_in_the_order_asked(tmp_path):
@@ -140,11 +161,8 @@ class _Server:
 def fake_mnist(tmp_path, monkeypatch):
     """Small files served as 'MNIST': the known checksums are replaced by theirs."""
     directory = write_dataset(tmp_path / "served", gz=True)
-    sums = {}
-    for name in NAMES.values():
-        import hashlib
-
-        sums[name] = hashlib.sha256(gzip.decompress((directory / f"{name}.gz").read_bytes())).hexdigest()
+    sums = {name: _sha256(gzip.decompress((directory / f"{name}.gz").read_bytes()))
+            for name in NAMES.values()}
     monkeypatch.setattr(data_module, "MNIST_SHA256", sums)
     return directory
 
@@ -170,10 +188,21 @@ def test_download_verifies_and_caches(fake_mnist, tmp_path, monkeypatch):
         dataset = open_data(progress=Bar)
     finally:
         server.close()
-    assert dataset.is_mnist and len(dataset.train) == 50
+    assert len(dataset.train) == 50
     assert len(bars) == 4 and all(bar.n > 0 for bar in bars)
     cached = Path(os.environ["XDG_CACHE_HOME"]) / "lowmem-cnn" / "mnist"
     assert sorted(os.listdir(cached)) == sorted(NAMES.values())
+    # what the data set reads is what was served, decompressed; and is_mnist (set by
+    # the download's verification, not recomputed) is true of those very files
+    for split in (dataset.train, dataset.test):
+        served = gzip.decompress((fake_mnist / (split.images.path.name + ".gz")).read_bytes())
+        assert split.images.path.parent == cached
+        assert split.images.path.read_bytes() == served
+        np.testing.assert_array_equal(split.images.read_range(0, len(split)).reshape(-1),
+                                      np.frombuffer(served, np.uint8, offset=16))
+    assert dataset.is_mnist
+    for name in NAMES.values():
+        assert _sha256((cached / name).read_bytes()) == data_module.MNIST_SHA256[name]
     # no server now: the cache serves
     assert len(open_data().test) == 20
 
@@ -189,9 +218,7 @@ def test_file_failing_verification_is_refused_and_next_mirror_tried(fake_mnist, 
         bad.close()
         good.close()
     for name, sha in data_module.MNIST_SHA256.items():
-        import hashlib
-
-        assert hashlib.sha256((tmp_path / "cache-dir" / name).read_bytes()).hexdigest() == sha
+        assert _sha256((tmp_path / "cache-dir" / name).read_bytes()) == sha
     assert sorted(os.listdir(tmp_path / "cache-dir")) == sorted(NAMES.values())
 
 
@@ -208,8 +235,27 @@ def test_dropped_connection_leaves_nothing_and_all_mirrors_down_says_what_to_do(
     assert os.listdir(tmp_path / "cache-dir") == []
 
 
+def published_checksums():
+    """The table of ../shared/data/README.md: file name -> decompressed SHA-256."""
+    readme = SHARED / "data" / "README.md"
+    if not readme.exists():
+        unavailable(f"the data README with the published checksums is not at {readme}")
+    rows = re.findall(r"^\|\s*([a-z0-9-]+-idx[13]-ubyte)\s*\|\s*([0-9a-f]{64})\s*\|$",
+                      readme.read_text(), re.MULTILINE)
+    return dict(rows)
+
+
 def test_known_checksums_are_the_published_ones():
-    assert MNIST_SHA256["t10k-labels-idx1-ubyte"].startswith("ff7bcfd4")
+    published = published_checksums()
+    assert sorted(published) == sorted(NAMES.values())
+    assert MNIST_SHA256 == published
+
+
+def test_known_checksums_are_those_of_the_real_files(mnist_dir):
+    for name, sha in MNIST_SHA256.items():
+        raw, packed = mnist_dir / name, mnist_dir / f"{name}.gz"
+        content = raw.read_bytes() if raw.exists() else gzip.decompress(packed.read_bytes())
+        assert _sha256(content) == sha, name
 
 
 def test_unreadable_file(tmp_path, monkeypatch):
@@ -227,3 +273,21 @@ def test_unreadable_file(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "open", open_unless_locked)
     with pytest.raises(LowmemError, match="t10k-images-idx3-ubyte: cannot read \\(Permission denied\\)"):
         open_directory(directory)
+
+
+@pytest.mark.parametrize("ci, outcome", [(None, pytest.skip.Exception), ("", pytest.skip.Exception),
+                                         ("false", pytest.skip.Exception),
+                                         ("true", pytest.fail.Exception), ("1", pytest.fail.Exception)])
+def test_missing_real_data_skips_but_fails_under_ci(monkeypatch, ci, outcome):
+    import conftest
+
+    if ci is None:
+        monkeypatch.delenv("CI", raising=False)
+    else:
+        monkeypatch.setenv("CI", ci)
+    monkeypatch.setattr(conftest, "SHARED", Path("/nonexistent/shared"))
+    monkeypatch.setenv("LOWMEM_CNN_DATA", "/nonexistent/mnist")
+    with pytest.raises(outcome, match="real MNIST not found"):
+        conftest.real_mnist_dir()
+    with pytest.raises(outcome, match="parameter file is not at /nonexistent"):
+        conftest._book_file(Path("/nonexistent/params.pkl"))

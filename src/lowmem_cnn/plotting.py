@@ -70,19 +70,32 @@ def plot_misclassified(images: np.ndarray, true, predicted, shape, path, columns
 
 
 def plot_memory(rows: list, budget: int, path):
-    """Per layer, the book's im2col bytes against the tiled bytes (log scale), and the budget."""
+    """Per layer, the book's im2col bytes against the tiled bytes (log scale), and the budget.
+
+    Layers with no columns either way (ReLU, affine) are left out: a log scale has no
+    bar for 0 bytes. A layer with columns only the book's way (a pooling fused into its
+    convolution) is marked "none" where its tiled bar would be.
+    """
     plt = _pyplot()
-    names = [r["layer"] for r in rows]
-    book = [max(r["book_im2col_bytes"], 1) for r in rows]
-    tiled = [max(r["tiled_bytes"], 1) for r in rows]
-    x = np.arange(len(rows))
-    fig, ax = plt.subplots(figsize=(max(6, len(rows) * 0.9), 4.5))
-    ax.bar(x - 0.2, book, 0.4, label="book's whole-batch im2col (float64)")
-    ax.bar(x + 0.2, tiled, 0.4, label="tiled here")
+    shown = [r for r in rows if r["book_im2col_bytes"] or r["tiled_bytes"]]
+    x = np.arange(len(shown))
+    fig, ax = plt.subplots(figsize=(max(6, len(shown) * 0.9), 4.5))
+    for offset, key, color, label in (
+            (-0.2, "book_im2col_bytes", "tab:blue", "book's whole-batch im2col (float64)"),
+            (0.2, "tiled_bytes", "tab:orange", "tiled here")):
+        values = np.array([r[key] for r in shown], dtype=float)
+        some = values > 0
+        ax.bar(x[some] + offset, values[some], 0.4, color=color, label=label)
+        for i in np.flatnonzero(~some):
+            # x in data, y in axes coordinates: at the foot of the plot whatever the scale
+            ax.text(x[i] + offset, 0.02, "none", transform=ax.get_xaxis_transform(),
+                    rotation=90, ha="center", va="bottom", fontsize=8, color=color)
     ax.axhline(budget, color="tab:red", linestyle="--", label=f"budget ({budget / 2**20:.0f} MiB)")
     ax.set_yscale("log")
     ax.set_ylabel("bytes")
-    ax.set_xticks(x, names, rotation=45, ha="right", fontsize=8)
+    ax.set_xticks(x, [r["layer"] for r in shown], rotation=45, ha="right", fontsize=8)
+    if not shown:
+        ax.set_title("no layer makes columns", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     _save(fig, path)
