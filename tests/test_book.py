@@ -570,3 +570,89 @@ def test_a_memory_mapped_input_is_counted(tmp_path):
     scores = net.predict(np.load(tmp_path / "x.npy", mmap_mode="r"))
     assert net.engine.plan.fixed >= x.nbytes  # its pages become resident as they are read
     np.testing.assert_array_equal(scores, net.predict(x))
+
+
+# --- Trainer ----------------------------------------------------------------------------
+
+
+def trained(mnist, seed=3, n=1500, labels=None, **kwargs):
+    """A SimpleConvNet trained by the book's Trainer on the first n training images."""
+    (x_train, t_train), (x_test, t_test) = mnist
+    np.random.seed(seed)
+    network = SimpleConvNet()
+    options = dict(epochs=2, mini_batch_size=50, optimizer="Adam", optimizer_param={"lr": 0.001},
+                   evaluate_sample_num_per_epoch=200, verbose=False)
+    options.update(kwargs)
+    trainer = book.Trainer(network, x_train[:n], t_train[:n] if labels is None else labels,
+                           x_test[:500], t_test[:500], **options)
+    trainer.train()
+    return network, trainer
+
+
+def test_trainer_trains_the_users_params_in_place(mnist):
+    (_, _), (x_test, t_test) = mnist
+    np.random.seed(3)
+    untrained = SimpleConvNet().accuracy(x_test[:500], t_test[:500])
+    network, trainer = trained(mnist)
+    arrays = {key: id(value) for key, value in network.params.items()}
+    assert len(trainer.train_loss_list) == 2 * 1500 // 50
+    assert len(trainer.train_acc_list) == len(trainer.test_acc_list) == len(trainer.epoch_seconds) == 2
+    # accuracies on the first 200 images: multiples of 1/200
+    assert all(round(a * 200, 6) == round(a * 200) for a in trainer.test_acc_list + trainer.train_acc_list)
+    assert trainer.train_loss_list[-1] < trainer.train_loss_list[0]
+    assert network.accuracy(x_test[:500], t_test[:500]) > max(untrained + 0.3, 0.6)
+    assert {key: id(value) for key, value in network.params.items()} == arrays
+    # the network goes on working with the trained weights, as a fresh one would
+    fresh = SimpleConvNet()
+    fresh.params = {key: value.copy() for key, value in network.params.items()}
+    np.testing.assert_array_equal(network.predict(x_test[:50]), fresh.predict(x_test[:50]))
+
+
+def test_trainer_repeats_with_numpys_seed_and_takes_one_hot_labels(mnist):
+    (_, t_train), _ = mnist
+    first, _ = trained(mnist)
+    one_hot = np.eye(10)[t_train[:1500]]
+    again, _ = trained(mnist, labels=one_hot)
+    for key in first.params:
+        np.testing.assert_array_equal(first.params[key], again.params[key])
+    other, _ = trained(mnist, seed=4)
+    assert not np.array_equal(first.params["W1"], other.params["W1"])
+
+
+@pytest.mark.parametrize("name, param", [("sgd", {"lr": 0.1}), ("MOMENTUM", {"lr": 0.01, "momentum": 0.5}),
+                                          ("Nesterov", {"lr": 0.01}), ("AdaGrad", {"lr": 0.01}),
+                                          ("RMSprop", {"lr": 0.001, "decay_rate": 0.9})])
+def test_trainer_takes_the_books_optimizers(mnist, name, param):
+    np.random.seed(3)
+    before = SimpleConvNet().params["W2"].copy()
+    network, trainer = trained(mnist, n=200, epochs=1, optimizer=name, optimizer_param=param)
+    assert type(trainer.optimizer).__name__.lower() == name.lower()
+    for setting, value in param.items():
+        assert getattr(trainer.optimizer, setting) == value
+    assert np.isfinite(trainer.train_loss_list).all()
+    assert not np.array_equal(network.params["W2"], before)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"optimizer": "LBFGS"}, "not one of SGD"),
+    ({"optimizer": "SGD", "optimizer_param": {"lr": 0.1, "momentum": 0.9}}, "does not fit SGD"),
+    ({"epochs": 0}, "epochs 0"),
+    ({"mini_batch_size": -1}, "mini_batch_size -1"),
+])
+def test_trainer_bad_arguments_are_one_line_errors(mnist, kwargs, message):
+    (x_train, t_train), (x_test, t_test) = mnist
+    with pytest.raises(ValueError, match=message) as error:
+        book.Trainer(SimpleConvNet(), x_train[:10], t_train[:10], x_test[:10], t_test[:10], **kwargs)
+    assert "\n" not in str(error.value)
+
+
+def test_trainer_refuses_a_budget_too_small(mnist):
+    (x_train, t_train), (x_test, t_test) = mnist
+    network = SimpleConvNet()
+    before = {key: value.copy() for key, value in network.params.items()}
+    trainer = book.Trainer(network, x_train[:100], t_train[:100], x_test[:10], t_test[:10],
+                           verbose=False, max_ram="20M")
+    with pytest.raises(LowmemError, match="max_ram: the budget of 20,971,520 bytes is too small"):
+        trainer.train()
+    for key, value in before.items():
+        np.testing.assert_array_equal(network.params[key], value)

@@ -37,7 +37,7 @@ from lowmem_cnn.config import NetworkConfig
 from lowmem_cnn.errors import LowmemError
 from lowmem_cnn.model import Network
 
-__all__ = ["load_mnist", "SimpleConvNet", "DeepConvNet"]
+__all__ = ["load_mnist", "SimpleConvNet", "DeepConvNet", "Trainer"]
 
 # The book's one-hot labels are 10 wide.
 MNIST_CLASSES = 10
@@ -538,6 +538,105 @@ class DeepConvNet(_BookNetwork):
         """The last layer's scores, (N, output_size), in the engine's dtype; train_flg
         runs dropout as in training (else it scales, as the book's)."""
         return self._scores(x, bool(train_flg))
+
+
+# --- training ----------------------------------------------------------------------
+
+
+class Trainer:
+    """The book's common.trainer.Trainer: mini-batch training of a SimpleConvNet or
+    DeepConvNet on arrays in memory, on the same training run as `lowmem-cnn train`
+    (training.TrainingRun: the plan, micro-batches on threads, the epoch loop).
+
+    `optimizer` is one of the book's names (SGD, Momentum, Nesterov, AdaGrad, RMSprop,
+    Adam, any case) and `optimizer_param` its settings ({'lr': 0.01} and the like).
+    After `train()`: train_loss_list (each update's loss, from the forward pass of its
+    gradient), train_acc_list and test_acc_list (one accuracy per epoch, on the first
+    `evaluate_sample_num_per_epoch` images, or all), epoch_seconds; the network's
+    `params` hold the trained weights. Each epoch takes a fresh permutation of the
+    training images (the book draws batches with replacement), seeded from NumPy's
+    global RNG, so that np.random.seed repeats a run. `max_ram` (the CLI's sizes)
+    bounds what training adds to the arrays the script holds; default: the network's.
+    """
+
+    def __init__(self, network, x_train, t_train, x_test, t_test, epochs=20, mini_batch_size=100,
+                 optimizer="SGD", optimizer_param={"lr": 0.01},  # noqa: B006 (the book's default)
+                 evaluate_sample_num_per_epoch=None, verbose=True, *, max_ram=None):
+        from lowmem_cnn.optimizers import OPTIMIZERS, make_optimizer
+
+        if not isinstance(network, _BookNetwork):
+            raise ValueError(f"network is a {type(network).__name__}: give a SimpleConvNet or "
+                             "DeepConvNet of lowmem_cnn.book")
+        engine = network.network
+        self.network = network
+        self.x_train, self.x_test = check_images(engine, x_train), check_images(engine, x_test)
+        self.t_train = label_slice(engine, check_labels(engine, t_train, len(self.x_train)), 0, None)
+        self.t_test = label_slice(engine, check_labels(engine, t_test, len(self.x_test)), 0, None)
+        self.epochs = _count(epochs, "epochs")
+        self.batch_size = _count(mini_batch_size, "mini_batch_size")
+        name = str(optimizer).lower()
+        if name not in OPTIMIZERS:
+            raise ValueError(f"optimizer {optimizer!r} is not one of SGD, Momentum, Nesterov, "
+                             "AdaGrad, RMSprop, Adam")
+        settings = dict(optimizer_param)
+        try:
+            self.optimizer = make_optimizer(name, settings.pop("lr", 0.01), **settings)
+        except TypeError as err:
+            raise ValueError(f"optimizer_param {optimizer_param!r} does not fit {optimizer}: "
+                             f"{err}") from None
+        sample = evaluate_sample_num_per_epoch
+        if sample is not None:
+            sample = _count(sample, "evaluate_sample_num_per_epoch")
+        self.evaluate_sample_num_per_epoch = sample
+        self.verbose = verbose
+        self.budget = network.budget if max_ram is None else resolve_budget(max_ram)
+        self.train_loss_list, self.train_acc_list, self.test_acc_list = [], [], []
+        self.epoch_seconds = []
+
+    def train(self):
+        from tqdm.auto import tqdm
+
+        from lowmem_cnn.data import ArrayImages, Split
+        from lowmem_cnn.training import TrainingRun
+
+        engine = self.network.network
+        sample = self.evaluate_sample_num_per_epoch
+        run = TrainingRun(engine, self.optimizer, self.budget, self.epochs, self.batch_size,
+                          seed=int(np.random.randint(0, 2**31 - 1)), test_count=sample,
+                          train_sample=len(self.x_train) if sample is None else sample)
+        shape = engine.config.input_shape
+        self.network.sync_to_engine()
+        try:
+            run.use_data(Split(ArrayImages(self.x_train, shape, "x_train"), self.t_train),
+                         Split(ArrayImages(self.x_test, shape, "x_test"), self.t_test))
+        except LowmemError as err:
+            raise LowmemError(str(err).replace("the budget", "max_ram: the budget", 1)) from None
+        bar = tqdm(total=self.epochs * run.loop.updates_per_epoch, unit="batch",
+                   disable=not self.verbose, leave=False)
+
+        def updated(loss, n):
+            self.train_loss_list.append(loss)
+            bar.update(1)
+            bar.set_postfix_str(f"loss {loss:.4f}", refresh=False)
+
+        def epoch_ends(record):
+            self.train_acc_list.append(record["train_accuracy"])
+            self.test_acc_list.append(record["test_accuracy"])
+            self.epoch_seconds.append(record["seconds"])
+            if self.verbose:
+                bar.write(f"=== epoch:{record['epoch']}, train acc:{record['train_accuracy']:.4f}, "
+                          f"test acc:{record['test_accuracy']:.4f} ===")
+
+        try:
+            run.run(updated, epoch_ends)
+        finally:
+            bar.close()
+            self.network.sync_from_engine()  # the trained weights into the user's arrays
+            run.release_memory()
+            self.network.engine.reset()  # the run planned the network its own way
+        if self.verbose:
+            accuracy = self.network.accuracy(self.x_test, self.t_test)
+            print(f"=============== Final Test Accuracy ===============\ntest acc:{accuracy}")
 
 
 # --- arguments -----------------------------------------------------------------------
