@@ -164,10 +164,6 @@ def test_huge_declared_array_is_refused(network, tmp_path, elements):
     assert peak < 64 * 2**20
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: params._reconstruct passes the pickle's shape to ndarray.__new__, which "
-    "allocates it (NumPy itself always pickles (0,) there): 2 GiB is allocated, and "
-    "10**12 elements are refused as 'MemoryError: Unable to allocate'"))
 @pytest.mark.parametrize("elements", [2**31, 10**12])
 def test_huge_array_declared_to_the_constructor_is_refused_unallocated(network, tmp_path,
                                                                        elements):

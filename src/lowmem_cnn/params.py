@@ -27,7 +27,13 @@ def _dtype(spec, align=False, copy=False):
 def _reconstruct(subtype, shape, dtype):
     if subtype is not np.ndarray:
         raise _Refused("only plain NumPy arrays are allowed")
-    return np.ndarray.__new__(np.ndarray, shape, _dtype(dtype))
+    # NumPy pickles an array as an empty one whose state (shape and bytes, checked
+    # against each other) is set after; any other shape here would be allocated as it
+    # says, however huge, before anything could check it
+    if tuple(shape) != (0,):
+        raise _Refused(f"it declares an array of shape {tuple(shape)} outside its data, "
+                       "which NumPy never writes")
+    return np.ndarray.__new__(np.ndarray, (0,), _dtype(dtype))
 
 
 # Everything a pickled dict of NumPy arrays names (older NumPy wrote numpy.core).
