@@ -60,12 +60,6 @@ def test_peak_rss_stays_under_the_budget(command, budget, mnist_dir, tmp_path, r
         assert abs(report["measured_peak_bytes"] - result.peak_rss) < 2**20
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: train names the minimum of its first plan, made before the data is opened; the "
-    "second plan adds the batch buffers, the permutation, the evaluation batch and what "
-    "opening the data left resident, and the baseline differs from run to run. Named "
-    "57,576,670 bytes; run at it, train refuses needing 59,430,242; it first ran at 60.0 MB "
-    "(peak RSS 57,688,064, planned peak 57.2 MiB)"))
 def test_train_runs_at_the_minimum_it_names(mnist_dir, tmp_path):
     args = [*TRAIN, "--data-dir", mnist_dir, "--out", tmp_path / "p.pkl"]
     refused = run_lowmem(*args, "--max-ram", "1M", cwd=tmp_path)
