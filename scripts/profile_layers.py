@@ -1,7 +1,7 @@
 """Per-layer times of one training micro-batch: forward and backward of each layer.
 
-One thread (a single-threaded BLAS, as lowmem-cnn runs it), the plan's tile sizes for
-a budget, warm workspaces. Each repetition runs a whole micro-batch (every forward,
+One thread (a single-threaded BLAS, as lowmem-cnn runs it), large arrays mapped one by
+one (as the commands run), the plan's tile sizes for a budget, warm workspaces. Each repetition runs a whole micro-batch (every forward,
 the loss, every backward, as Network._gradient does), timing each layer's call; the
 table gives the minimum and the median over the repetitions, in ms.
 
@@ -29,7 +29,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 
 import numpy as np  # noqa: E402
 
-from lowmem_cnn.budget import parse_size  # noqa: E402
+from lowmem_cnn.budget import map_large_arrays, parse_size  # noqa: E402
 from lowmem_cnn.config import load_config  # noqa: E402
 from lowmem_cnn.layers import Gradients, softmax_cross_entropy  # noqa: E402
 from lowmem_cnn.model import Network  # noqa: E402
@@ -106,6 +106,7 @@ def main():
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--compare", metavar="REF", help="git revision to alternate with")
     options = parser.parse_args()
+    map_large_arrays()  # as the commands do: a fresh large array is faulted in afresh
 
     config = load_config(options.config)
     network = Network(config.network, np.float32, threads=1)

@@ -139,7 +139,8 @@ class PoisonedWorkspace(Workspace):
     def array(self, owner, name, shape, dtype):
         a = super().array(owner, name, shape, dtype)
         a[...] = np.nan
-        self.sizes[name] = max(self.sizes.get(name, 0), a.nbytes)
+        key = (id(owner), name)
+        self.sizes[key] = max(self.sizes.get(key, 0), a.nbytes)
         return a
 
 
@@ -237,6 +238,51 @@ def test_pooling_matches_reference(n, c, h, w, size, stride, seed):
                     p, q = np.unravel_index(np.argmax(window), window.shape)  # first maximum
                     expected[a, i * stride + p, j * stride + q, ch] += dout[a, i, j, ch]
     np.testing.assert_allclose(dx, expected)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_convolutions_in_a_row_share_a_workspace(train):
+    """Several convolutions in one thread's workspace (scratch arrays shared, each input
+    gradient written over the kept input) give what each gives alone, and hold the
+    largest of each shared array once, as shared_workspace says."""
+    rng = np.random.default_rng(9)
+    specs = [((8, 8, 2), 16, 3, 1, 1), ((8, 8, 16), 4, 3, 1, 0), ((6, 6, 4), 16, 3, 1, 2),
+             ((8, 8, 16), 3, 3, 2, 1), ((4, 4, 3), 5, 2, 1, 1)]
+    convs = [make_conv(rng, shape, f, k, s, p, 40)[0] for shape, f, k, s, p in specs]
+    # pairs of outputs, of input gradients, transposed columns, no padding, pad 2, col2im
+    assert [(conv.group, conv.grad_group) for conv in convs] == [(2, 2), (2, 2), (2, 2),
+                                                                   (1, 1), (1, 2)]
+    x = rng.standard_normal((3, 8, 8, 2))
+    douts = [rng.standard_normal((3, *conv.out_shape)) for conv in convs]
+
+    def run(ws_for):
+        outs, saved, a = [], [], x.copy()
+        for conv in convs:
+            a, keep = conv.forward(a, train, ws_for(conv))
+            outs.append(a.copy())
+            saved.append(keep)
+            a = np.maximum(a, 0, out=a)  # ReLU in place, as in a network
+        grads = []
+        if train:
+            for conv, keep, dout in zip(reversed(convs), reversed(saved), reversed(douts),
+                                        strict=True):
+                g = Gradients({"W": np.zeros_like(conv.W), "b": np.zeros_like(conv.b)})
+                dx = conv.backward(dout.copy(), keep, g, ws_for(conv))
+                grads.append((dx.copy(), g["W"], g["b"]))
+        return outs, grads
+
+    shared = PoisonedWorkspace()
+    together = run(lambda conv: shared)
+    alone = run(lambda conv: Workspace())
+    for a, b in zip(together[0] + [g for t in together[1] for g in t],
+                    alone[0] + [g for t in alone[1] for g in t], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    own = sum(conv.memory(3, 8, train).workspace - sum(conv.shared_workspace(3, 8, train).values())
+              for conv in convs)
+    names = {name for conv in convs for name in conv.shared_workspace(3, 8, train)}
+    largest = sum(max(conv.shared_workspace(3, 8, train).get(name, 0) for conv in convs)
+                  for name in names)
+    assert sum(shared.sizes.values()) == own + largest
 
 
 @pytest.mark.parametrize("channels", [1, 2])  # the transposed columns and the usual ones

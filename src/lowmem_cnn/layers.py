@@ -84,6 +84,10 @@ def _size(shape) -> int:
 # 50 images, one thread: columns and products 3.75 -> 2.98 ms; no gain with 32 filters
 # (1.14 -> 1.16 ms at 14x14x16).
 GROUP_MAX_CHANNELS = 16
+# The owner of the workspace arrays the convolutions of a thread share, and their names.
+_CONVOLUTIONS = object()
+_SHARED = frozenset({"columns", "ones", "dW", "dW_tile", "weights", "bias", "flipped",
+                     "dout_padded"})
 
 
 class Convolution:
@@ -125,6 +129,12 @@ class Convolution:
 
     def _group(self, channels, line):
         return 2 if self.stride == 1 and channels <= GROUP_MAX_CHANNELS and line % 2 == 0 else 1
+
+    @staticmethod
+    def _owner(name, train, layer):
+        """Scratch arrays, dead when a call returns, are shared by all the convolutions
+        of a thread (see shared_workspace); the others are the layer's own."""
+        return _CONVOLUTIONS if name in _SHARED or (name == "padded" and not train) else layer
 
     # --- shapes and tiles -----------------------------------------------------------
 
@@ -174,13 +184,14 @@ class Convolution:
 
     # --- forward and backward ---------------------------------------------------------
 
-    def _pad(self, x, ws, name, pad):
+    def _pad(self, x, ws, name, pad, train=True):
         """`x` in a workspace array with a border of `pad` zeros (only the border is
         zeroed: 0.18 ms against np.pad's 0.6 ms for 50 images of 28x28x16)."""
         if not pad:
             return x
         m, h, w, c = x.shape
-        padded = ws.array(self, name, (m, h + 2 * pad, w + 2 * pad, c), x.dtype)
+        padded = ws.array(self._owner(name, train, self), name, (m, h + 2 * pad, w + 2 * pad, c),
+                          x.dtype)
         padded[:, :pad] = 0
         padded[:, pad + h :] = 0
         padded[:, pad : pad + h, :pad] = 0
@@ -194,7 +205,7 @@ class Convolution:
         k, _, c, f = filters.shape
         if group == 1 and filters.flags.c_contiguous:
             return filters.reshape(k * k * c, f)
-        weights = ws.array(self, name, (k, k + group - 1, c, group, f), filters.dtype)
+        weights = ws.array(_CONVOLUTIONS, name, (k, k + group - 1, c, group, f), filters.dtype)
         if group > 1:
             weights.fill(0)
         for t in range(group):
@@ -205,7 +216,7 @@ class Convolution:
         """out = the columns of `padded` (windows of `group` outputs) @ weights (+ bias),
         a tile at a time; `out` has a row per column row."""
         rows, _ = tile
-        buffer = ws.array(self, "columns", (self._columns_size(len(padded), train),),
+        buffer = ws.array(_CONVOLUTIONS, "columns", (self._columns_size(len(padded), train),),
                           padded.dtype)
         view = windows(padded, self.size, stride, group=group)
         for start, stop, columns in column_tiles(view, rows, buffer):
@@ -218,12 +229,12 @@ class Convolution:
         m = len(x)
         oh, ow, f = self.out_shape
         g = self.group
-        padded = self._pad(x, ws, "padded", self.pad)
+        padded = self._pad(x, ws, "padded", self.pad, train)
         out = ws.array(self, "out", (m * oh * ow // g, g * f), x.dtype)
         weights = self._grouped(self.W.reshape(self.size, self.size, -1, f), g, ws, "weights")
         bias = self.b
         if g > 1:
-            bias = ws.array(self, "bias", (g, f), x.dtype)
+            bias = ws.array(_CONVOLUTIONS, "bias", (g, f), x.dtype)
             bias[:] = self.b
             bias = bias.reshape(g * f)
         self._convolve(padded, self.stride, weights, g, self._forward_tile(m), out, ws,
@@ -237,14 +248,14 @@ class Convolution:
         dtype = dout.dtype
         dout = dout.reshape(-1, self.filters)
         # the column sums as a BLAS product: 3x faster than sum(axis=0) over many rows
-        ones = ws.array(self, "ones", (len(dout),), dtype)
+        ones = ws.array(_CONVOLUTIONS, "ones", (len(dout),), dtype)
         ones.fill(1)
         grads.add("b", ones @ dout)
         self._weight_grad(dout, padded, grads, ws)
         if not self.need_input_grad:
             return None
         if self.transposed_grad:
-            return self._input_grad(dout.reshape(m, *self.out_shape), ws)
+            return self._input_grad(dout.reshape(m, *self.out_shape), padded, ws)
         return self._input_grad_col2im(dout, ws)
 
     def _weight_grad(self, dout, padded, grads, ws):
@@ -253,16 +264,16 @@ class Convolution:
         k, c, f, g = self.size, self.in_shape[2], self.filters, self.group
         m = len(padded)
         rows, width = self._forward_tile(m)
-        buffer = ws.array(self, "columns", (self._columns_size(m, True),), dout.dtype)
+        buffer = ws.array(_CONVOLUTIONS, "columns", (self._columns_size(m, True),), dout.dtype)
         dout = dout.reshape(-1, g * f)  # a row per column row
-        total = ws.array(self, "dW", (width, g * f), dout.dtype)
+        total = ws.array(_CONVOLUTIONS, "dW", (width, g * f), dout.dtype)
         view = windows(padded, k, self.stride, group=g)
         for start, stop, columns in column_tiles(view, rows, buffer):
             if start == 0:
                 np.matmul(columns.T, dout[start:stop], out=total)
             else:
                 total += np.matmul(columns.T, dout[start:stop],
-                                   out=ws.array(self, "dW_tile", total.shape, dout.dtype))
+                                   out=ws.array(_CONVOLUTIONS, "dW_tile", total.shape, dout.dtype))
         if g == 1:
             grads.add("W", total)
             return
@@ -276,17 +287,22 @@ class Convolution:
             else:
                 target += total[:, t : t + k, :, t, :]
 
-    def _input_grad(self, dout, ws):
+    def _input_grad(self, dout, kept, ws):
         """Stride 1: the input gradient is the convolution of the output gradient, padded
         by size - 1 - pad, with the filters turned by 180 degrees and each filter's
-        input and output channels swapped."""
+        input and output channels swapped. It is written over the kept input (padded, or
+        the input itself), which the weight gradient was the last to read."""
         k, c, f, g = self.size, self.in_shape[2], self.filters, self.grad_group
         h, w, _ = self.in_shape
         m = len(dout)
         padded = self._pad(dout, ws, "dout_padded", k - 1 - self.pad)
         flipped = self.W.reshape(k, k, c, f)[::-1, ::-1].transpose(0, 1, 3, 2)
         weights = self._grouped(flipped, g, ws, "flipped")
-        grad = ws.array(self, "grad", (m * h * w // g, g * c), dout.dtype)
+        shape = (m * h * w // g, g * c)
+        if kept.flags.c_contiguous and kept.dtype == dout.dtype:
+            grad = kept.reshape(-1)[: m * h * w * c].reshape(shape)
+        else:  # not with the layers here: their outputs are contiguous
+            grad = ws.array(self, "grad", shape, dout.dtype)
         self._convolve(padded, 1, weights, g, self._grad_tile(m), grad, ws, True)
         return grad.reshape(m, h, w, c)
 
@@ -312,28 +328,42 @@ class Convolution:
         np.copyto(inner, grad[:, p : p + h, p : p + w, :])
         return inner
 
-    def memory(self, m, itemsize, train):
+    def _arrays(self, m, train):
+        """The values of each workspace array the layer uses, by name."""
         h, w, c = self.in_shape
         oh, ow, f = self.out_shape
         k, g, gg = self.size, self.group, self.grad_group
-        held = m * oh * ow * f + self._columns_size(m, train)  # out, columns
+        arrays = {"out": m * oh * ow * f, "columns": self._columns_size(m, train)}
         if g > 1:
-            held += k * (k + g - 1) * c * g * f + g * f  # grouped weights, bias
-        if self.pad:
-            held += m * math.prod(self._padded_shape())  # kept until backward when training
+            arrays.update(weights=k * (k + g - 1) * c * g * f, bias=g * f)
+        if self.pad:  # kept until backward when training
+            arrays["padded"] = m * math.prod(self._padded_shape())
         if train:
             rows, width = self._forward_tile(m)
-            held += m * oh * ow  # ones
-            held += width * g * f * (2 if self._tiles(m) > 1 else 1)  # dW and a tile's
-            if self._grad_by_convolution():
+            arrays.update(ones=m * oh * ow, dW=width * g * f)
+            if self._tiles(m) > 1:
+                arrays["dW_tile"] = width * g * f
+            if self._grad_by_convolution():  # the gradient is written over the kept input
                 if k - 1 - self.pad:
-                    held += m * math.prod(self._grad_padded_shape())
-                held += k * (k + gg - 1) * f * gg * c + m * h * w * c  # flipped, gradient
-            elif self.need_input_grad:  # padded gradient, column gradients, the gradient
-                held += m * math.prod(self._padded_shape()) + rows * self.width
-                held += m * h * w * c if self.pad else 0
+                    arrays["dout_padded"] = m * math.prod(self._grad_padded_shape())
+                arrays["flipped"] = k * (k + gg - 1) * f * gg * c
+            elif self.need_input_grad:
+                arrays.update(grad_padded=m * math.prod(self._padded_shape()),
+                              grad_columns=rows * self.width)
+                if self.pad:
+                    arrays["grad"] = m * h * w * c
+        return arrays
+
+    def memory(self, m, itemsize, train):
         # without padding, the input itself is kept until backward
-        return LayerMemory(workspace=held * itemsize, keeps_input=not self.pad)
+        return LayerMemory(workspace=sum(self._arrays(m, train).values()) * itemsize,
+                           keeps_input=not self.pad)
+
+    def shared_workspace(self, m, itemsize, train) -> dict:
+        """The part of memory().workspace in arrays that all the convolutions of a
+        thread share, by name: a network holds the largest of each once."""
+        return {name: values * itemsize for name, values in self._arrays(m, train).items()
+                if self._owner(name, train, self) is _CONVOLUTIONS}
 
     def book_columns_bytes(self, n) -> int:
         """What the book's whole-batch im2col allocates for n images (float64)."""
