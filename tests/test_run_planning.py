@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from peak import run_measured
+from conftest import run_lowmem
 
 from lowmem_cnn.config import load_config
 from lowmem_cnn.model import Network
@@ -38,8 +38,9 @@ def test_a_config_too_big_for_the_budget_is_refused_before_allocating(tmp_path, 
     args = {"train": ["train", *data], "eval": ["eval", book_params, *data],
             "profile-memory": ["profile-memory", *data],
             "predict": ["predict", book_params, tmp_path / "digit.png"]}[command]
-    code, _, err, peak = run_measured(*args, "--config", config, "--max-ram", "256M", cwd=tmp_path)
-    assert code == 1, err
+    result = run_lowmem(*args, "--config", config, "--max-ram", "256M", cwd=tmp_path)
+    err, peak = result.stderr, result.peak_rss
+    assert result.returncode == 1, err
     assert "needs at least" in err and "Traceback" not in err and "MemoryError" not in err
     assert len(err.strip().splitlines()) <= 2  # the budget line (train) and the error
     assert peak < 256 * 2**20  # refused within the budget

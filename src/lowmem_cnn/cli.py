@@ -1,6 +1,7 @@
 """The command line: parse, build the objects, call them, print."""
 
 import json
+import re
 import signal
 import sys
 import time
@@ -39,10 +40,23 @@ def _common(command):
     options = [
         click.option("--max-ram", metavar="SIZE", help=BUDGET_HELP),
         click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
-                     help="Directory of the four IDX files (gzipped or not). Default: "
+                     help="Directory of the four IDX files (gzipped or not), or a folder of "
+                          "pictures: train/<class>/ and test/<class>/, or <class>/ only. Default: "
                           "$LOWMEM_CNN_DATA, else the user cache (MNIST is downloaded there)."),
-        click.option("--config", "config_name", default=DEFAULT_CONFIG, show_default=True,
-                     help="Network config: a name in configs/ or a .toml path."),
+        click.option("--image-size", metavar="N|HxW",
+                     help="A folder's pictures are scaled (shorter side) and centre-cropped to "
+                          "this.  [default: the network's input size, 28x28 for the shipped "
+                          "configs; or the size the parameter file was trained at]"),
+        click.option("--test-split", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+                     default=0.2, show_default=True,
+                     help="A folder of <class>/ only: the share of each class's pictures kept "
+                          "for testing, drawn the same way every run."),
+        click.option("--strict", is_flag=True,
+                     help="A file in a folder that is not a usable picture is an error (by "
+                          "default it is skipped with a warning)."),
+        click.option("--config", "config_name",
+                     help="Network config: a name in configs/ or a .toml path.  [default: "
+                          f"{DEFAULT_CONFIG}, or the one a parameter file was trained with]"),
         click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32",
                      show_default=True, help="Float type of the arithmetic (float64: the book's)."),
         click.option("--threads", type=click.IntRange(min=1), default=default_threads(),
@@ -72,12 +86,39 @@ def _sayer(as_json):
     return lambda text: click.echo(text, err=as_json)
 
 
-def _open_data(data_dir, say):
+def _open_data(data_dir, say, folder=None):
     from lowmem_cnn.data import open_data
 
-    data = open_data(data_dir, progress=_download_bar)
+    data = open_data(data_dir, progress=_download_bar, folder=folder)
     say(f"data: {data.describe()}")
     return data
+
+
+def _image_size(text, network_size):
+    """--image-size as (H, W): 'N' or 'HxW'; `network_size` without it."""
+    if text is None:
+        return tuple(network_size)
+    found = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+))?\s*", text)
+    if not found or int(found[1]) < 1 or int(found[2] or 1) < 1:
+        raise click.BadParameter(f"{text!r}: give N or HxW in pixels, e.g. 64 or 48x64",
+                                 param_hint="--image-size")
+    return int(found[1]), int(found[2] or found[1])
+
+
+def _folder(budget, size, channels, test_split, strict):
+    """How to read a folder of pictures: each picture decoded within what the budget
+    leaves (the decoding pass holds one picture at a time)."""
+    from lowmem_cnn.budget import current_rss
+    from lowmem_cnn.data import FolderOptions
+    from lowmem_cnn.planner import MARGIN_BYTES
+
+    room = budget - current_rss() - MARGIN_BYTES
+    if room < MIN_DECODE_BYTES:
+        raise LowmemError(f"the budget of {budget:,} bytes leaves no room to decode pictures: the "
+                          f"process already holds {format_size(current_rss())}")
+    return FolderOptions(size, channels, test_split, strict, room,
+                         warn=lambda message: click.echo(f"warning: {message}", err=True),
+                         progress=lambda total, what: _progress(total, what, "img"))
 
 
 def _describe_plan(network, plan, say):
@@ -108,14 +149,40 @@ def _budget(max_ram, threads, say):
     return budget
 
 
-class _Run:
-    """What eval and profile-memory set up: budget, network, data and the memory plan."""
+# A budget that leaves less than this to decode a picture is refused at once (every
+# decode is estimated at 3 MiB at least, see imaging.decode_bytes).
+MIN_DECODE_BYTES = 4 * 2**20
 
-    def __init__(self, max_ram, config_name, dtype, threads, as_json):
+
+class _Run:
+    """What eval and profile-memory set up: budget, network, data and the memory plan.
+
+    With a folder of pictures the data comes first: its pictures' size and colour and
+    its classes make the network's input and scores. A parameter file trained on a
+    folder says them too (params.read_meta), and the folder must have its classes.
+    """
+
+    def __init__(self, max_ram, config_name, dtype, threads, as_json, data_dir, image_size,
+                 test_split, strict, params=None):
+        from lowmem_cnn.data import is_image_folder
+        from lowmem_cnn.params import read_meta
+
         self.say = _sayer(as_json)
         self.budget = _budget(max_ram, threads, self.say)
-        self.config = load_config(config_name)
-        self.network = Network(self.config.network, np.dtype(dtype), threads)
+        meta = read_meta(params) if params else None
+        config = load_config(config_name or (meta or {}).get("config") or DEFAULT_CONFIG).network
+        self.data = None
+        if is_image_folder(data_dir):
+            c, h, w = meta["input_shape"] if meta else (None, *config.input_shape[1:])
+            self.data = _open_data(data_dir, self.say, _folder(
+                self.budget, _image_size(image_size, (h, w)), c, test_split, strict))
+            if meta and list(self.data.classes) != meta["classes"]:
+                raise LowmemError(f"{self.data.source}: its classes ({', '.join(self.data.classes)}) "
+                                  f"are not those {params} was trained on ({', '.join(meta['classes'])})")
+            config = config.for_data(self.data.input_shape, self.data.classes)
+        elif meta:
+            config = config.for_data(meta["input_shape"], meta["classes"])
+        self.network = Network(config, np.dtype(dtype), threads)
 
     def make_plan(self, train, batch_size, fixed, evaluations=True):
         from lowmem_cnn.planner import make_plan, measure_baseline
@@ -133,9 +200,13 @@ class _Run:
     def open_data(self, data_dir):
         from lowmem_cnn.training import check_image_shape
 
-        data = _open_data(data_dir, self.say)
+        data = self.data or _open_data(data_dir, self.say)
         check_image_shape(self.network, data.test)
         return data
+
+    def class_name(self, k) -> str:
+        names = self.network.config.class_names
+        return names[k] if names else str(k)
 
     def describe_plan(self):
         _describe_plan(self.network, self.plan, self.say)
@@ -188,7 +259,8 @@ class _StopRequest:
               help="Also draw accuracy and loss per epoch into this PNG (needs the plot extra).")
 @_common
 def train(epochs, batch_size, lr, optimizer, seed, out, limit, checkpoint_path, checkpoint_every,
-          resume, plot, max_ram, data_dir, config_name, dtype, threads, as_json):
+          resume, plot, max_ram, data_dir, image_size, test_split, strict, config_name, dtype,
+          threads, as_json):
     """Train the network on the training images; report test accuracy after each epoch.
 
     Ctrl-C or SIGTERM: the current update finishes, a checkpoint is written, and
@@ -196,16 +268,29 @@ def train(epochs, batch_size, lr, optimizer, seed, out, limit, checkpoint_path, 
     checkpoint or parameter file is refused while this one runs."""
     from lowmem_cnn import training
 
+    from lowmem_cnn.data import is_image_folder
+
     checkpointing = training.Checkpointing(checkpoint_path or out.with_name(out.name + ".ckpt"),
                                            checkpoint_every)
     say = _sayer(as_json)
+    folder_data = None  # a folder of pictures, opened first: it gives the network's shape
 
     def open_data_for(run):
         if plot:
             from lowmem_cnn.planner import check_picture_room
 
             check_picture_room(run.budget, run.plan.baseline, "curves")
-        return _open_data(data_dir, say)
+        settings = run.settings
+        if folder_data is not None or settings.classes is None:
+            return folder_data or _open_data(data_dir, say)
+        # a resumed run on a folder: read it as the run was started
+        c, h, w = settings.input_shape
+        data = _open_data(data_dir, say, _folder(run.budget, (h, w), c, settings.test_fraction,
+                                                 settings.strict))
+        if list(getattr(data, "classes", [])) != settings.classes:
+            raise LowmemError(f"{data.source}: not the folder of classes "
+                              f"{', '.join(settings.classes)} the run was started on")
+        return data
 
     if resume:
         budget = resolve_budget(max_ram) if max_ram else None  # else the recorded one
@@ -216,12 +301,21 @@ def train(epochs, batch_size, lr, optimizer, seed, out, limit, checkpoint_path, 
                 f"parameters are in {done.settings.out}")
             return
     else:
-        defaults = load_config(config_name).training
+        config_name = config_name or DEFAULT_CONFIG
+        config = load_config(config_name)
+        defaults = config.training
         settings = training.Settings(
             config=config_name, dtype=dtype, epochs=epochs or defaults.epochs,
             batch_size=batch_size or defaults.batch_size, lr=lr or defaults.lr,
             optimizer=optimizer or defaults.optimizer, seed=seed, limit=limit, out=str(out),
             max_ram=_budget(max_ram, threads, say), threads=threads)
+        if is_image_folder(data_dir):
+            folder_data = _open_data(data_dir, say, _folder(
+                settings.max_ram, _image_size(image_size, config.network.input_shape[1:]), None,
+                test_split, strict))
+            settings.input_shape = list(folder_data.input_shape)
+            settings.classes = list(folder_data.classes)
+            settings.test_fraction, settings.strict = test_split, strict
         run, _ = training.start(settings, checkpointing, open_data_for, say)
     settings, loop = run.settings, run.loop
     _describe_plan(run.network, run.plan, say)
@@ -292,15 +386,15 @@ def train(epochs, batch_size, lr, optimizer, seed, out, limit, checkpoint_path, 
               help="Draw the first 100 misclassified images, captioned true -> predicted, "
                    "into this PNG (needs the plot extra).")
 @_common
-def evaluate_command(params, batch_size, split, misclassified, max_ram, data_dir, config_name,
-                     dtype, threads, as_json):
+def evaluate_command(params, batch_size, split, misclassified, max_ram, data_dir, image_size,
+                     test_split, strict, config_name, dtype, threads, as_json):
     """Accuracy, per-class accuracy and confusion matrix of a parameter file."""
     from lowmem_cnn.params import load_params
+    from lowmem_cnn.planner import check_parameters_fit
     from lowmem_cnn.training import MAX_READ_IMAGES, evaluate
 
-    from lowmem_cnn.planner import check_parameters_fit
-
-    run = _Run(max_ram, config_name, dtype, threads, as_json)
+    run = _Run(max_ram, config_name, dtype, threads, as_json, data_dir, image_size, test_split,
+               strict, params)
     check_parameters_fit(run.network, run.budget, loading=True)
     load_params(params, run.network)
     # uint8 rows and predicted labels of one read
@@ -321,9 +415,10 @@ def evaluate_command(params, batch_size, split, misclassified, max_ram, data_dir
 
         run.network.release_memory()
         indices = np.array([i for i, _, _ in result.wrong], np.int64)
-        plot_misclassified(chosen.images.read(indices), [t for _, t, _ in result.wrong],
-                           [p for _, _, p in result.wrong], (chosen.images.rows, chosen.images.cols),
-                           misclassified)
+        images = chosen.images
+        plot_misclassified(images.read(indices), [run.class_name(t) for _, t, _ in result.wrong],
+                           [run.class_name(p) for _, _, p in result.wrong],
+                           (getattr(images, "channels", 1), images.rows, images.cols), misclassified)
         run.say(f"{len(result.wrong)} misclassified images drawn in {misclassified}")
     peak = peak_rss()
     if as_json:
@@ -331,16 +426,19 @@ def evaluate_command(params, batch_size, split, misclassified, max_ram, data_dir
             "accuracy": result.accuracy, "correct": result.correct, "n": result.n,
             "per_class_accuracy": result.per_class().tolist(),
             "confusion": result.confusion.tolist(), "split": split,
+            "classes": [run.class_name(k) for k in range(len(result.confusion))],
             "seconds": seconds, "peak_rss_bytes": peak, "max_ram_bytes": run.budget,
         }))
         return
     click.echo(f"accuracy: {result.accuracy:.4f} ({result.correct:,} of {result.n:,} {split} images)")
-    click.echo("per class: " + "  ".join(f"{k}: {a:.4f}" for k, a in enumerate(result.per_class())))
+    names = [run.class_name(k) for k in range(len(result.confusion))]
+    click.echo("per class: " + "  ".join(f"{name}: {a:.4f}"
+                                         for name, a in zip(names, result.per_class(), strict=True)))
     click.echo("confusion matrix (rows: true label, columns: predicted):")
-    classes = len(result.confusion)
-    click.echo("     " + "".join(f"{k:>6}" for k in range(classes)))
-    for k, row in enumerate(result.confusion):
-        click.echo(f"{k:>5}" + "".join(f"{v:>6}" for v in row))
+    width = max(6, max(map(len, names)) + 1)
+    click.echo(" " * width + "".join(f"{name[:width - 1]:>{width}}" for name in names))
+    for name, row in zip(names, result.confusion, strict=True):
+        click.echo(f"{name[:width - 1]:>{width}}" + "".join(f"{v:>{width}}" for v in row))
     click.echo(f"{seconds:.2f} s; peak RSS: {peak:,} bytes ({format_size(peak)}); "
                f"budget {run.budget:,} bytes")
 
@@ -355,16 +453,16 @@ def evaluate_command(params, batch_size, split, misclassified, max_ram, data_dir
               help="Also draw the book's bytes against the tiled bytes per layer into this PNG "
                    "(needs the plot extra).")
 @_common
-def profile_memory(batch_size, train, plot, max_ram, data_dir, config_name, dtype, threads,
-                   as_json):
+def profile_memory(batch_size, train, plot, max_ram, data_dir, image_size, test_split, strict,
+                   config_name, dtype, threads, as_json):
     """Per layer: what the book's whole-batch im2col would allocate against the tiles
     used here; then the planned peak and the measured peak RSS of running the batch."""
+    from lowmem_cnn.planner import check_parameters_fit, training_state_bytes
     from lowmem_cnn.profiling import layer_table, run_batch
     from lowmem_cnn.training import MAX_READ_IMAGES
 
-    from lowmem_cnn.planner import check_parameters_fit, training_state_bytes
-
-    run = _Run(max_ram, config_name, dtype, threads, as_json)
+    run = _Run(max_ram, config_name, dtype, threads, as_json, data_dir, image_size, test_split,
+               strict)
     network = run.network
     check_parameters_fit(network, run.budget, 0 if train else None)
     network.init_params(np.random.default_rng(0))
@@ -409,45 +507,56 @@ def profile_memory(batch_size, train, plot, max_ram, data_dir, config_name, dtyp
 @main.command()
 @click.argument("params", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--config", "config_name", default=DEFAULT_CONFIG, show_default=True,
-              help="Network config: a name in configs/ or a .toml path.")
+@click.option("--config", "config_name",
+              help="Network config: a name in configs/ or a .toml path.  [default: "
+                   f"{DEFAULT_CONFIG}, or the one the parameter file was trained with]")
 @click.option("--max-ram", metavar="SIZE", help=BUDGET_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON line per image.")
 @_user_errors
 def predict(params, images, config_name, max_ram, as_json):
-    """The digit in each picture (PNG, JPEG, PGM, any size; needs the images extra),
-    made to look like MNIST's first: grayscale, white on black, centred in 28x28."""
-    from lowmem_cnn.imaging import mnist_style
-    from lowmem_cnn.params import load_params
+    """The class of each picture (PNG, JPEG, PGM, WebP, any size; needs the images extra).
+
+    For a network trained on a folder of pictures, each is scaled and cropped as the
+    folder's were, and the class is named. For MNIST's digits, each is made to look like
+    MNIST's first: grayscale, white on black, centred in 28x28."""
+    from lowmem_cnn.imaging import image_row, mnist_style
+    from lowmem_cnn.params import load_params, read_meta
     from lowmem_cnn.planner import check_parameters_fit
 
     budget = resolve_budget(max_ram, 1)
-    config = load_config(config_name)
-    network = Network(config.network)
+    meta = read_meta(params)
+    config = load_config(config_name or (meta or {}).get("config") or DEFAULT_CONFIG).network
+    if meta:
+        config = config.for_data(meta["input_shape"], meta["classes"])
+    network = Network(config)
     check_parameters_fit(network, budget, loading=True)
     load_params(params, network)
-    c, h, w = config.network.input_shape
-    if c != 1 or (h, w) != (28, 28):
-        raise LowmemError(f"{config.network.name} takes {c}x{h}x{w} inputs, not 28x28 digits")
+    c, h, w = config.input_shape
+    if not meta and (c != 1 or (h, w) != (28, 28)):
+        raise LowmemError(f"{config.name} takes {c}x{h}x{w} inputs, not 28x28 digits")
+    names = config.class_names or [str(k) for k in range(network.classes)]
     for start in range(0, len(images), 100):  # a few pictures at a time, however many
         chunk = images[start : start + 100]
-        rows = np.stack([mnist_style(path) for path in chunk])
-        scores = network.scores(network.to_input(rows)).astype(np.float64)
+        rows = []
+        for path in chunk:
+            room = _folder(budget, (h, w), c, 0.5, False).max_decode_bytes
+            rows.append(image_row(path, (h, w), c, room) if meta else mnist_style(path, room))
+        scores = network.scores(network.to_input(np.stack(rows))).astype(np.float64)
         scores -= scores.max(axis=1, keepdims=True)
         probabilities = np.exp(scores)
         probabilities /= probabilities.sum(axis=1, keepdims=True)
         for path, p in zip(chunk, probabilities, strict=True):
-            _print_prediction(path, p, as_json)
+            _print_prediction(path, p, names, as_json)
 
 
-def _print_prediction(path, p, as_json):
-    digit = int(p.argmax())
+def _print_prediction(path, p, names, as_json):
+    best = int(p.argmax())
     if as_json:
-        click.echo(json.dumps({"image": str(path), "digit": digit,
+        click.echo(json.dumps({"image": str(path), "class": names[best], "digit": best,
                                "probabilities": [round(float(v), 6) for v in p]}))
     else:
-        click.echo(f"{path}: {digit} ({p[digit]:.3f})   "
-                   + " ".join(f"{k}:{v:.3f}" for k, v in enumerate(p)))
+        click.echo(f"{path}: {names[best]} ({p[best]:.3f})   "
+                   + " ".join(f"{name}:{v:.3f}" for name, v in zip(names, p, strict=True)))
 
 
 if __name__ == "__main__":

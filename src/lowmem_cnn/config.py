@@ -1,7 +1,7 @@
 """Network and training settings from a TOML file in configs/ (or any path)."""
 
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -17,6 +17,19 @@ class NetworkConfig:
     input_shape: tuple  # (C, H, W), as the book writes it
     layers: tuple
     weight_init: str | float  # "he" (std sqrt(2 / inputs of the layer)) or a fixed std
+    class_names: tuple | None = None  # set for data with named classes (image folders)
+
+    def for_data(self, input_shape, class_names) -> "NetworkConfig":
+        """This network for other data: its input shape (C, H, W), and as many scores as
+        the data has classes (the last affine layer's units)."""
+        layers = [dict(layer) for layer in self.layers]
+        last = max((i for i, layer in enumerate(layers) if layer.get("type") == "affine"),
+                   default=None)
+        if last is None:
+            raise LowmemError(f"{self.name}: has no affine layer to give the classes' scores")
+        layers[last]["units"] = len(class_names)
+        return replace(self, input_shape=tuple(input_shape), layers=tuple(layers),
+                       class_names=tuple(class_names))
 
 
 @dataclass(frozen=True)

@@ -346,13 +346,47 @@ def _fetch(url: str, target: Path, progress):
                 bar.close()
 
 
-def open_data(data_dir: Path | None = None, progress=None) -> Dataset:
-    """The data set from --data-dir, else $LOWMEM_CNN_DATA, else the cache (downloading MNIST)."""
+@dataclass
+class FolderOptions:
+    """How to read a folder of pictures (see folders.open_folder)."""
+
+    image_size: tuple  # (H, W)
+    channels: int | None = None  # None: from the pictures
+    test_fraction: float = 0.2
+    strict: bool = False
+    max_decode_bytes: int | None = None
+    warn: object = None  # warn(message) for skipped files
+    progress: object = None  # progress(total, description) -> a bar for the decoding pass
+
+
+def data_directory(data_dir: Path | None) -> tuple[Path | None, str | None]:
+    """(--data-dir, else $LOWMEM_CNN_DATA, else None; how to name it)."""
     if data_dir is not None:
-        return open_directory(Path(data_dir))
+        return Path(data_dir), None
     if os.environ.get("LOWMEM_CNN_DATA"):
-        return open_directory(Path(os.environ["LOWMEM_CNN_DATA"]), source="$LOWMEM_CNN_DATA="
-                              + os.environ["LOWMEM_CNN_DATA"])
+        return Path(os.environ["LOWMEM_CNN_DATA"]), "$LOWMEM_CNN_DATA=" + os.environ["LOWMEM_CNN_DATA"]
+    return None, None
+
+
+def is_image_folder(data_dir: Path | None) -> bool:
+    from lowmem_cnn.folders import is_image_folder
+
+    directory, _ = data_directory(data_dir)
+    return directory is not None and is_image_folder(directory)
+
+
+def open_data(data_dir: Path | None = None, progress=None, folder: FolderOptions | None = None):
+    """The data set from --data-dir, else $LOWMEM_CNN_DATA, else the cache (downloading
+    MNIST): four IDX files, or with `folder` a folder of pictures."""
+    directory, source = data_directory(data_dir)
+    if directory is not None and folder is not None and is_image_folder(directory):
+        from lowmem_cnn.folders import open_folder
+
+        return open_folder(directory, folder.image_size, folder.channels, folder.test_fraction,
+                           strict=folder.strict, max_decode_bytes=folder.max_decode_bytes,
+                           progress=folder.progress, warn=folder.warn, source=source)
+    if directory is not None:
+        return open_directory(directory, source=source)
     target = cache_dir() / "mnist"
     download_mnist(target, progress)
     return open_directory(target, verified=True)

@@ -354,6 +354,9 @@ class FolderImages:
     as data.ImageFile (read, read_range, empty, row_bytes, rows, cols, path, len), plus
     `channels`."""
 
+
+    pixels = True  # 0..255, divided by 255 on the way in (see Network.to_input)
+
     def __init__(self, path: Path, channels: int, rows: int, cols: int, cache_rows: np.ndarray):
         self.path = Path(path)
         self.channels, self.rows, self.cols = channels, rows, cols

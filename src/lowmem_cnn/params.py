@@ -5,6 +5,7 @@ resolves only the few names a pickled float array needs and refuses every other.
 """
 
 import io
+import json
 import pickle
 import struct
 from pathlib import Path
@@ -122,7 +123,47 @@ def load_params(path, network):
     network.load_book_params(params)
 
 
-def save_params(path, network):
-    """Write the network's parameters in the book's format, atomically."""
-    with atomic_write(Path(path), "parameter file") as f:
+def save_params(path, network, config: str | None = None):
+    """Write the network's parameters in the book's format, atomically; for a network
+    of named classes (trained on an image folder), their names, the input shape and
+    the config (`config`) in a file beside it, PATH.json (see read_meta)."""
+    path = Path(path)
+    with atomic_write(path, "parameter file") as f:
         pickle.dump(network.book_params(), f, protocol=4)
+    names = network.config.class_names
+    if names is None:
+        meta_path(path).unlink(missing_ok=True)  # a stale one would describe another network
+        return
+    meta = {"classes": list(names), "input_shape": list(network.config.input_shape), "config": config}
+    with atomic_write(meta_path(path), "parameter file's classes") as f:
+        f.write(json.dumps(meta, indent=1).encode())
+
+
+def meta_path(path) -> Path:
+    """Where the class names of a parameter file are: PATH.json. The pickle itself stays
+    the book's format, which the book's load_params reads."""
+    path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
+def read_meta(path) -> dict | None:
+    """{"classes", "input_shape", "config"} written beside a parameter file by
+    save_params, or None (the book's files, and networks of MNIST's digits)."""
+    where = meta_path(path)
+    try:
+        meta = json.loads(where.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise LowmemError(f"{where}: cannot read the parameter file's classes ({err})") from None
+    classes, shape = meta.get("classes") if isinstance(meta, dict) else None, None
+    if isinstance(meta, dict):
+        shape = meta.get("input_shape")
+    if (not isinstance(classes, list) or not 2 <= len(classes) <= 256
+            or not all(isinstance(name, str) for name in classes)
+            or not isinstance(shape, list) or len(shape) != 3
+            or not all(isinstance(v, int) and v > 0 for v in shape)
+            or not isinstance(meta.get("config"), (str, type(None)))):
+        raise LowmemError(f"{where}: not a lowmem-cnn description of classes "
+                          "(classes: 2 to 256 names, input_shape: [C, H, W], config)")
+    return meta

@@ -54,7 +54,8 @@ def plot_curves(history: list, path):
 
 
 def plot_misclassified(images: np.ndarray, true, predicted, shape, path, columns: int = 10):
-    """A grid of images, each captioned 'true -> predicted'."""
+    """A grid of images (uint8 rows of `shape` (C, H, W): gray or RGB), each captioned
+    'true -> predicted'."""
     plt = _pyplot()
     count = max(len(images), 1)
     rows = -(-count // columns)
@@ -62,7 +63,9 @@ def plot_misclassified(images: np.ndarray, true, predicted, shape, path, columns
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i < len(images):
-            ax.imshow(images[i].reshape(shape), cmap="gray", vmin=0, vmax=255)
+            c, h, w = shape
+            picture = images[i].reshape(c, h, w).transpose(1, 2, 0)
+            ax.imshow(picture[:, :, 0] if c == 1 else picture, cmap="gray", vmin=0, vmax=255)
             ax.set_title(f"{true[i]} -> {predicted[i]}", fontsize=9, color="tab:red")
     fig.suptitle("misclassified (true -> predicted)" if len(images) else "no misclassified images")
     fig.tight_layout()

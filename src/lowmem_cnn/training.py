@@ -226,6 +226,11 @@ class Settings:
     threads: int = 1
     train_images: int | None = None  # known once the data is open
     data: str | None = None  # data_identity of the training split
+    # an image folder: the network's input (C, H, W), the class names, the split
+    input_shape: list | None = None
+    classes: list | None = None
+    test_fraction: float | None = None
+    strict: bool = False
 
 
 @dataclass
@@ -402,7 +407,7 @@ class TrainingRun:
         from lowmem_cnn.params import save_params
 
         if out is not None:
-            save_params(out, self.network)
+            save_params(out, self.network, self.settings.config if self.settings else None)
         if self.checkpointing is not None:
             self.save_checkpoint(finished=True)
 
@@ -492,8 +497,10 @@ def _build(settings, checkpointing, open_data, report, locks, meta=None, arrays=
 
     if not np.isfinite(settings.lr) or settings.lr <= 0:
         raise LowmemError(f"--lr {settings.lr} is not a positive finite number")
-    config = load_config(settings.config)
-    network = Network(config.network, np.dtype(settings.dtype), settings.threads)
+    config = load_config(settings.config).network
+    if settings.classes is not None:
+        config = config.for_data(settings.input_shape, settings.classes)
+    network = Network(config, np.dtype(settings.dtype), settings.threads)
     optimizer = make_optimizer(settings.optimizer, settings.lr)
     check_parameters_fit(network, settings.max_ram, optimizer.state_copies)
     run = TrainingRun(network, optimizer, settings.max_ram, settings.epochs, settings.batch_size,
