@@ -11,7 +11,7 @@ is what the OS reports for each child (wait4); seconds are those the programs me
 (epoch, evaluation), medians over the repeats.
 
     python scripts/bench.py --max-ram 64M --max-ram 2G --torch-python venv/bin/python \\
-        --book --repeats 3 --data-dir DIR
+        --book --repeats 3 --data-dir DIR [--config deep_convnet]
 """
 
 import argparse
@@ -51,9 +51,15 @@ def main():
     parser.add_argument("--scale-repeats", type=int, default=1,
                         help="times to alternate the --scale-dir comparison")
     parser.add_argument("--limit", type=int, help="train on the first N images only")
+    parser.add_argument("--config", default="simple_convnet",
+                        help="network config for lowmem-cnn and PyTorch alike (the book-style "
+                             "baseline is SimpleConvNet only)")
+    parser.add_argument("--eval-batch", type=int, default=1000,
+                        help="PyTorch's test images per forward pass (0: all at once)")
     options = parser.parse_args()
     budgets = options.max_ram or ["2G"]
     limit = ["--limit", str(options.limit)] if options.limit else []
+    config = ["--config", options.config]
     samples = {}
 
     def add(name, **values):
@@ -66,19 +72,20 @@ def main():
                 params = os.path.join(tmp, f"params-{budget}.pkl")
                 trained, train_peak = measured(lowmem(
                     "train", "--epochs", "1", "--max-ram", budget, "--out", params, "--json",
-                    "--data-dir", options.data_dir, *limit))
+                    "--data-dir", options.data_dir, *limit, *config))
                 evaluated, eval_peak = measured(lowmem(
                     "eval", params, "--batch-size", "10000", "--max-ram", budget, "--json",
-                    "--data-dir", options.data_dir))
+                    "--data-dir", options.data_dir, *config))
                 add(f"lowmem-cnn {budget}", epoch=trained["seconds_per_epoch"][0],
                     eval=evaluated["seconds"], train_peak=train_peak, eval_peak=eval_peak,
                     accuracy=trained["test_accuracy"])
             if options.torch_python:
                 result, peak = measured([options.torch_python, os.path.join(HERE, "torch_baseline.py"),
-                                         options.data_dir, *limit])
+                                         options.data_dir, *limit, *config, "--eval-batch",
+                                         str(options.eval_batch)])
                 add("PyTorch", epoch=result["epoch_seconds"], eval=result["eval_seconds"],
                     train_peak=peak, eval_peak=peak, accuracy=result["test_accuracy"])
-        if options.book:
+        if options.book and options.config == "simple_convnet":
             result, peak = measured([sys.executable, os.path.join(HERE, "book_baseline.py"),
                                      options.data_dir, *limit])
             add("book-style NumPy", epoch=result["epoch_seconds"], eval=result["eval_seconds"],
@@ -91,13 +98,13 @@ def main():
             for _ in range(options.scale_repeats):
                 big, peak = measured(lowmem(
                     "train", "--epochs", "1", "--max-ram", budgets[-1], "--out", params, "--json",
-                    "--data-dir", options.scale_dir))
+                    "--data-dir", options.scale_dir, *config))
                 add("scale scaled", epoch=sum(big["seconds_per_epoch"]), train_peak=peak,
                     images=big["train_images"])
                 epochs = max(1, round(big["train_images"] / trained["train_images"]))
                 small, peak = measured(lowmem(
                     "train", "--epochs", str(epochs), "--max-ram", budgets[-1], "--out", params,
-                    "--json", "--data-dir", options.data_dir))
+                    "--json", "--data-dir", options.data_dir, *config))
                 add("scale 60k", epoch=sum(small["seconds_per_epoch"]), train_peak=peak,
                     images=small["train_images"] * epochs)
 
