@@ -296,7 +296,6 @@ class Convolution:
         k, c, f, g = self.size, self.in_shape[2], self.filters, self.grad_group
         h, w, _ = self.in_shape
         m = len(dout)
-        padded = self._pad(dout, ws, "dout_padded", k - 1 - self.pad)
         flipped = self.W.reshape(k, k, c, f)[::-1, ::-1].transpose(0, 1, 3, 2)
         weights = self._grouped(flipped, g, ws, "flipped")
         shape = (m * h * w // g, g * c)
@@ -304,8 +303,34 @@ class Convolution:
             grad = kept.reshape(-1)[: m * h * w * c].reshape(shape)
         else:  # not with the layers here: their outputs are contiguous
             grad = ws.array(self, "grad", shape, dout.dtype)
-        self._convolve(padded, 1, weights, g, self._grad_tile(m), grad, ws, True)
+        tile = self._grad_tile(m)
+        images = self._padded_images(m)
+        if images == m:
+            padded = self._pad(dout, ws, "dout_padded", k - 1 - self.pad)
+            self._convolve(padded, 1, weights, g, tile, grad, ws, True)
+            return grad.reshape(m, h, w, c)
+        # A tile's images padded at a time, in the same buffer: its border is zeroed once
+        padded = self._pad(dout[:images], ws, "dout_padded", k - 1 - self.pad)
+        q, (oh, ow, _) = k - 1 - self.pad, self.out_shape
+        per_image = h * w // g
+        for first in range(0, m, images):
+            last = min(first + images, m)
+            part = padded[: last - first]
+            if first:
+                part[:, q : q + oh, q : q + ow] = dout[first:last]
+            self._convolve(part, 1, weights, g, tile, grad[first * per_image : last * per_image],
+                           ws, True)
         return grad.reshape(m, h, w, c)
+
+    def _padded_images(self, m):
+        """Images of the output gradient padded at a time for the input gradient: a
+        tile's when its tiles are whole images, else all."""
+        h, w, _ = self.in_shape
+        rows, _ = self._grad_tile(m)
+        per_image = h * w // self.grad_group
+        if not self.size - 1 - self.pad or rows % per_image:
+            return m
+        return rows // per_image
 
     def _input_grad_col2im(self, dout, ws):
         """Strides above 1: each tile's column gradients (dout @ W.T) added onto the
@@ -346,7 +371,8 @@ class Convolution:
                 arrays["dW_tile"] = width * g * f
             if self._grad_by_convolution():  # the gradient is written over the kept input
                 if k - 1 - self.pad:
-                    arrays["dout_padded"] = m * math.prod(self._grad_padded_shape())
+                    arrays["dout_padded"] = (self._padded_images(m)
+                                             * math.prod(self._grad_padded_shape()))
                 arrays["flipped"] = k * (k + gg - 1) * f * gg * c
             elif self.need_input_grad:
                 arrays.update(grad_padded=m * math.prod(self._padded_shape()),
