@@ -4,12 +4,10 @@ child before lowmem_cnn is imported."""
 
 import json
 import os
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
 
 import pytest
+
+from conftest import run_python
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the launcher forks")
 
@@ -29,35 +27,12 @@ sys.argv = ["lowmem-cnn", *sys.argv[1:]]
 cli.main()
 """
 
-# Linux carries the peak RSS of a process across exec, so a child of pytest would count
-# pytest's peak in its ru_maxrss. This bare interpreter of a few MiB forks the command
-# and writes its exit status and wait4's ru_maxrss (KiB) to the file named first.
-LAUNCHER = """
-import os, sys
-pid = os.fork()
-if pid == 0:
-    try:
-        os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
-    finally:
-        os._exit(127)
-_, status, usage = os.wait4(pid, 0)
-with open(sys.argv[1], "w") as report:
-    report.write(f"{os.waitstatus_to_exitcode(status)} {usage.ru_maxrss}")
-"""
-
-
 def run_without_unix(*args, cwd):
     """(exit status, the JSON line the command printed last, wait4's peak RSS in bytes, stderr)"""
-    with tempfile.TemporaryDirectory() as scratch:
-        report = Path(scratch) / "rusage"
-        done = subprocess.run(
-            [sys.executable, "-I", "-S", "-c", LAUNCHER, str(report), "-c", WITHOUT_UNIX,
-             *map(str, args), "--json"],
-            capture_output=True, text=True, cwd=cwd, timeout=600)
-        status, kib = map(int, report.read_text().split())
-    assert status == 0, done.stderr
+    done = run_python("-c", WITHOUT_UNIX, *args, "--json", cwd=cwd)  # peak RSS from wait4
+    assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr, done.stderr
-    return json.loads(done.stdout.strip().splitlines()[-1]), kib * 1024
+    return json.loads(done.stdout.strip().splitlines()[-1]), done.peak_rss
 
 
 def assert_same_peak(printed, measured):

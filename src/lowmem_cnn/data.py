@@ -82,6 +82,45 @@ def _header(path: Path, magic: int) -> tuple[int, ...]:
     return dims
 
 
+class RowFile:
+    """A file read at given offsets, by several threads at once (the trainer reads the
+    next batch on one): pread where the OS has it, with no shared file position;
+    elsewhere (Windows) seek and read on one file object, which a lock keeps together."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        if hasattr(os, "preadv"):
+            self._fd, self._file = os.open(self.path, os.O_RDONLY), None
+        else:
+            self._file, self._lock = open(self.path, "rb", buffering=0), threading.Lock()
+
+    def _read_at(self, buffer, offset: int) -> int:
+        if self._file is None:
+            return os.preadv(self._fd, [buffer], offset)
+        with self._lock:
+            self._file.seek(offset)
+            return self._file.readinto(buffer)
+
+    def read_into(self, out: np.ndarray, offset: int):
+        """Fill the contiguous array `out` from byte `offset` on."""
+        done = self._read_at(out, offset)
+        if done == out.nbytes:
+            return
+        view = memoryview(out).cast("B")
+        while done < len(view):  # a short read: a signal, or over 2 GiB (Linux's most a call)
+            got = self._read_at(view[done:], offset + done)
+            if not got:
+                raise LowmemError(f"{self.path}: file shrank while reading")
+            done += got
+
+    def close(self):
+        if self._file is not None:
+            self._file.close()
+        elif self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 class ImageFile:
     """uint8 images of an IDX file, read a few rows at a time with pread."""
 
@@ -92,13 +131,7 @@ class ImageFile:
         self.path = Path(path)
         self.count, self.rows, self.cols = _header(self.path, IMAGES_MAGIC)
         self.row_bytes = self.rows * self.cols
-        # pread where the OS has it: threads (the trainer reads the next batch on one)
-        # read at once with no shared file position. Without it (Windows), seek and
-        # read on one file object, which a lock keeps together.
-        if hasattr(os, "preadv"):
-            self._fd, self._file = os.open(self.path, os.O_RDONLY), None
-        else:
-            self._file, self._lock = open(self.path, "rb", buffering=0), threading.Lock()
+        self._file = RowFile(self.path)
 
     def __len__(self):
         return self.count
@@ -119,24 +152,11 @@ class ImageFile:
         self._pread(out, 16 + start * self.row_bytes)
         return out
 
-    def _read_at(self, buffer, offset: int) -> int:
-        if self._file is None:
-            return os.preadv(self._fd, [buffer], offset)
-        with self._lock:
-            self._file.seek(offset)
-            return self._file.readinto(buffer)
-
     def _pread(self, out, offset):
-        """Fill the contiguous array `out` from byte `offset` on."""
-        done = self._read_at(out, offset)
-        if done == out.nbytes:
-            return
-        view = memoryview(out).cast("B")
-        while done < len(view):  # a short read: a signal, or over 2 GiB (Linux's most a call)
-            got = self._read_at(view[done:], offset + done)
-            if not got:
-                raise LowmemError(f"{self.path}: file shrank while reading")
-            done += got
+        self._file.read_into(out, offset)
+
+    def close(self):
+        self._file.close()
 
 
 def read_labels(path: Path) -> np.ndarray:

@@ -43,7 +43,6 @@ import json
 import os
 import struct
 import sys
-import threading
 import warnings
 from array import array
 from dataclasses import dataclass, field
@@ -51,7 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lowmem_cnn.data import Dataset, Split, cache_dir
+from lowmem_cnn.data import Dataset, RowFile, Split, cache_dir
 from lowmem_cnn.errors import LowmemError
 from lowmem_cnn.files import atomic_write
 from lowmem_cnn.imaging import DEFAULT_MAX_DECODE_BYTES, ImageRefused, image_row, is_color
@@ -362,21 +361,15 @@ class FolderImages:
         self.channels, self.rows, self.cols = channels, rows, cols
         self.row_bytes = channels * rows * cols
         self._cache_rows = cache_rows  # int64: the cache row of each of this split's rows
-        # pread where the OS has it: threads (the trainer reads the next batch on one)
-        # read at once with no shared file position. Without it, seek and read under a lock.
-        self._fd = self._file = None
-        if hasattr(os, "preadv"):
-            self._fd = os.open(self.path, os.O_RDONLY)
-        else:
-            self._file, self._lock = open(self.path, "rb", buffering=0), threading.Lock()
+        self._file = RowFile(self.path)
 
     def __len__(self):
         return len(self._cache_rows)
 
     def __del__(self):
-        if getattr(self, "_fd", None) is not None:
+        if getattr(self, "_file", None) is not None:
             try:
-                os.close(self._fd)
+                self._file.close()
             except OSError:
                 pass
 
@@ -401,21 +394,8 @@ class FolderImages:
             self._pread(out[first:last], HEADER_BYTES + int(rows[first]) * self.row_bytes)
         return out
 
-    def _read_at(self, buffer, offset: int) -> int:
-        if self._file is None:
-            return os.preadv(self._fd, [buffer], offset)
-        with self._lock:
-            self._file.seek(offset)
-            return self._file.readinto(buffer)
-
     def _pread(self, out: np.ndarray, offset: int):
-        view = memoryview(out).cast("B")
-        done = 0
-        while done < len(view):  # a short read: a signal, or over 2 GiB
-            got = self._read_at(view[done:], offset + done)
-            if not got:
-                raise LowmemError(f"{self.path}: image cache shrank while reading")
-            done += got
+        self._file.read_into(out, offset)
 
 
 @dataclass
