@@ -356,8 +356,7 @@ def train(epochs, batch_size, lr, optimizer, seed, out, limit, checkpoint_path, 
     if plot:
         from lowmem_cnn.plotting import plot_curves
 
-        run.release_memory()
-        plot_curves(history, plot)
+        plot_curves(history, plot)  # the run's arrays are released (run.finish)
         say(f"learning curves drawn in {plot}")
     peak = peak_rss()
     say(f"saved {out}; peak RSS {peak:,} bytes ({format_size(peak)})")

@@ -93,11 +93,18 @@ def activation_peak(network, m: int, train: bool) -> int:
     """
     s = network.dtype.itemsize
     held = m * int(np.prod(network.input_shape)) * s  # the input, in the workspace
+    shared = {}  # workspace arrays that layers of a kind share: the largest of each, once
+    for layer in network.layers:
+        held += layer.memory(m, s, train).workspace
+        if hasattr(layer, "shared_workspace"):
+            for name, size in layer.shared_workspace(m, s, train).items():
+                held -= size
+                shared[name] = max(shared.get(name, 0), size)
+    held += sum(shared.values())
     alive = peak = kept = 0
     kept_by = []  # what each layer keeps until its backward
     for layer in network.layers:
         mem = layer.memory(m, s, train)
-        held += mem.workspace
         peak = max(peak, kept + alive + mem.out + mem.forward_scratch)
         if train:
             kept_by.append(mem.kept + (alive if mem.keeps_input else 0))

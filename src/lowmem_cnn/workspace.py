@@ -23,6 +23,9 @@ class Workspace:
         key = (id(owner), name)
         held = self._arrays.get(key)
         if held is None or held.size < size or held.dtype != dtype:
+            # the old array goes before the larger one comes: a shared array grows
+            # several times in a thread's first micro-batch, and the plan counts one
+            held = self._arrays[key] = None
             held = self._arrays[key] = np.empty(size, dtype)
         return held[:size].reshape(shape)
 
