@@ -78,10 +78,10 @@ def test_bad_init_is_refused(tmp_path):
 def test_dropout_trains_with_masks_and_scales_at_test_time():
     layer = Dropout((1000,), 0.5)
     x = np.ones((4, 1000))
-    out, mask = layer.forward(x.copy(), np.random.default_rng(0))
+    out, mask = layer.forward(x.copy(), True, dropout_rng=np.random.default_rng(0))
     assert 0.45 < mask.mean() < 0.55
     np.testing.assert_array_equal(out, mask)
-    again, _ = layer.forward(x.copy(), np.random.default_rng(0))
+    again, _ = layer.forward(x.copy(), True, dropout_rng=np.random.default_rng(0))
     np.testing.assert_array_equal(again, out)  # the same key, the same mask
     np.testing.assert_array_equal(layer.backward(np.full((4, 1000), 3.0), mask, {}), 3.0 * mask)
     test_out, _ = layer.forward(x.copy(), False)
@@ -98,8 +98,8 @@ def test_dropout_gradients_are_deterministic_across_threads(tmp_path, monkeypatc
     masks = []
     real_forward = Dropout.forward
 
-    def recording_forward(self, x, train, ws=None):
-        out, mask = real_forward(self, x, train, ws)
+    def recording_forward(self, x, train, ws=None, dropout_rng=None):
+        out, mask = real_forward(self, x, train, ws, dropout_rng)
         masks.append(mask)
         return out, mask
 

@@ -81,7 +81,7 @@ class ConvolutionPooling:
             last = min(first + step, m)
             yield first, last, first * ph * pw, last * ph * pw
 
-    def forward(self, x, train, ws=None):
+    def forward(self, x, train: bool, ws=None, dropout_rng=None):
         ws = _workspace(ws)
         m = len(x)
         ph, pw, k = self.out_shape

@@ -1,16 +1,16 @@
 """The layers of the book's networks, NHWC, each with forward and backward.
 
-Shapes are per image: (H, W, C) for maps, (D,) for vectors. `forward(x, train)`
-returns the output and what backward needs (None unless training; `train` is falsy
-for inference, else True or a NumPy Generator, from which dropout draws its masks);
-`backward(dout, saved, grads)` adds the parameter gradients into `grads` (a
-Gradients) and returns the input gradient. Both may take their arrays from `ws`, the thread's Workspace: what
-they return is then valid until the next micro-batch on that thread. A layer holds no
-per-batch state, so several micro-batches can run through it at once on different
-threads. Layers may work in place on the array
-they are given (ReLU) and on the gradient they are handed back, and a layer's input
-is not read after its backward (layers keep what they need, such as masks, apart), so
-Affine writes its input gradient over its input.
+Shapes are per image: (H, W, C) for maps, (D,) for vectors. `forward(x, train, ws,
+dropout_rng)` returns the output and what backward needs (None unless `train`);
+`dropout_rng` is the NumPy Generator dropout draws its masks from, as in training (None:
+dropout scales, as at test time). `backward(dout, saved, grads)` adds the parameter
+gradients into `grads` (a Gradients) and returns the input gradient. Both may take
+their arrays from `ws`, the thread's Workspace: what they return is then valid until
+the next micro-batch on that thread. A layer holds no per-batch state, so several
+micro-batches can run through it at once on different threads. Layers may work in
+place on the array they are given (ReLU) and on the gradient they are handed back,
+and a layer's input is not read after its backward (layers keep what they need, such
+as masks, apart), so Affine writes its input gradient over its input.
 
 `memory(m, itemsize, train)` states, for a micro-batch of m images, the bytes the
 layer allocates, so that the planner can add them up (see planner.py).
@@ -225,7 +225,7 @@ class Convolution:
             if bias is not None:
                 part += bias  # while the tile is in cache
 
-    def forward(self, x, train, ws=None):
+    def forward(self, x, train: bool, ws=None, dropout_rng=None):
         ws = _workspace(ws)
         m = len(x)
         oh, ow, f = self.out_shape
@@ -423,7 +423,7 @@ class ReLU:
     def __init__(self, in_shape):
         self.in_shape = self.out_shape = tuple(in_shape)
 
-    def forward(self, x, train, ws=None):
+    def forward(self, x, train: bool, ws=None, dropout_rng=None):
         mask = None
         if train:
             mask = _workspace(ws).array(self, "mask", x.shape, bool)
@@ -466,7 +466,7 @@ class MaxPooling:
         return [x[:, i : i + s * (oh - 1) + 1 : s, j : j + s * (ow - 1) + 1 : s, :]
                 for i in range(self.size) for j in range(self.size)]
 
-    def forward(self, x, train, ws=None):
+    def forward(self, x, train: bool, ws=None, dropout_rng=None):
         views = self._views(x)
         out = np.maximum(views[0], views[1]) if len(views) > 1 else views[0].copy()
         for view in views[2:]:
@@ -526,7 +526,7 @@ class Affine:
         self.param_shapes = {"W": (self.inputs, units), "b": (units,)}
         self.need_input_grad = True
 
-    def forward(self, x, train, ws=None):
+    def forward(self, x, train: bool, ws=None, dropout_rng=None):
         ws = _workspace(ws)
         x = x.reshape(x.shape[0], self.inputs)
         out = np.matmul(x, self.W, out=ws.array(self, "out", (len(x), self.units), x.dtype))
@@ -604,13 +604,15 @@ class Dropout:
         self.in_shape = self.out_shape = tuple(in_shape)
         self.ratio = ratio
 
-    def forward(self, x, train, ws=None):
-        if not train:
+    def forward(self, x, train: bool, ws=None, dropout_rng=None):
+        if dropout_rng is None:
+            if train:
+                raise ValueError("dropout in training needs the Generator its masks come from")
             x *= 1.0 - self.ratio
             return x, None
-        mask = train.random(x.shape) > self.ratio
+        mask = dropout_rng.random(x.shape) > self.ratio
         x *= mask
-        return x, mask
+        return x, (mask if train else None)
 
     def backward(self, dout, mask, grads, ws=None):
         dout *= mask

@@ -158,22 +158,23 @@ class Network:
             np.copyto(x, nhwc, casting="unsafe")  # the caller checked the dtype is real numbers
         return x
 
-    def scores(self, x: np.ndarray, ws: Workspace | None = None, noise=False) -> np.ndarray:
+    def scores(self, x: np.ndarray, ws: Workspace | None = None,
+               dropout_rng: np.random.Generator | None = None) -> np.ndarray:
         """The last layer's output; from `ws` if given, so valid until its next use.
-        `noise`: a Generator to run dropout as in training (see accumulate_gradient)."""
+        `dropout_rng`: run dropout as in training, its masks drawn from it."""
         ws = Workspace() if ws is None else ws
         for layer in self.layers:
-            x, _ = layer.forward(x, noise, ws)
+            x, _ = layer.forward(x, False, ws, dropout_rng)
         return x
 
-    def _gradient(self, images, labels, total, layer_grads, noise, ws, pixels=True) -> float:
+    def _gradient(self, images, labels, total, layer_grads, dropout_rng, ws, pixels=True) -> float:
         """Forward and backward of one micro-batch, adding into `layer_grads` (one
-        Gradients per layer); its summed loss. `noise` is the Generator dropout draws
-        from, or True."""
+        Gradients per layer); its summed loss. `dropout_rng`: the Generator dropout
+        draws its masks from (None for a network without dropout)."""
         x = self.to_input(images, ws, pixels)
         saved = []
         for layer in self.layers:
-            x, keep = layer.forward(x, noise, ws)
+            x, keep = layer.forward(x, True, ws, dropout_rng)
             saved.append(keep)
         loss, grad = softmax_cross_entropy(x, labels, total)
         for layer, grads in zip(reversed(self.layers), reversed(layer_grads), strict=True):
@@ -233,7 +234,7 @@ class Network:
 
         def work(start, t):
             ws = self.workspaces[t]
-            noise = False if noise_key is None else np.random.default_rng([*noise_key, start])
+            noise = None if noise_key is None else np.random.default_rng([*noise_key, start])
             x = self.to_input(images[start : start + micro_batch], ws, pixels)
             out[start : start + len(x)] = self.scores(x, ws, noise)
 
@@ -262,7 +263,7 @@ class Network:
             if start == starts[t]:  # the thread's first micro-batch
                 for grads in sets[t][1]:
                     grads.restart()
-            noise = np.random.default_rng([*noise_key, start]) if uses_noise else True
+            noise = np.random.default_rng([*noise_key, start]) if uses_noise else None
             return self._gradient(images[start : start + micro_batch],
                                   labels[start : start + micro_batch], total, sets[t][1], noise,
                                   self.workspaces[t], pixels)
