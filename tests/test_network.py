@@ -211,3 +211,21 @@ def test_activation_peak_grows_with_the_micro_batch():
         peaks = [activation_peak(net, m, train) for m in (1, 10, 100)]
         assert peaks[0] < peaks[1] < peaks[2]
     assert activation_peak(net, 100, True) > activation_peak(net, 100, False)
+
+
+def test_the_plan_search_computes_and_only_the_chosen_plan_is_applied():
+    from lowmem_cnn.planner import _make_plan, make_plan, measure_baseline, tiled_layers
+
+    network = Network(load_config("deep_convnet").network, np.float32, 2)
+    network.init_params(np.random.default_rng(0))
+    baseline = measure_baseline(network, True)
+
+    def settings():
+        return network.threads, [getattr(layer, "tile_rows", None) for layer in tiled_layers(network)]
+
+    before = settings()
+    one_thread = _make_plan(network, 1, 96 * 2**20, baseline, True, 100, 0, True)
+    assert settings() == before  # a candidate changes nothing
+    plan = make_plan(network, 96 * 2**20, baseline, True, 100, 0)
+    assert network.threads == plan.threads and tuple(settings()[1]) == plan.tiles
+    assert one_thread.threads == 1 and one_thread.peak <= 96 * 2**20

@@ -178,10 +178,12 @@ class ConvolutionPooling:
         padded[:, pad:-pad, pad:-pad, :] = x
         return padded
 
-    def memory(self, m, itemsize, train):
+    def memory(self, m, itemsize, train, tile=None):
+        """`tile`: images a tile (default: the layer's tile_images)."""
         ph, pw, k = self.out_shape
         n = m * ph * pw
-        tile = max(1, min(m, self.tile_images)) * ph * pw  # pooled outputs of a tile
+        images = self.tile_images if tile is None else tile
+        tile = max(1, min(m, images)) * ph * pw  # pooled outputs of a tile
         blocks = self.pool.size ** 2
         padded = m * int(np.prod(self._padded_shape())) * itemsize
         weights = blocks * k * self.rows * itemsize

@@ -148,39 +148,39 @@ class Convolution:
         q = self.size - 1 - self.pad
         return (oh + 2 * q, ow + 2 * q, f)
 
-    def _tile(self, m, lines, line, channels, group):
+    def _tile(self, m, lines, line, channels, group, tile):
         """(rows, width) of the column tiles of a product with lines x line outputs an
         image, from `channels` input channels, `group` outputs a row: as many values as
-        the planner's tile_rows rows of the forward's columns would hold, in whole
-        images (or lines) where one fits."""
+        `tile` rows of the forward's columns would hold (the planner's tile_rows), in
+        whole images (or lines) where one fits."""
         width = self.size * (self.size + group - 1) * channels
         per_line = line // group
-        limit = max(1, self.tile_rows * self.width // width)
+        limit = max(1, tile * self.width // width)
         return tile_rows(limit, lines * per_line, per_line, m * lines * per_line), width
 
-    def _forward_tile(self, m):
+    def _forward_tile(self, m, tile):
         oh, ow, _ = self.out_shape
-        return self._tile(m, oh, ow, self.in_shape[2], self.group)
+        return self._tile(m, oh, ow, self.in_shape[2], self.group, tile)
 
-    def _grad_tile(self, m):
+    def _grad_tile(self, m, tile):
         h, w, _ = self.in_shape
-        return self._tile(m, h, w, self.filters, self.grad_group)
+        return self._tile(m, h, w, self.filters, self.grad_group, tile)
 
     def _grad_by_convolution(self):
         return self.need_input_grad and self.transposed_grad
 
-    def _columns_size(self, m, train):
+    def _columns_size(self, m, train, tile):
         """One buffer serves the forward's, the weight gradient's and the input
         gradient's column tiles (they are made one after the other)."""
-        size = math.prod(self._forward_tile(m))
+        size = math.prod(self._forward_tile(m, tile))
         if train and self._grad_by_convolution():
-            size = max(size, math.prod(self._grad_tile(m)))
+            size = max(size, math.prod(self._grad_tile(m, tile)))
         return size
 
-    def _tiles(self, m):
+    def _tiles(self, m, tile):
         """How many column tiles the forward (and the weight gradient) makes."""
         oh, ow, _ = self.out_shape
-        return -(-m * oh * ow // self.group // self._forward_tile(m)[0])
+        return -(-m * oh * ow // self.group // self._forward_tile(m, tile)[0])
 
     # --- forward and backward ---------------------------------------------------------
 
@@ -217,7 +217,7 @@ class Convolution:
         """out = the columns of `padded` (windows of `group` outputs) @ weights (+ bias),
         a tile at a time; `out` has a row per column row."""
         rows, _ = tile
-        buffer = ws.array(_CONVOLUTIONS, "columns", (self._columns_size(len(padded), train),),
+        buffer = ws.array(_CONVOLUTIONS, "columns", (self._columns_size(len(padded), train, self.tile_rows),),
                           padded.dtype)
         view = windows(padded, self.size, stride, group=group)
         for start, stop, columns in column_tiles(view, rows, buffer):
@@ -238,7 +238,7 @@ class Convolution:
             bias = ws.array(_CONVOLUTIONS, "bias", (g, f), x.dtype)
             bias[:] = self.b
             bias = bias.reshape(g * f)
-        self._convolve(padded, self.stride, weights, g, self._forward_tile(m), out, ws,
+        self._convolve(padded, self.stride, weights, g, self._forward_tile(m, self.tile_rows), out, ws,
                        bool(train), bias)
         # the padded input is kept (in the workspace); without padding, the input itself
         return out.reshape(m, oh, ow, f), (padded if train else None)
@@ -264,8 +264,9 @@ class Convolution:
         kept (padded) input, as in the forward."""
         k, c, f, g = self.size, self.in_shape[2], self.filters, self.group
         m = len(padded)
-        rows, width = self._forward_tile(m)
-        buffer = ws.array(_CONVOLUTIONS, "columns", (self._columns_size(m, True),), dout.dtype)
+        rows, width = self._forward_tile(m, self.tile_rows)
+        buffer = ws.array(_CONVOLUTIONS, "columns", (self._columns_size(m, True, self.tile_rows),),
+                          dout.dtype)
         dout = dout.reshape(-1, g * f)  # a row per column row
         total = ws.array(_CONVOLUTIONS, "dW", (width, g * f), dout.dtype)
         view = windows(padded, k, self.stride, group=g)
@@ -303,8 +304,8 @@ class Convolution:
             grad = kept.reshape(-1)[: m * h * w * c].reshape(shape)
         else:  # not with the layers here: their outputs are contiguous
             grad = ws.array(self, "grad", shape, dout.dtype)
-        tile = self._grad_tile(m)
-        images = self._padded_images(m)
+        tile = self._grad_tile(m, self.tile_rows)
+        images = self._padded_images(m, self.tile_rows)
         if images == m:
             padded = self._pad(dout, ws, "dout_padded", k - 1 - self.pad)
             self._convolve(padded, 1, weights, g, tile, grad, ws, True)
@@ -322,11 +323,11 @@ class Convolution:
                            ws, True)
         return grad.reshape(m, h, w, c)
 
-    def _padded_images(self, m):
+    def _padded_images(self, m, tile):
         """Images of the output gradient padded at a time for the input gradient: a
         tile's when its tiles are whole images, else all."""
         h, w, _ = self.in_shape
-        rows, _ = self._grad_tile(m)
+        rows, _ = self._grad_tile(m, tile)
         per_image = h * w // self.grad_group
         if not self.size - 1 - self.pad or rows % per_image:
             return m
@@ -341,7 +342,7 @@ class Convolution:
         grad = ws.array(self, "grad_padded", (m, *self._padded_shape()), dout.dtype)
         grad.fill(0)
         grad_view = windows(grad, self.size, self.stride, writeable=True)
-        rows, _ = self._forward_tile(m)
+        rows, _ = self._forward_tile(m, self.tile_rows)
         columns = ws.array(self, "grad_columns", (rows, self.width), dout.dtype)
         for start in range(0, len(dout), rows):
             stop = min(start + rows, len(dout))
@@ -354,24 +355,25 @@ class Convolution:
         np.copyto(inner, grad[:, p : p + h, p : p + w, :])
         return inner
 
-    def _arrays(self, m, train):
-        """The values of each workspace array the layer uses, by name."""
+    def _arrays(self, m, train, tile):
+        """The values of each workspace array the layer uses, by name, with column tiles
+        of `tile` rows."""
         h, w, c = self.in_shape
         oh, ow, f = self.out_shape
         k, g, gg = self.size, self.group, self.grad_group
-        arrays = {"out": m * oh * ow * f, "columns": self._columns_size(m, train)}
+        arrays = {"out": m * oh * ow * f, "columns": self._columns_size(m, train, tile)}
         if g > 1:
             arrays.update(weights=k * (k + g - 1) * c * g * f, bias=g * f)
         if self.pad:  # kept until backward when training
             arrays["padded"] = m * math.prod(self._padded_shape())
         if train:
-            rows, width = self._forward_tile(m)
+            rows, width = self._forward_tile(m, tile)
             arrays.update(ones=m * oh * ow, dW=width * g * f)
-            if self._tiles(m) > 1:
+            if self._tiles(m, tile) > 1:
                 arrays["dW_tile"] = width * g * f
             if self._grad_by_convolution():  # the gradient is written over the kept input
                 if k - 1 - self.pad:
-                    arrays["dout_padded"] = (self._padded_images(m)
+                    arrays["dout_padded"] = (self._padded_images(m, tile)
                                              * math.prod(self._grad_padded_shape()))
                 arrays["flipped"] = k * (k + gg - 1) * f * gg * c
             elif self.need_input_grad:
@@ -381,15 +383,18 @@ class Convolution:
                     arrays["grad"] = m * h * w * c
         return arrays
 
-    def memory(self, m, itemsize, train):
+    def memory(self, m, itemsize, train, tile=None):
+        """`tile`: column rows a tile (default: the layer's tile_rows)."""
+        tile = self.tile_rows if tile is None else tile
         # without padding, the input itself is kept until backward
-        return LayerMemory(workspace=sum(self._arrays(m, train).values()) * itemsize,
+        return LayerMemory(workspace=sum(self._arrays(m, train, tile).values()) * itemsize,
                            keeps_input=not self.pad)
 
-    def shared_workspace(self, m, itemsize, train) -> dict:
+    def shared_workspace(self, m, itemsize, train, tile=None) -> dict:
         """The part of memory().workspace in arrays that all the convolutions of a
         thread share, by name: a network holds the largest of each once."""
-        return {name: values * itemsize for name, values in self._arrays(m, train).items()
+        tile = self.tile_rows if tile is None else tile
+        return {name: values * itemsize for name, values in self._arrays(m, train, tile).items()
                 if self._owner(name, train, self) is _CONVOLUTIONS}
 
     def book_columns_bytes(self, n) -> int:

@@ -58,7 +58,9 @@ class Plan:
     peak: int
 
     def apply(self, network):
+        """Run `network` as planned: its tile sizes and thread count."""
         _set_tiles(network, self.tiles)
+        network.threads = self.threads
 
 
 def tiled_layers(network):
@@ -78,13 +80,9 @@ def _set_tiles(network, tiles):
             layer.tile_images = size
 
 
-def _tiles(network):
-    return tuple(layer.tile_rows if layer.kind == "conv" else layer.tile_images
-                 for layer in tiled_layers(network))
-
-
-def activation_peak(network, m: int, train: bool) -> int:
-    """Peak bytes of the arrays one micro-batch of m images allocates.
+def activation_peak(network, m: int, train: bool, tiles: tuple | None = None) -> int:
+    """Peak bytes of the arrays one micro-batch of m images allocates, with `tiles`
+    (one size per tiled layer, see tiled_layers; default: the layers' own).
 
     The layers' workspace arrays (see workspace.py) are held throughout; on top of
     them, walks the forward pass (and the backward pass when training) counting the
@@ -92,19 +90,22 @@ def activation_peak(network, m: int, train: bool) -> int:
     activation or gradient, the layer's new output and its temporaries.
     """
     s = network.dtype.itemsize
+    sizes = {} if tiles is None else dict(zip(map(id, tiled_layers(network)), tiles, strict=True))
+    memory = {id(layer): (layer.memory(m, s, train, sizes[id(layer)]) if id(layer) in sizes
+                          else layer.memory(m, s, train)) for layer in network.layers}
     held = m * int(np.prod(network.input_shape)) * s  # the input, in the workspace
     shared = {}  # workspace arrays that layers of a kind share: the largest of each, once
     for layer in network.layers:
-        held += layer.memory(m, s, train).workspace
+        held += memory[id(layer)].workspace
         if hasattr(layer, "shared_workspace"):
-            for name, size in layer.shared_workspace(m, s, train).items():
+            for name, size in layer.shared_workspace(m, s, train, sizes.get(id(layer))).items():
                 held -= size
                 shared[name] = max(shared.get(name, 0), size)
     held += sum(shared.values())
     alive = peak = kept = 0
     kept_by = []  # what each layer keeps until its backward
     for layer in network.layers:
-        mem = layer.memory(m, s, train)
+        mem = memory[id(layer)]
         peak = max(peak, kept + alive + mem.out + mem.forward_scratch)
         if train:
             kept_by.append(mem.kept + (alive if mem.keeps_input else 0))
@@ -132,9 +133,9 @@ def training_state_bytes(network, optimizer_copies: int) -> int:
     return network.param_bytes() * optimizer_copies + scratch
 
 
-def _activations(network, m, train):
+def _activations(network, m, train, threads, tiles):
     """Every thread has a micro-batch in flight."""
-    return network.threads * activation_peak(network, m, train)
+    return threads * activation_peak(network, m, train, tiles)
 
 
 def _peak(baseline, fixed, activations):
@@ -172,10 +173,7 @@ def check_parameters_fit(network, budget: int, optimizer_copies: int | None = No
     else:
         need += INIT_CHUNK * 8
     making = need
-    saved = _tiles(network)
-    _set_tiles(network, (1,) * len(saved))
-    need += activation_peak(network, 1, train)
-    _set_tiles(network, saved)
+    need += activation_peak(network, 1, train, (1,) * len(tiled_layers(network)))
     held = current_rss()
     minimum = held + need + MARGIN_BYTES
     if minimum > budget and making > SMALL_PARAMETERS:
@@ -187,13 +185,13 @@ def make_plan(network, budget: int, baseline: int, train: bool, batch_size: int,
     """The plan of the fastest thread count, up to the network's: under a tight budget,
     one thread with large micro-batches beats two with tiny ones (measured at 64M: 15.5 s
     an epoch against 25.7 s). A training plan also makes room for the evaluations
-    between epochs unless `evaluations` is False."""
-    most = network.threads
+    between epochs unless `evaluations` is False. The search only computes; the plan
+    chosen is then applied to the network (its tiles and threads)."""
     best, best_speed, refusal = None, 0.0, None
-    for threads in range(most, 0, -1):
-        network.threads = threads
+    for threads in range(network.threads, 0, -1):
         try:
-            plan = _make_plan(network, budget, baseline, train, batch_size, fixed, evaluations)
+            plan = _make_plan(network, threads, budget, baseline, train, batch_size, fixed,
+                              evaluations)
         except LowmemError as err:
             refusal = err  # the last, one thread's, names the smallest minimum
             continue
@@ -202,36 +200,34 @@ def make_plan(network, budget: int, baseline: int, train: bool, batch_size: int,
         if speed > best_speed:
             best, best_speed = plan, speed
     if best is None:
-        network.threads = most
         raise refusal
-    network.threads = best.threads
     best.apply(network)
     return best
 
 
-def _make_plan(network, budget: int, baseline: int, train: bool, batch_size: int,
-               fixed: int, evaluations: bool) -> Plan:
+def _make_plan(network, threads: int, budget: int, baseline: int, train: bool,
+               batch_size: int, fixed: int, evaluations: bool) -> Plan:
     """The largest micro-batch (at most `batch_size`) and tiles that fit `budget`.
 
     A training plan also sizes the micro-batch of the evaluations made between
     epochs. Raises LowmemError with the minimum budget when not even one image with
     one-row tiles fits.
     """
-    convs = [layer for layer in network.layers if layer.kind == "conv"]
-    fused = [layer for layer in network.layers if layer.kind == "conv+pool"]
+    tiled = tiled_layers(network)
+    fused = any(layer.kind == "conv+pool" for layer in tiled)
     s = network.dtype.itemsize
     fused_images = 1  # images per tile of the fused layers
 
-    def set_tiles(m, tile_bytes):
-        for layer in convs:
-            rows = max(1, tile_bytes // (layer.width * s))
-            layer.tile_rows = min(rows, m * layer.rows_per_image)
-        for layer in fused:
-            layer.tile_images = min(fused_images, m)
+    def tiles_for(m, tile_bytes):
+        """Convolutions: column rows of about tile_bytes; fused layers: fused_images."""
+        return tuple(min(max(1, tile_bytes // (layer.width * s)), m * layer.rows_per_image)
+                     if layer.kind == "conv" else min(fused_images, m) for layer in tiled)
+
+    def activations(m, training, tiles):
+        return _activations(network, m, training, threads, tiles)
 
     def peak_for(m, tile_bytes):
-        set_tiles(m, tile_bytes)
-        return _peak(baseline, fixed, _activations(network, m, train))
+        return _peak(baseline, fixed, activations(m, train, tiles_for(m, tile_bytes)))
 
     # Shrink the tiles only when even one image does not fit with cache-sized tiles.
     tile_bytes = TILE_BYTES
@@ -257,11 +253,10 @@ def _make_plan(network, budget: int, baseline: int, train: bool, batch_size: int
 
     def batch_fits(training, test):
         def fits(m):
-            set_tiles(m, tile_bytes)
-            return test(_activations(network, m, training))
+            return test(activations(m, training, tiles_for(m, tile_bytes)))
         return fits
 
-    per_thread = -(-batch_size // network.threads)
+    per_thread = -(-batch_size // threads)
     cap = min(per_thread, MAX_TRAIN_MICRO_BATCH if train else MAX_EVAL_MICRO_BATCH)
     # The micro-batch first, with the fused layers' smallest tiles: a tile of fewer
     # images costs less time than a smaller micro-batch (measured, 2 threads, per
@@ -276,26 +271,24 @@ def _make_plan(network, budget: int, baseline: int, train: bool, batch_size: int
     def tile_fits(images):
         nonlocal fused_images
         fused_images = images
-        set_tiles(micro_batch, tile_bytes)
-        return in_budget(_activations(network, micro_batch, train))
+        return in_budget(activations(micro_batch, train, tiles_for(micro_batch, tile_bytes)))
 
     fused_images = largest(micro_batch, tile_fits) if fused else 1
-    set_tiles(micro_batch, tile_bytes)
-    room = _activations(network, micro_batch, train)
+    tiles = tiles_for(micro_batch, tile_bytes)
+    room = activations(micro_batch, train, tiles)
     eval_micro_batch = micro_batch
     if train and evaluations:
         # The evaluations between epochs take the room training has, no more: they
         # are a small part of the time, and the budget's room goes to training.
         eval_micro_batch = largest(MAX_EVAL_MICRO_BATCH, batch_fits(False, lambda a: a <= room))
     # Tiles sized for the training micro-batch serve the evaluation's as well.
-    set_tiles(micro_batch, tile_bytes)
-    activations = room
+    held = room
     if evaluations:
-        activations = max(room, _activations(network, eval_micro_batch, False))
+        held = max(room, activations(eval_micro_batch, False, tiles))
     return Plan(
         budget=budget, baseline=baseline, fixed=fixed, micro_batch=micro_batch,
-        eval_micro_batch=eval_micro_batch, threads=network.threads, tiles=_tiles(network),
-        activations=activations, peak=_peak(baseline, fixed, activations),
+        eval_micro_batch=eval_micro_batch, threads=threads, tiles=tiles,
+        activations=held, peak=_peak(baseline, fixed, held),
     )
 
 
@@ -313,19 +306,22 @@ def check_picture_room(budget: int, baseline: int, picture: str):
 def recorded_plan(network, budget: int, baseline: int, fixed: int, micro_batch: int,
                   eval_micro_batch: int, tiles, threads: int) -> Plan:
     """A training plan chosen before (a resumed run keeps it, so that its arithmetic is
-    the same), checked against this budget."""
-    _set_tiles(network, tiles)
-    network.threads = threads
-    activations = max(_activations(network, micro_batch, True),
-                      _activations(network, eval_micro_batch, False))
+    the same), checked against this budget, then applied to the network."""
+    tiles = tuple(tiles)
+    if len(tiles) != len(tiled_layers(network)):
+        raise LowmemError("the recorded plan does not fit this network")
+    activations = max(_activations(network, micro_batch, True, threads, tiles),
+                      _activations(network, eval_micro_batch, False, threads, tiles))
     peak = _peak(baseline, fixed, activations)
     if peak > budget:
         raise LowmemError(
             f"--max-ram {budget:,} bytes is too small for the plan this run was started with: "
             f"it needs at least {peak:,} bytes ({peak / 2**20:.1f} MiB)")
-    return Plan(budget=budget, baseline=baseline, fixed=fixed, micro_batch=micro_batch,
-                eval_micro_batch=eval_micro_batch, threads=network.threads, tiles=tuple(tiles),
+    plan = Plan(budget=budget, baseline=baseline, fixed=fixed, micro_batch=micro_batch,
+                eval_micro_batch=eval_micro_batch, threads=threads, tiles=tiles,
                 activations=activations, peak=peak)
+    plan.apply(network)
+    return plan
 
 
 def measure_baseline(network, train: bool) -> int:
