@@ -223,9 +223,10 @@ def test_the_plan_search_computes_and_only_the_chosen_plan_is_applied():
     def settings():
         return network.threads, [getattr(layer, "tile_rows", None) for layer in tiled_layers(network)]
 
+    budget = baseline + 48 * 2**20  # the process (pytest) holds what it holds
     before = settings()
-    one_thread = _make_plan(network, 1, 96 * 2**20, baseline, True, 100, 0, True)
+    one_thread = _make_plan(network, 1, budget, baseline, True, 100, 0, True)
     assert settings() == before  # a candidate changes nothing
-    plan = make_plan(network, 96 * 2**20, baseline, True, 100, 0)
+    plan = make_plan(network, budget, baseline, True, 100, 0)
     assert network.threads == plan.threads and tuple(settings()[1]) == plan.tiles
-    assert one_thread.threads == 1 and one_thread.peak <= 96 * 2**20
+    assert one_thread.threads == 1 and one_thread.peak <= budget
