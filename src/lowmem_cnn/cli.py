@@ -102,39 +102,27 @@ def _sayer(as_json):
     return lambda text: click.echo(text, err=as_json)
 
 
-def _open_data(data_dir, say, folder=None):
-    from lowmem_cnn.data import open_data
+def _data_options(data_dir, image_size, test_split, strict, say):
+    """The data options of a command (see data.DataOptions), with the CLI's bars,
+    warnings and story."""
+    from lowmem_cnn.data import DataOptions
 
-    data = open_data(data_dir, progress=_download_bar, folder=folder)
-    say(f"data: {data.describe()}")
-    return data
+    return DataOptions(data_dir, _image_size(image_size), test_split, strict,
+                       progress=_download_bar,
+                       image_progress=lambda total, what: _progress(total, what, "img"),
+                       warn=lambda message: click.echo(f"warning: {message}", err=True),
+                       report=say)
 
 
-def _image_size(text, network_size):
-    """--image-size as (H, W): 'N' or 'HxW'; `network_size` without it."""
+def _image_size(text):
+    """--image-size as (H, W): 'N' or 'HxW'; None without it."""
     if text is None:
-        return tuple(network_size)
+        return None
     found = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+))?\s*", text)
     if not found or int(found[1]) < 1 or int(found[2] or 1) < 1:
         raise click.BadParameter(f"{text!r}: give N or HxW in pixels, e.g. 64 or 48x64",
                                  param_hint="--image-size")
     return int(found[1]), int(found[2] or found[1])
-
-
-def _folder(budget, size, channels, test_split, strict):
-    """How to read a folder of pictures: each picture decoded within what the budget
-    leaves (the decoding pass holds one picture at a time)."""
-    from lowmem_cnn.budget import current_rss
-    from lowmem_cnn.data import FolderOptions
-    from lowmem_cnn.planner import MARGIN_BYTES
-
-    room = budget - current_rss() - MARGIN_BYTES
-    if room < MIN_DECODE_BYTES:
-        raise LowmemError(f"the budget of {budget:,} bytes leaves no room to decode pictures: the "
-                          f"process already holds {format_size(current_rss())}")
-    return FolderOptions(size, channels, test_split, strict, room,
-                         warn=lambda message: click.echo(f"warning: {message}", err=True),
-                         progress=lambda total, what: _progress(total, what, "img"))
 
 
 def _describe_plan(network, plan, say):
@@ -163,69 +151,6 @@ def _budget(max_ram, threads, say):
         budget, source = explain_default_budget(threads)
     say(f"budget: {budget:,} bytes ({format_size(budget)}, {source})")
     return budget
-
-
-# A budget that leaves less than this to decode a picture is refused at once (every
-# decode is estimated at 3 MiB at least, see imaging.decode_bytes).
-MIN_DECODE_BYTES = 4 * 2**20
-
-
-class _Run:
-    """What eval and profile-memory set up: budget, network, data and the memory plan.
-
-    With a folder of pictures the data comes first: its pictures' size and colour and
-    its classes make the network's input and scores. A parameter file trained on a
-    folder says them too (params.read_meta), and the folder must have its classes.
-    """
-
-    def __init__(self, max_ram, config_name, dtype, threads, as_json, data_dir, image_size,
-                 test_split, strict, params=None):
-        from lowmem_cnn.data import is_image_folder
-        from lowmem_cnn.params import read_meta
-
-        self.say = _sayer(as_json)
-        self.budget = _budget(max_ram, threads, self.say)
-        meta = read_meta(params) if params else None
-        config = load_config(config_name or (meta or {}).get("config") or DEFAULT_CONFIG).network
-        self.data = None
-        if is_image_folder(data_dir):
-            c, h, w = meta["input_shape"] if meta else (None, *config.input_shape[1:])
-            self.data = _open_data(data_dir, self.say, _folder(
-                self.budget, _image_size(image_size, (h, w)), c, test_split, strict))
-            if meta and list(self.data.classes) != meta["classes"]:
-                raise LowmemError(f"{self.data.source}: its classes ({', '.join(self.data.classes)}) "
-                                  f"are not those {params} was trained on ({', '.join(meta['classes'])})")
-            config = config.for_data(self.data.input_shape, self.data.classes)
-        elif meta:
-            config = config.for_data(meta["input_shape"], meta["classes"])
-        self.network = Network(config, np.dtype(dtype), threads)
-
-    def make_plan(self, train, batch_size, fixed, evaluations=True):
-        from lowmem_cnn.planner import make_plan, measure_baseline
-
-        baseline = measure_baseline(self.network, train)
-        self.plan = make_plan(self.network, self.budget, baseline, train, batch_size, fixed,
-                              evaluations)
-        return self.plan
-
-    def check_picture_room(self, picture):
-        from lowmem_cnn.planner import check_picture_room
-
-        check_picture_room(self.budget, self.plan.baseline, picture)
-
-    def open_data(self, data_dir):
-        from lowmem_cnn.training import check_image_shape
-
-        data = self.data or _open_data(data_dir, self.say)
-        check_image_shape(self.network, data.test)
-        return data
-
-    def class_name(self, k) -> str:
-        names = self.network.config.class_names
-        return names[k] if names else str(k)
-
-    def describe_plan(self):
-        _describe_plan(self.network, self.plan, self.say)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -288,55 +213,28 @@ def train(epochs, batch_size, lr, optimizer, seed, out, limit, checkpoint_path, 
     checkpoint or parameter file is refused while this one runs."""
     from lowmem_cnn import training
 
-    from lowmem_cnn.data import is_image_folder
-
     checkpointing = training.Checkpointing(checkpoint_path or out.with_name(out.name + ".ckpt"),
                                            checkpoint_every)
     say = _sayer(as_json)
-    folder_data = None  # a folder of pictures, opened first: it gives the network's shape
-
-    def open_data_for(run):
-        if plot:
-            from lowmem_cnn.planner import check_picture_room
-
-            check_picture_room(run.budget, run.plan.baseline, "curves")
-        settings = run.settings
-        if folder_data is not None or settings.classes is None:
-            return folder_data or _open_data(data_dir, say)
-        # a resumed run on a folder: read it as the run was started
-        c, h, w = settings.input_shape
-        data = _open_data(data_dir, say, _folder(run.budget, (h, w), c, settings.test_fraction,
-                                                 settings.strict))
-        if list(getattr(data, "classes", [])) != settings.classes:
-            raise LowmemError(f"{data.source}: not the folder of classes "
-                              f"{', '.join(settings.classes)} the run was started on")
-        return data
-
+    data = _data_options(data_dir, image_size, test_split, strict, say)
+    picture = "curves" if plot else None
     if resume:
         budget = resolve_budget(max_ram) if max_ram else None  # else the recorded one
         try:
-            run, _ = training.resume(checkpointing, budget, open_data_for, say)
+            run, _ = training.resume(checkpointing, budget, data, say, picture)
         except training.AlreadyFinished as done:
             say(f"{checkpointing.path}: this run finished all {done.settings.epochs} epochs; its "
                 f"parameters are in {done.settings.out}")
             return
     else:
         config_name = config_name or DEFAULT_CONFIG
-        config = load_config(config_name)
-        defaults = config.training
+        defaults = load_config(config_name).training
         settings = training.Settings(
             config=config_name, dtype=dtype, epochs=epochs or defaults.epochs,
             batch_size=batch_size or defaults.batch_size, lr=lr or defaults.lr,
             optimizer=optimizer or defaults.optimizer, seed=seed, limit=limit, out=str(out),
             max_ram=_budget(max_ram, threads, say), threads=threads)
-        if is_image_folder(data_dir):
-            folder_data = _open_data(data_dir, say, _folder(
-                settings.max_ram, _image_size(image_size, config.network.input_shape[1:]), None,
-                test_split, strict))
-            settings.input_shape = list(folder_data.input_shape)
-            settings.classes = list(folder_data.classes)
-            settings.test_fraction, settings.strict = test_split, strict
-        run, _ = training.start(settings, checkpointing, open_data_for, say)
+        run, _ = training.start(settings, checkpointing, data, say, picture)
     settings, loop = run.settings, run.loop
     _describe_plan(run.network, run.plan, say)
     say(f"{'resuming' if resume else 'training'} {run.network.config.name} ({settings.dtype}) on "
@@ -410,10 +308,12 @@ def evaluate_command(params, batch_size, split, misclassified, max_ram, data_dir
     """Accuracy, per-class accuracy and confusion matrix of a parameter file."""
     from lowmem_cnn.params import load_params
     from lowmem_cnn.planner import check_parameters_fit
+    from lowmem_cnn.session import Session
     from lowmem_cnn.training import MAX_READ_IMAGES, evaluate
 
-    run = _Run(max_ram, config_name, dtype, threads, as_json, data_dir, image_size, test_split,
-               strict, params)
+    say = _sayer(as_json)
+    run = Session(_budget(max_ram, threads, say), config_name, dtype, threads,
+                  _data_options(data_dir, image_size, test_split, strict, say), params)
     check_parameters_fit(run.network, run.budget, loading=True)
     load_params(params, run.network)
     # uint8 rows and predicted labels of one read
@@ -421,9 +321,9 @@ def evaluate_command(params, batch_size, split, misclassified, max_ram, data_dir
     run.make_plan(False, batch_size, fixed)
     if misclassified:
         run.check_picture_room("digits")
-    data = run.open_data(data_dir)
+    data = run.open_data()
     run.make_plan(False, batch_size, fixed)
-    run.describe_plan()
+    _describe_plan(run.network, run.plan, say)
     chosen = getattr(data, split)
     began = time.perf_counter()
     result = evaluate(run.network, chosen, run.plan.eval_micro_batch, batch_size,
@@ -438,7 +338,7 @@ def evaluate_command(params, batch_size, split, misclassified, max_ram, data_dir
         plot_misclassified(images.read(indices), [run.class_name(t) for _, t, _ in result.wrong],
                            [run.class_name(p) for _, _, p in result.wrong],
                            (getattr(images, "channels", 1), images.rows, images.cols), misclassified)
-        run.say(f"{len(result.wrong)} misclassified images drawn in {misclassified}")
+        say(f"{len(result.wrong)} misclassified images drawn in {misclassified}")
     peak = peak_rss()
     if as_json:
         click.echo(json.dumps({
@@ -478,10 +378,12 @@ def profile_memory(batch_size, train, plot, max_ram, data_dir, image_size, test_
     used here; then the planned peak and the measured peak RSS of running the batch."""
     from lowmem_cnn.planner import check_parameters_fit, training_state_bytes
     from lowmem_cnn.profiling import layer_table, run_batch
+    from lowmem_cnn.session import Session
     from lowmem_cnn.training import MAX_READ_IMAGES
 
-    run = _Run(max_ram, config_name, dtype, threads, as_json, data_dir, image_size, test_split,
-               strict)
+    say = _sayer(as_json)
+    run = Session(_budget(max_ram, threads, say), config_name, dtype, threads,
+                  _data_options(data_dir, image_size, test_split, strict, say))
     network = run.network
     check_parameters_fit(network, run.budget, 0 if train else None)
     network.init_params(np.random.default_rng(0))
@@ -492,7 +394,7 @@ def profile_memory(batch_size, train, plot, max_ram, data_dir, image_size, test_
     run.make_plan(train, batch_size, fixed, evaluations=False)
     if plot:
         run.check_picture_room("memory")
-    data = run.open_data(data_dir)
+    data = run.open_data()
     run.make_plan(train, batch_size, fixed, evaluations=False)
     rows = layer_table(network, run.plan, batch_size)
     measured = run_batch(network, data.test, run.plan, batch_size, train)
@@ -501,7 +403,7 @@ def profile_memory(batch_size, train, plot, max_ram, data_dir, image_size, test_
 
         network.release_memory()
         plot_memory(rows, run.budget, plot)
-        run.say(f"memory per layer drawn in {plot}")
+        say(f"memory per layer drawn in {plot}")
     if as_json:
         click.echo(json.dumps({
             "batch_size": batch_size, "mode": "train" if train else "eval", "layers": rows,
@@ -538,15 +440,14 @@ def predict(params, images, config_name, max_ram, as_json):
     For a network trained on a folder of pictures, each is scaled and cropped as the
     folder's were, and the class is named. For MNIST's digits, each is made to look like
     MNIST's first: grayscale, white on black, centred in 28x28."""
+    from lowmem_cnn.data import decode_room
     from lowmem_cnn.imaging import image_row, mnist_style
-    from lowmem_cnn.params import load_params, read_meta
+    from lowmem_cnn.params import load_params
     from lowmem_cnn.planner import check_parameters_fit
+    from lowmem_cnn.session import network_config
 
     budget = resolve_budget(max_ram, 1)
-    meta = read_meta(params)
-    config = load_config(config_name or (meta or {}).get("config") or DEFAULT_CONFIG).network
-    if meta:
-        config = config.for_data(meta["input_shape"], meta["classes"])
+    config, meta = network_config(config_name, params)
     network = Network(config)
     check_parameters_fit(network, budget, loading=True)
     load_params(params, network)
@@ -558,7 +459,7 @@ def predict(params, images, config_name, max_ram, as_json):
         chunk = images[start : start + 100]
         rows = []
         for path in chunk:
-            room = _folder(budget, (h, w), c, 0.5, False).max_decode_bytes
+            room = decode_room(budget)
             rows.append(image_row(path, (h, w), c, room) if meta else mnist_style(path, room))
         scores = network.scores(network.to_input(np.stack(rows))).astype(np.float64)
         scores -= scores.max(axis=1, keepdims=True)

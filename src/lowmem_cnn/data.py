@@ -379,6 +379,57 @@ class FolderOptions:
     progress: object = None  # progress(total, description) -> a bar for the decoding pass
 
 
+# A budget that leaves less than this to decode a picture is refused at once (every
+# decode is estimated at 3 MiB at least, see imaging.decode_bytes).
+MIN_DECODE_BYTES = 4 * 2**20
+
+
+@dataclass
+class DataOptions:
+    """Where the data is, and how to read it if it is a folder of pictures; with the
+    callbacks a face passes: progress(total, description) -> a bar with update(n) and
+    close() (downloads, in bytes), image_progress (the decoding pass, in pictures),
+    warn(message) (skipped files) and report(text) (what data was opened)."""
+
+    data_dir: Path | None = None
+    image_size: tuple | None = None  # (H, W); None: the network's (or the trained one's)
+    test_fraction: float = 0.2
+    strict: bool = False
+    progress: object = None
+    image_progress: object = None
+    warn: object = None
+    report: object = None
+
+    def is_folder(self) -> bool:
+        return is_image_folder(self.data_dir)
+
+    def open(self, budget: int, size=None, channels: int | None = None):
+        """The data set: a folder's pictures made (C, H, W) = (channels or theirs, size),
+        each decoded within the room the budget leaves; or the IDX files."""
+        folder = None
+        if self.is_folder():
+            folder = FolderOptions(tuple(self.image_size or size), channels, self.test_fraction,
+                                   self.strict, decode_room(budget), self.warn, self.image_progress)
+        data = open_data(self.data_dir, self.progress, folder)
+        if self.report:
+            self.report(f"data: {data.describe()}")
+        return data
+
+
+def decode_room(budget: int) -> int:
+    """Bytes one picture may take to decode: what the budget leaves (the decoding pass
+    holds one picture at a time)."""
+    from lowmem_cnn.budget import current_rss, format_size
+    from lowmem_cnn.planner import MARGIN_BYTES
+
+    held = current_rss()
+    room = budget - held - MARGIN_BYTES
+    if room < MIN_DECODE_BYTES:
+        raise LowmemError(f"the budget of {budget:,} bytes leaves no room to decode pictures: the "
+                          f"process already holds {format_size(held)}")
+    return room
+
+
 def data_directory(data_dir: Path | None) -> tuple[Path | None, str | None]:
     """(--data-dir, else $LOWMEM_CNN_DATA, else None; how to name it)."""
     if data_dir is not None:

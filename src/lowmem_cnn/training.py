@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -456,12 +456,18 @@ def _lock(path: Path, what: str, locks: list):
     locks.append(RunLock(path, what))
 
 
-def start(settings: Settings, checkpointing: Checkpointing, open_data, report=lambda text: None):
-    """A new run of `settings` with its checkpoint: (TrainingRun, data set).
+def start(settings: Settings, checkpointing: Checkpointing, data, report=lambda text: None,
+          picture: str | None = None):
+    """A new run of `settings` on `data` (data.DataOptions) with its checkpoint:
+    (TrainingRun, data set).
 
     The checkpoint and the parameter file are locked first (another live run on
-    either is refused), then the budget is checked against the network before any
-    array is allocated and before `open_data(run)` is called."""
+    either is refused). A folder of pictures is opened next: it makes the network's
+    input and scores. Then the budget is checked against the network before any
+    array is allocated, and (IDX files) before the data is read or downloaded; with
+    `picture`, room is left for drawing it at the end (planner.check_picture_room)."""
+    from lowmem_cnn.config import load_config
+
     locks = []
     _lock(checkpointing.path, "checkpoint", locks)
     _lock(Path(settings.out), "parameter file", locks)
@@ -469,13 +475,22 @@ def start(settings: Settings, checkpointing: Checkpointing, open_data, report=la
     if meta is not None and not meta.get("finished"):
         raise LowmemError(f"{checkpointing.path} holds an unfinished run: continue it with "
                           "--resume, or choose another --checkpoint")
-    return _build(settings, checkpointing, open_data, report, locks)
+    folder = None
+    if data.is_folder():
+        folder = data.open(settings.max_ram, load_config(settings.config).network.input_shape[1:])
+        settings.input_shape, settings.classes = list(folder.input_shape), list(folder.classes)
+        settings.test_fraction, settings.strict = data.test_fraction, data.strict
+    return _build(settings, checkpointing, lambda run: folder or data.open(run.budget), report,
+                  locks, picture)
 
 
-def resume(checkpointing: Checkpointing, max_ram: int | None, open_data, report=lambda text: None):
+def resume(checkpointing: Checkpointing, max_ram: int | None, data, report=lambda text: None,
+           picture: str | None = None):
     """The run recorded in a checkpoint, ready to continue where it stopped, with its
-    settings and plan (a budget may be given anew): (TrainingRun, data set). Raises
-    AlreadyFinished for a run that is over."""
+    settings and plan (a budget may be given anew), on `data` (data.DataOptions: a
+    folder is read as the run began): (TrainingRun, data set). Raises AlreadyFinished
+    for a run that is over."""
+    from lowmem_cnn.budget import format_size
     from lowmem_cnn.checkpoint import read_checkpoint
 
     locks = []
@@ -494,17 +509,28 @@ def resume(checkpointing: Checkpointing, max_ram: int | None, open_data, report=
     source = "recorded in the checkpoint"
     if max_ram is not None:
         settings.max_ram, source = max_ram, "--max-ram"
-    from lowmem_cnn.budget import format_size
-
     report(f"budget: {settings.max_ram:,} bytes ({format_size(settings.max_ram)}, {source})")
-    return _build(settings, checkpointing, open_data, report, locks, meta, arrays)
+
+    def open_data(run):
+        if settings.classes is None:
+            return data.open(run.budget)
+        c, h, w = settings.input_shape  # a folder, read as the run began
+        recorded = replace(data, image_size=(h, w), test_fraction=settings.test_fraction,
+                           strict=settings.strict)
+        opened = recorded.open(run.budget, (h, w), c)
+        if list(getattr(opened, "classes", [])) != settings.classes:
+            raise LowmemError(f"{opened.source}: not the folder of classes "
+                              f"{', '.join(settings.classes)} the run was started on")
+        return opened
+
+    return _build(settings, checkpointing, open_data, report, locks, picture, meta, arrays)
 
 
-def _build(settings, checkpointing, open_data, report, locks, meta=None, arrays=None):
+def _build(settings, checkpointing, open_data, report, locks, picture, meta=None, arrays=None):
     from lowmem_cnn.config import load_config
     from lowmem_cnn.model import Network
     from lowmem_cnn.optimizers import make_optimizer
-    from lowmem_cnn.planner import check_parameters_fit
+    from lowmem_cnn.planner import check_parameters_fit, check_picture_room
 
     if not np.isfinite(settings.lr) or settings.lr <= 0:
         raise LowmemError(f"--lr {settings.lr} is not a positive finite number")
@@ -520,6 +546,8 @@ def _build(settings, checkpointing, open_data, report, locks, meta=None, arrays=
     run.settings, run.locks = settings, locks
     network.init_params(run.rng)
     run.plan_without_data()
+    if picture:
+        check_picture_room(run.budget, run.plan.baseline, picture)
     data = open_data(run)
     run.use_data(data.train, data.test)
     if meta is not None:

@@ -1,0 +1,69 @@
+"""What eval, profile-memory and predict stand on: a network made for the data and
+the parameter file, under a budget, and its memory plan. (train stands on
+training.TrainingRun.)
+
+With a folder of pictures the data comes first: its pictures' size and colour and its
+classes make the network's input and scores. A parameter file trained on a folder
+says them too (params.read_meta), and a folder must then have its classes.
+"""
+
+import numpy as np
+
+from lowmem_cnn.config import DEFAULT_CONFIG, load_config
+from lowmem_cnn.data import DataOptions
+from lowmem_cnn.errors import LowmemError
+from lowmem_cnn.model import Network
+
+
+def network_config(config_name, params=None):
+    """The config named (else the one recorded beside `params`, else the default),
+    made for the classes and input recorded beside `params` if any: (config, meta)."""
+    from lowmem_cnn.params import read_meta
+
+    meta = read_meta(params) if params else None
+    config = load_config(config_name or (meta or {}).get("config") or DEFAULT_CONFIG).network
+    if meta:
+        config = config.for_data(meta["input_shape"], meta["classes"])
+    return config, meta
+
+
+class Session:
+    def __init__(self, budget: int, config_name, dtype, threads: int, data: DataOptions,
+                 params=None):
+        self.budget, self.data_options = budget, data
+        config, meta = network_config(config_name, params)
+        self.data = None
+        if data.is_folder():
+            c, h, w = config.input_shape
+            self.data = data.open(budget, (h, w), c if meta else None)
+            if meta and list(self.data.classes) != meta["classes"]:
+                raise LowmemError(f"{self.data.source}: its classes ({', '.join(self.data.classes)}) "
+                                  f"are not those {params} was trained on ({', '.join(meta['classes'])})")
+            config = config.for_data(self.data.input_shape, self.data.classes)
+        self.network = Network(config, np.dtype(dtype), threads)
+        self.plan = None
+
+    def make_plan(self, train: bool, batch_size: int, fixed: int, evaluations: bool = True):
+        from lowmem_cnn.planner import make_plan, measure_baseline
+
+        baseline = measure_baseline(self.network, train)
+        self.plan = make_plan(self.network, self.budget, baseline, train, batch_size, fixed,
+                              evaluations)
+        return self.plan
+
+    def check_picture_room(self, picture: str):
+        from lowmem_cnn.planner import check_picture_room
+
+        check_picture_room(self.budget, self.plan.baseline, picture)
+
+    def open_data(self):
+        """The data set (a folder is open already), checked against the network's input."""
+        from lowmem_cnn.training import check_image_shape
+
+        data = self.data or self.data_options.open(self.budget)
+        check_image_shape(self.network, data.test)
+        return data
+
+    def class_name(self, k: int) -> str:
+        names = self.network.config.class_names
+        return names[k] if names else str(k)
