@@ -77,9 +77,7 @@ def load_mnist(normalize=True, flatten=True, one_hot_label=False):
             labels = np.zeros((len(split.labels), MNIST_CLASSES))
             labels[np.arange(len(split.labels)), split.labels] = 1
         result.append((images, labels))
-        close = getattr(split.images, "close", None)  # the data is read; free its file
-        if close is not None:
-            close()
+        split.images.close()  # the data is read; free its file
     return tuple(result)
 
 

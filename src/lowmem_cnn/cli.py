@@ -337,7 +337,7 @@ def evaluate_command(params, batch_size, split, misclassified, max_ram, data_dir
         images = chosen.images
         plot_misclassified(images.read(indices), [run.class_name(t) for _, t, _ in result.wrong],
                            [run.class_name(p) for _, _, p in result.wrong],
-                           (getattr(images, "channels", 1), images.rows, images.cols), misclassified)
+                           (images.channels, images.rows, images.cols), misclassified)
         say(f"{len(result.wrong)} misclassified images drawn in {misclassified}")
     peak = peak_rss()
     if as_json:

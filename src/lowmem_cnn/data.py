@@ -178,7 +178,7 @@ class ArrayImages:
     def __init__(self, x: np.ndarray, shape: tuple, name: str = "the images"):
         self.channels, self.rows, self.cols = shape
         self.row_bytes = self.channels * self.rows * self.cols  # values, not bytes
-        self._rows = x.reshape(len(x), self.row_bytes)  # a view: nothing is copied
+        self._rows = x.reshape(len(x), self.row_bytes)  # a view of a contiguous x: no copy
         self.path = name
         self.count = len(x)
 

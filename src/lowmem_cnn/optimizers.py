@@ -105,14 +105,8 @@ class Momentum(Optimizer):
         param += v
 
 
-class Nesterov(Optimizer):
+class Nesterov(Momentum):
     """The book's Nesterov momentum: v = m v - lr g; param += m^2 v - (1 + m) lr g."""
-
-    slots = ("v",)
-
-    def __init__(self, lr, momentum=0.9):
-        super().__init__(lr)
-        self.momentum = float(momentum)
 
     def _step(self, param, grad, scratch, v):
         v *= self.momentum
@@ -130,6 +124,10 @@ class AdaGrad(Optimizer):
     def _step(self, param, grad, scratch, h):
         np.multiply(grad, grad, out=scratch)
         h += scratch
+        self._scaled_step(param, grad, scratch, h)
+
+    def _scaled_step(self, param, grad, scratch, h):
+        """param -= lr g / (sqrt(h) + 1e-7)"""
         np.sqrt(h, out=scratch)
         scratch += 1e-7
         np.divide(grad, scratch, out=scratch)
@@ -137,10 +135,8 @@ class AdaGrad(Optimizer):
         param -= scratch
 
 
-class RMSprop(Optimizer):
-    """h = d h + (1 - d) g^2; param -= lr g / (sqrt(h) + 1e-7)."""
-
-    slots = ("h",)
+class RMSprop(AdaGrad):
+    """AdaGrad with a decaying sum: h = d h + (1 - d) g^2."""
 
     def __init__(self, lr, decay_rate=0.99):
         super().__init__(lr)
@@ -151,11 +147,7 @@ class RMSprop(Optimizer):
         np.multiply(grad, grad, out=scratch)
         scratch *= 1 - self.decay_rate
         h += scratch
-        np.sqrt(h, out=scratch)
-        scratch += 1e-7
-        np.divide(grad, scratch, out=scratch)
-        scratch *= self.lr
-        param -= scratch
+        self._scaled_step(param, grad, scratch, h)
 
 
 class Adam(Optimizer):

@@ -59,7 +59,11 @@ class Plan:
 
     def apply(self, network):
         """Run `network` as planned: its tile sizes and thread count."""
-        _set_tiles(network, self.tiles)
+        for layer, size in zip(tiled_layers(network), self.tiles, strict=True):
+            if layer.kind == "conv":
+                layer.tile_rows = size
+            else:
+                layer.tile_images = size
         network.threads = self.threads
 
 
@@ -67,17 +71,6 @@ def tiled_layers(network):
     """The layers that work in tiles: a convolution's tile is column rows, a fused
     convolution and pooling's is images."""
     return [layer for layer in network.layers if layer.kind in ("conv", "conv+pool")]
-
-
-def _set_tiles(network, tiles):
-    layers = tiled_layers(network)
-    if len(tiles) != len(layers):
-        raise LowmemError("the recorded plan does not fit this network")
-    for layer, size in zip(layers, tiles, strict=True):
-        if layer.kind == "conv":
-            layer.tile_rows = size
-        else:
-            layer.tile_images = size
 
 
 def activation_peak(network, m: int, train: bool, tiles: tuple | None = None) -> int:

@@ -85,8 +85,7 @@ def data_identity(split) -> str:
     its rows, so that a run is not resumed on other data of the same size."""
     images = split.images
     digest = hashlib.sha256(np.ascontiguousarray(split.labels).tobytes())
-    digest.update(repr((len(split), images.row_bytes, getattr(images, "rows", None),
-                        getattr(images, "cols", None))).encode())
+    digest.update(repr((len(split), images.channels, images.rows, images.cols)).encode())
     for index in np.linspace(0, len(split) - 1, num=min(16, len(split)), dtype=np.int64):
         digest.update(images.read(np.array([index])).tobytes())
     return digest.hexdigest()[:16]
@@ -100,7 +99,7 @@ def check_image_shape(network, *splits):
     expected = tuple(network.config.input_shape)
     for split in splits:
         images = split.images
-        found = (getattr(images, "channels", 1), images.rows, images.cols)
+        found = (images.channels, images.rows, images.cols)
         if found != expected:
             raise LowmemError(f"{images.path}: images are {text(*found)}, the network "
                               f"{network.config.name} takes {text(*expected)}")
@@ -239,7 +238,7 @@ class Stopped(Exception):
 
     epoch: int  # the epoch under way (1-based)
     position: int  # updates done in it (0: stopped between epochs)
-    checkpoint: Path
+    checkpoint: Path | None  # None: a run without checkpoints (the book's Trainer)
 
 
 @dataclass
@@ -518,7 +517,7 @@ def resume(checkpointing: Checkpointing, max_ram: int | None, data, report=lambd
         recorded = replace(data, image_size=(h, w), test_fraction=settings.test_fraction,
                            strict=settings.strict)
         opened = recorded.open(run.budget, (h, w), c)
-        if list(getattr(opened, "classes", [])) != settings.classes:
+        if not data.is_folder() or list(opened.classes) != settings.classes:
             raise LowmemError(f"{opened.source}: not the folder of classes "
                               f"{', '.join(settings.classes)} the run was started on")
         return opened
