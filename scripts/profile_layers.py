@@ -76,7 +76,7 @@ def as_variant(layer, layers_module):
 
 def run(network, layers, grads, ws, images, labels, times):
     """One micro-batch, as Network._gradient, each layer's call timed into `times`."""
-    clock = time.perf_counter
+    clock = time.thread_time if os.environ.get("CPU_CLOCK") else time.perf_counter
     for g in grads:
         g.restart()
     x = network.to_input(images, ws)
@@ -84,7 +84,7 @@ def run(network, layers, grads, ws, images, labels, times):
     noise = np.random.default_rng(0)
     for i, layer in enumerate(layers):
         start = clock()
-        x, keep = layer.forward(x, noise, ws)
+        x, keep = layer.forward(x, True, ws, noise)
         times[i][0].append(clock() - start)
         saved.append(keep)
     loss, grad = softmax_cross_entropy(x, labels, len(labels))
@@ -131,7 +131,7 @@ def main():
         variants[name], tile_rows[name] = network.layers, tiles(size)
     if options.compare:
         module = load_revision(options.compare)
-        variants[options.compare] = [as_variant(layer, module) if layer.kind == "conv" else layer
+        variants[options.compare] = [as_variant(layer, module) if hasattr(module, type(layer).__name__) else layer
                                      for layer in network.layers]
         tile_rows[options.compare] = tiles(options.tile_bytes[0] if options.tile_bytes else None)
     workspaces = {name: Workspace() for name in variants}

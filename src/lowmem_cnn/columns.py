@@ -32,10 +32,13 @@ def windows(x: np.ndarray, size: int, stride: int, writeable: bool = False,
     n, h, w, c = x.shape
     oh, ow = (h - size) // stride + 1, (w - size) // stride + 1
     sn, sh, sw, sc = x.strides
-    return as_strided(
-        x, (n, oh, ow // group, size, size + group - 1, c),
-        (sn, sh * stride, sw * stride * group, sh, sw, sc), writeable=writeable,
-    )
+    shape = (n, oh, ow // group, size, size + group - 1, c)
+    strides = (sn, sh * stride, sw * stride * group, sh, sw, sc)
+    if x.flags.c_contiguous:
+        # 0.9 us against as_strided's 5.9: this runs some 60 times a micro-batch, with
+        # the GIL held (see layers.py's docstring)
+        return np.ndarray(shape, x.dtype, x, 0, strides)
+    return as_strided(x, shape, strides, writeable=writeable)
 
 
 def tile_rows(limit: int, per_image: int, per_line: int, total: int) -> int:
@@ -95,7 +98,8 @@ def column_tiles(view: np.ndarray, rows: int, buffer: np.ndarray):
     TRANSPOSED_MAX_CHANNELS), which BLAS takes as it is.
     """
     n, oh, ow, fh, fw, c = view.shape
-    total, width = n * oh * ow, fh * fw * c
+    per_image, width = oh * ow, fh * fw * c
+    total = n * per_image
     flip = transposed(c)
     for start in range(0, total, rows):
         stop = min(start + rows, total)
@@ -110,6 +114,12 @@ def column_tiles(view: np.ndarray, rows: int, buffer: np.ndarray):
                           np.moveaxis(part, (-3, -2, -1), (0, 1, 2)))
                 pos += count
             yield start, stop, columns_t.reshape(width, size).T
+        elif not start % per_image and not size % per_image:  # whole images: one copy
+            columns = buffer[: size * width].reshape(size, width)
+            first = start // per_image
+            part = view[first : first + size // per_image]
+            np.copyto(columns.reshape(part.shape), part)
+            yield start, stop, columns
         else:
             columns = buffer[: size * width].reshape(size, width)
             for index, count in _pieces(start, stop, oh * ow, ow):

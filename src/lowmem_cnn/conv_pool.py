@@ -117,7 +117,7 @@ class ConvolutionPooling:
         blocks = self.pool.size ** 2
         n = m * ph * pw
         dtype = dout.dtype
-        grads.add("b", np.ones(n, dtype) @ dout.reshape(n, k))
+        grads.add("b", np.dot(np.ones(n, dtype), dout.reshape(n, k)))  # np.dot: see layers.py's docstring
         weights = self._weights(ws) if self.need_input_grad else None
         grad = None
         if self.need_input_grad:

@@ -12,6 +12,14 @@ place on the array they are given (ReLU) and on the gradient they are handed bac
 and a layer's input is not read after its backward (layers keep what they need, such
 as masks, apart), so Affine writes its input gradient over its input.
 
+Products and the GIL: np.matmul keeps the GIL through products of fewer than 500
+output values (NumPy releases it above a size threshold counted on the output), however
+long they take: a 15x32 product over 40,000 rows ran 1.10x as fast on two threads as on
+one, a 16x32 one 1.88x. np.dot always releases it, so small products with long sums
+(bias gradients, a first layer's weight gradient, the affine layers) use np.dot: with @,
+DeepConvNet's bias gradients alone held the GIL in 5% of a two-thread run's samples
+(py-spy --gil --native).
+
 `memory(m, itemsize, train)` states, for a micro-batch of m images, the bytes the
 layer allocates, so that the planner can add them up (see planner.py).
 """
@@ -249,9 +257,10 @@ class Convolution:
         dtype = dout.dtype
         dout = dout.reshape(-1, self.filters)
         # the column sums as a BLAS product: 3x faster than sum(axis=0) over many rows
+        # (np.dot, not @: see the module's docstring)
         ones = ws.array(_CONVOLUTIONS, "ones", (len(dout),), dtype)
         ones.fill(1)
-        grads.add("b", ones @ dout)
+        grads.add("b", np.dot(ones, dout))
         self._weight_grad(dout, padded, grads, ws)
         if not self.need_input_grad:
             return None
@@ -272,10 +281,10 @@ class Convolution:
         view = windows(padded, k, self.stride, group=g)
         for start, stop, columns in column_tiles(view, rows, buffer):
             if start == 0:
-                np.matmul(columns.T, dout[start:stop], out=total)
+                np.dot(columns.T, dout[start:stop], out=total)  # np.dot: see the module's docstring
             else:
-                total += np.matmul(columns.T, dout[start:stop],
-                                   out=ws.array(_CONVOLUTIONS, "dW_tile", total.shape, dout.dtype))
+                total += np.dot(columns.T, dout[start:stop],
+                                out=ws.array(_CONVOLUTIONS, "dW_tile", total.shape, dout.dtype))
         if g == 1:
             grads.add("W", total)
             return
@@ -450,7 +459,9 @@ class MaxPooling:
     """Max over windows, taken over strided views: no column matrix at all.
 
     Training keeps the position of the maximum (0..size*size-1) as uint8; ties go to
-    the first position, as the book's argmax does.
+    the first position, as the book's argmax does. Every array comes from the thread's
+    Workspace: fresh ones were faulted in on every micro-batch, and with them pooling
+    took 2.7 ms of DeepConvNet's 45 ms micro-batch (50 images, one thread).
     """
 
     kind = "pool"
@@ -472,45 +483,63 @@ class MaxPooling:
                 for i in range(self.size) for j in range(self.size)]
 
     def forward(self, x, train: bool, ws=None, dropout_rng=None):
+        ws = _workspace(ws)
         views = self._views(x)
-        out = np.maximum(views[0], views[1]) if len(views) > 1 else views[0].copy()
+        shape = (len(x), *self.out_shape)
+        out = ws.array(self, "out", shape, x.dtype)
+        if len(views) == 1:
+            np.copyto(out, views[0])
+        else:
+            np.maximum(views[0], views[1], out=out)
         for view in views[2:]:
             np.maximum(out, view, out=out)
-        if train:
-            # position of the first maximum = how many leading views miss it
-            # (boolean arithmetic: masked writes are several times slower)
-            argmax = np.zeros(out.shape, np.uint8)
-            missed = np.ones(out.shape, bool)
-            differs = np.empty(out.shape, bool)
-            for view in views[:-1]:
-                np.not_equal(view, out, out=differs)
-                missed &= differs
-                argmax += missed
-            return out, (argmax, x.shape)
-        return out, None
+        if not train:
+            return out, None
+        # position of the first maximum = how many leading views miss it
+        # (boolean arithmetic: masked writes are several times slower)
+        argmax = ws.array(self, "argmax", shape, np.uint8)
+        argmax.fill(0)
+        missed = ws.array(self, "missed", shape, bool)
+        missed.fill(True)
+        differs = ws.array(self, "differs", shape, bool)
+        for view in views[:-1]:
+            np.not_equal(view, out, out=differs)
+            missed &= differs
+            argmax += missed
+        return out, argmax
 
-    def backward(self, dout, saved, grads, ws=None):
-        argmax, in_shape = saved
-        grad = np.zeros(in_shape, dout.dtype)
-        chosen = np.empty(argmax.shape, bool)
+    def backward(self, dout, argmax, grads, ws=None):
+        ws = _workspace(ws)
+        grad = ws.array(self, "grad", (len(dout), *self.in_shape), dout.dtype)
+        chosen = ws.array(self, "differs", argmax.shape, bool)  # forward's scratch
         overlapping = self.stride < self.size
+        if overlapping:
+            grad.fill(0)
+            part = ws.array(self, "part", dout.shape, dout.dtype)
+        else:  # windows cover each element once at most: zero only what none covers
+            oh, ow, _ = self.out_shape
+            grad[:, oh * self.stride :] = 0
+            grad[:, :, ow * self.stride :] = 0
+            for i in range(self.stride):
+                for j in range(self.stride):
+                    if i >= self.size or j >= self.size:
+                        grad[:, i :: self.stride, j :: self.stride][:, :oh, :ow] = 0
         for k, view in enumerate(self._views(grad)):
             np.equal(argmax, k, out=chosen)
             if overlapping:
-                view += dout * chosen
-            else:  # each input element is in one window at most
+                view += np.multiply(dout, chosen, out=part)
+            else:
                 np.multiply(dout, chosen, out=view)
         return grad
 
     def memory(self, m, itemsize, train):
         out = m * _size(self.out_shape)
-        return LayerMemory(
-            out=out * itemsize,
-            kept=out if train else 0,
-            forward_scratch=2 * out if train else 0,
-            grad_in=m * _size(self.in_shape) * itemsize,
-            backward_scratch=out + (out * itemsize if self.stride < self.size else 0),
-        )
+        held = out * itemsize
+        if train:  # argmax, missed and differs (bytes each), the input gradient
+            held += 3 * out + m * _size(self.in_shape) * itemsize
+            if self.stride < self.size:
+                held += out * itemsize
+        return LayerMemory(workspace=held)
 
     def book_columns_bytes(self, n) -> int:
         oh, ow, c = self.out_shape
@@ -534,14 +563,15 @@ class Affine:
     def forward(self, x, train: bool, ws=None, dropout_rng=None):
         ws = _workspace(ws)
         x = x.reshape(x.shape[0], self.inputs)
-        out = np.matmul(x, self.W, out=ws.array(self, "out", (len(x), self.units), x.dtype))
+        # np.dot, not np.matmul, for every product here: see the module's docstring
+        out = np.dot(x, self.W, out=ws.array(self, "out", (len(x), self.units), x.dtype))
         out += self.b
         return out, (x if train else None)
 
     def backward(self, dout, x, grads, ws=None):
         ws = _workspace(ws)
         if grads.overwrites("W"):
-            np.matmul(x.T, dout, out=grads["W"])
+            np.dot(x.T, dout, out=grads["W"])
             grads.written("W")
         else:
             # x.T @ dout a slice of rows at a time: the product is added to the
@@ -549,13 +579,13 @@ class Affine:
             rows = self._grad_rows(dout.dtype.itemsize)
             for lo in range(0, self.inputs, rows):
                 part = ws.array(self, "dW", (min(rows, self.inputs - lo), self.units), dout.dtype)
-                grads["W"][lo : lo + rows] += np.matmul(x[:, lo : lo + rows].T, dout, out=part)
+                grads["W"][lo : lo + rows] += np.dot(x[:, lo : lo + rows].T, dout, out=part)
         grads.add("b", dout.sum(axis=0))
         if not self.need_input_grad:
             return None
         # Nothing reads the input after this (see the module's docstring), so the input
         # gradient takes its array.
-        grad = np.matmul(dout, self.W.T, out=x if x.flags.c_contiguous else
+        grad = np.dot(dout, self.W.T, out=x if x.flags.c_contiguous else
                          ws.array(self, "grad", x.shape, dout.dtype))
         return grad.reshape(dout.shape[0], *self.in_shape)
 
