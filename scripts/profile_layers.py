@@ -1,16 +1,18 @@
 """Per-layer times of one training micro-batch: forward and backward of each layer.
 
 One thread (a single-threaded BLAS, as lowmem-cnn runs it), large arrays mapped one by
-one (as the commands run), the plan's tile sizes for a budget, warm workspaces. Each repetition runs a whole micro-batch (every forward,
-the loss, every backward, as Network._gradient does), timing each layer's call; the
-table gives the minimum and the median over the repetitions, in ms.
+one (as the commands run), the plan's tile sizes for a budget, warm workspaces. Each
+repetition runs a whole micro-batch (every forward, the loss, every backward, as
+Network._gradient does), timing each layer's call; the table gives the minimum and the
+median over the repetitions, in ms (of thread CPU time with CPU_CLOCK=1 in the
+environment: less moved by other programs than wall time).
 
     python scripts/profile_layers.py --config deep_convnet --reps 50
     python scripts/profile_layers.py --compare HEAD   # A/B, alternated in one process
     python scripts/profile_layers.py --tile-bytes 524288 --tile-bytes 0   # tile sizes
 
 --compare REF loads the layers of git revision REF as a second package and runs its
-convolutions (same weights, same inputs) in alternation with this tree's, so that both
+layers (same weights, same inputs) in alternation with this tree's, so that both
 see the same machine load. The machine is shared: read the numbers as noisy.
 """
 
@@ -131,7 +133,8 @@ def main():
         variants[name], tile_rows[name] = network.layers, tiles(size)
     if options.compare:
         module = load_revision(options.compare)
-        variants[options.compare] = [as_variant(layer, module) if hasattr(module, type(layer).__name__) else layer
+        variants[options.compare] = [as_variant(layer, module)
+                                     if hasattr(module, type(layer).__name__) else layer
                                      for layer in network.layers]
         tile_rows[options.compare] = tiles(options.tile_bytes[0] if options.tile_bytes else None)
     workspaces = {name: Workspace() for name in variants}
