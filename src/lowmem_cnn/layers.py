@@ -12,13 +12,13 @@ place on the array they are given (ReLU) and on the gradient they are handed bac
 and a layer's input is not read after its backward (layers keep what they need, such
 as masks, apart), so Affine writes its input gradient over its input.
 
-Products and the GIL: np.matmul keeps the GIL through products of fewer than 500
-output values (NumPy releases it above a size threshold counted on the output), however
-long they take: a 15x32 product over 40,000 rows ran 1.10x as fast on two threads as on
-one, a 16x32 one 1.88x. np.dot always releases it, so small products with long sums
-(bias gradients, a first layer's weight gradient, the affine layers) use np.dot: with @,
-DeepConvNet's bias gradients alone held the GIL in 5% of a two-thread run's samples
-(py-spy --gil --native).
+Products and the GIL: every product here is np.dot. np.matmul keeps the GIL through
+products of fewer than 500 output values (NumPy releases it above a size threshold
+counted on the output), however long they take: a 15x32 product over 40,000 rows ran
+1.10x as fast on two threads as on one, a 16x32 one 1.88x. np.dot always releases it.
+With @, DeepConvNet's bias gradients (16 to 64 values, summed over up to 39,200 rows)
+alone held the GIL in 5% of a two-thread run's samples (py-spy --gil --native), and the
+other thread waited.
 
 `memory(m, itemsize, train)` states, for a micro-batch of m images, the bytes the
 layer allocates, so that the planner can add them up (see planner.py).
@@ -263,7 +263,6 @@ class Convolution:
         dtype = dout.dtype
         dout = dout.reshape(-1, self.filters)
         # the column sums as a BLAS product: 3x faster than sum(axis=0) over many rows
-        # (np.dot, not @: see the module's docstring)
         ones = ws.array(_CONVOLUTIONS, "ones", (len(dout),), dtype)
         ones.fill(1)
         grads.add("b", np.dot(ones, dout))
@@ -287,7 +286,7 @@ class Convolution:
         view = windows(padded, k, self.stride, group=g)
         for start, stop, columns in column_tiles(view, rows, buffer):
             if start == 0:
-                np.dot(columns.T, dout[start:stop], out=total)  # np.dot: see the module's docstring
+                np.dot(columns.T, dout[start:stop], out=total)
             else:
                 total += np.dot(columns.T, dout[start:stop],
                                 out=ws.array(_CONVOLUTIONS, "dW_tile", total.shape, dout.dtype))
@@ -361,7 +360,7 @@ class Convolution:
         columns = ws.array(self, "grad_columns", (rows, self.width), dout.dtype)
         for start in range(0, len(dout), rows):
             stop = min(start + rows, len(dout))
-            part = np.matmul(dout[start:stop], self.W.T, out=columns[: stop - start])
+            part = np.dot(dout[start:stop], self.W.T, out=columns[: stop - start])
             add_columns(grad_view, start, stop, part)
         if not p:
             return grad
@@ -569,7 +568,6 @@ class Affine:
     def forward(self, x, train: bool, ws=None, dropout_rng=None):
         ws = _workspace(ws)
         x = x.reshape(x.shape[0], self.inputs)
-        # np.dot, not np.matmul, for every product here: see the module's docstring
         out = np.dot(x, self.W, out=ws.array(self, "out", (len(x), self.units), x.dtype))
         out += self.b
         return out, (x if train else None)
