@@ -540,7 +540,7 @@ class MaxPooling:
     def memory(self, m, itemsize, train):
         out = m * _size(self.out_shape)
         held = out * itemsize
-        if train:  # argmax, missed and differs (bytes each), the input gradient
+        if train:  # argmax, missed and differs (a byte a value), the input gradient
             held += 3 * out + m * _size(self.in_shape) * itemsize
             if self.stride < self.size:
                 held += out * itemsize
@@ -590,7 +590,7 @@ class Affine:
         # Nothing reads the input after this (see the module's docstring), so the input
         # gradient takes its array.
         grad = np.dot(dout, self.W.T, out=x if x.flags.c_contiguous else
-                         ws.array(self, "grad", x.shape, dout.dtype))
+                      ws.array(self, "grad", x.shape, dout.dtype))
         return grad.reshape(dout.shape[0], *self.in_shape)
 
     def _grad_rows(self, itemsize):
