@@ -6,7 +6,7 @@ r = (n * OH + oh) * OW + ow, flattened in (FH, FW, C) order. A tile is the rows
 [start, stop): it is copied out of the view in at most five pieces (the rest of an
 output line, the rest of an image, whole images, whole lines, the head of a line),
 so no tile costs more than its own rows, whatever its size; a tile of whole images
-(see `tile_rows`) is one piece, one strided copy.
+(see `tile_rows`) is one piece, one strided copy. Every view here is writeable.
 """
 
 import math
@@ -22,8 +22,7 @@ from numpy.lib.stride_tricks import as_strided
 TRANSPOSED_MAX_CHANNELS = 2
 
 
-def windows(x: np.ndarray, size: int, stride: int, writeable: bool = False,
-            group: int = 1) -> np.ndarray:
+def windows(x: np.ndarray, size: int, stride: int, group: int = 1) -> np.ndarray:
     """The (N, OH, OW, size, size, C) view of the windows of NHWC `x` (already padded).
 
     With `group` > 1 (stride 1 only), each window covers `group` neighbouring outputs of
@@ -38,7 +37,7 @@ def windows(x: np.ndarray, size: int, stride: int, writeable: bool = False,
         # 0.9 us against as_strided's 5.9: this runs some 60 times a micro-batch, with
         # the GIL held (see layers.py's docstring)
         return np.ndarray(shape, x.dtype, x, 0, strides)
-    return as_strided(x, shape, strides, writeable=writeable)
+    return as_strided(x, shape, strides)
 
 
 def tile_rows(limit: int, per_image: int, per_line: int, total: int) -> int:
@@ -107,22 +106,16 @@ def column_tiles(view: np.ndarray, rows: int, buffer: np.ndarray):
         pos = 0
         if flip:
             columns_t = buffer[: size * width].reshape(fh, fw, c, size)
-            for index, count in _pieces(start, stop, oh * ow, ow):
+            for index, count in _pieces(start, stop, per_image, ow):
                 part = view[index]
                 lead = part.shape[:-3]
                 np.copyto(_split_last(columns_t[..., pos : pos + count], lead),
                           np.moveaxis(part, (-3, -2, -1), (0, 1, 2)))
                 pos += count
             yield start, stop, columns_t.reshape(width, size).T
-        elif not start % per_image and not size % per_image:  # whole images: one copy
-            columns = buffer[: size * width].reshape(size, width)
-            first = start // per_image
-            part = view[first : first + size // per_image]
-            np.copyto(columns.reshape(part.shape), part)
-            yield start, stop, columns
         else:
             columns = buffer[: size * width].reshape(size, width)
-            for index, count in _pieces(start, stop, oh * ow, ow):
+            for index, count in _pieces(start, stop, per_image, ow):
                 part = view[index]
                 np.copyto(columns[pos : pos + count].reshape(part.shape), part)
                 pos += count

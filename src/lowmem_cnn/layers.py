@@ -127,7 +127,6 @@ class Convolution:
         self.rows_per_image = oh * ow
         self.param_shapes = {"W": (self.width, filters), "b": (filters,)}
         self.tile_rows = 1 << 30  # set by the planner
-        self._tile_shapes = {}  # see _tile
         self.need_input_grad = True
         # the input gradient as a convolution of the output gradient (see above)
         self.transposed_grad = stride == 1 and pad <= size - 1
@@ -162,15 +161,10 @@ class Convolution:
         image, from `channels` input channels, `group` outputs a row: as many values as
         `tile` rows of the forward's columns would hold (the planner's tile_rows), in
         whole images (or lines) where one fits."""
-        key = (m, lines, line, channels, group, tile)
-        known = self._tile_shapes.get(key)
-        if known is None:  # asked some 20 times a micro-batch, with the GIL held
-            width = self.size * (self.size + group - 1) * channels
-            per_line = line // group
-            limit = max(1, tile * self.width // width)
-            known = self._tile_shapes[key] = (
-                tile_rows(limit, lines * per_line, per_line, m * lines * per_line), width)
-        return known
+        width = self.size * (self.size + group - 1) * channels
+        per_line = line // group
+        limit = max(1, tile * self.width // width)
+        return tile_rows(limit, lines * per_line, per_line, m * lines * per_line), width
 
     def _forward_tile(self, m, tile):
         oh, ow, _ = self.out_shape
@@ -355,7 +349,7 @@ class Convolution:
         p = self.pad
         grad = ws.array(self, "grad_padded", (m, *self._padded_shape()), dout.dtype)
         grad.fill(0)
-        grad_view = windows(grad, self.size, self.stride, writeable=True)
+        grad_view = windows(grad, self.size, self.stride)
         rows, _ = self._forward_tile(m, self.tile_rows)
         columns = ws.array(self, "grad_columns", (rows, self.width), dout.dtype)
         for start in range(0, len(dout), rows):
@@ -518,17 +512,14 @@ class MaxPooling:
         grad = ws.array(self, "grad", (len(dout), *self.in_shape), dout.dtype)
         chosen = ws.array(self, "differs", argmax.shape, bool)  # forward's scratch
         overlapping = self.stride < self.size
-        if overlapping:
-            grad.fill(0)
-            part = ws.array(self, "part", dout.shape, dout.dtype)
-        else:  # windows cover each element once at most: zero only what none covers
+        if self.stride == self.size:  # the windows tile the input: zero only the rest
             oh, ow, _ = self.out_shape
             grad[:, oh * self.stride :] = 0
             grad[:, :, ow * self.stride :] = 0
-            for i in range(self.stride):
-                for j in range(self.stride):
-                    if i >= self.size or j >= self.size:
-                        grad[:, i :: self.stride, j :: self.stride][:, :oh, :ow] = 0
+        else:
+            grad.fill(0)
+        if overlapping:
+            part = ws.array(self, "part", dout.shape, dout.dtype)
         for k, view in enumerate(self._views(grad)):
             np.equal(argmax, k, out=chosen)
             if overlapping:
