@@ -283,8 +283,10 @@ def test_peak_rss_on_linux_is_vmhwm_with_or_without_resource(monkeypatch):
     import resource
 
     peak = budget.peak_rss()
-    # ru_maxrss is VmHWM or more: it also holds the peak of what exec'd pytest
-    assert peak <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    assert abs(budget._proc_status_bytes("VmHWM") - peak) < 2 * MIB
+    # ru_maxrss also holds the peak of what exec'd pytest, so it is VmHWM or more, but
+    # the kernel counts it approximately: seen 1.6 MiB below VmHWM here
+    assert peak <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 + 4 * MIB
     monkeypatch.setitem(sys.modules, "resource", None)
     assert abs(budget.peak_rss() - peak) < 2 * MIB
 
@@ -305,5 +307,10 @@ def test_map_large_arrays_is_false_without_mallopt(monkeypatch):
 
     monkeypatch.setattr(ctypes, "CDLL", no_library)
     assert budget.map_large_arrays() is False
-    monkeypatch.setattr(os, "confstr", lambda name: None)  # musl
+
+
+def test_map_large_arrays_is_false_on_another_c_library(monkeypatch):
+    """musl answers no glibc version: mallopt is then not called (the C library is
+    real here, so a missing check would call it and answer True)."""
+    monkeypatch.setattr(os, "confstr", lambda name: None)
     assert budget.map_large_arrays() is False

@@ -14,6 +14,7 @@ import numpy as np
 from lowmem_cnn import __version__, default_threads
 from lowmem_cnn.budget import format_size, map_large_arrays, peak_rss, resolve_budget
 from lowmem_cnn.config import DEFAULT_CONFIG, load_config
+from lowmem_cnn.data import NoBar
 from lowmem_cnn.errors import LowmemError
 from lowmem_cnn.model import Network
 from lowmem_cnn.optimizers import OPTIMIZERS
@@ -69,23 +70,10 @@ def _common(command):
     return _user_errors(command)
 
 
-class _NoBar:
-    """What the commands call on a progress bar, doing nothing (stderr is not a terminal)."""
-
-    def update(self, n=1):
-        pass
-
-    def set_postfix_str(self, text, refresh=True):
-        pass
-
-    def close(self):
-        pass
-
-
 def _progress(total, description, unit, initial=0, in_bytes=False):
     """A tqdm bar on stderr when stderr is a terminal (see main: tqdm is imported then)."""
     if not sys.stderr.isatty():
-        return _NoBar()
+        return NoBar()
     from tqdm import tqdm
 
     return tqdm(total=total or None, desc=description, unit=unit, initial=initial,

@@ -117,7 +117,9 @@ class ConvolutionPooling:
         blocks = self.pool.size ** 2
         n = m * ph * pw
         dtype = dout.dtype
-        grads.add("b", np.dot(np.ones(n, dtype), dout.reshape(n, k)))  # np.dot: see layers.py's docstring
+        ones = ws.array(self, "ones", (n,), dtype)
+        ones.fill(1)
+        grads.add("b", np.dot(ones, dout.reshape(n, k)))  # np.dot: see layers.py's docstring
         weights = self._weights(ws) if self.need_input_grad else None
         grad = None
         if self.need_input_grad:
@@ -192,6 +194,7 @@ class ConvolutionPooling:
         if train:
             held += (blocks - 1) * k * n  # wins (bool)
             held += k * tile * itemsize + 2 * weights  # dpool, dweights and a tile's
+            held += n * itemsize  # ones, for the bias gradient
             if self.need_input_grad:
                 held += self.rows * tile * itemsize + padded  # dcolumns, grad
         return LayerMemory(workspace=held)

@@ -82,6 +82,20 @@ def _header(path: Path, magic: int) -> tuple[int, ...]:
     return dims
 
 
+class NoBar:
+    """A progress bar that shows nothing: what callers get when there is no terminal
+    to show one on, or no bar was asked for."""
+
+    def update(self, n=1):
+        pass
+
+    def set_postfix_str(self, text, refresh=True):
+        pass
+
+    def close(self):
+        pass
+
+
 class RowFile:
     """A file read at given offsets, by several threads at once (the trainer reads the
     next batch on one): pread where the OS has it, with no shared file position;

@@ -42,7 +42,6 @@ import hashlib
 import json
 import os
 import struct
-import sys
 import warnings
 from array import array
 from dataclasses import dataclass, field
@@ -50,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lowmem_cnn.data import Dataset, RowFile, Split, cache_dir
+from lowmem_cnn.data import Dataset, NoBar, RowFile, Split, cache_dir
 from lowmem_cnn.errors import LowmemError
 from lowmem_cnn.files import atomic_write
 from lowmem_cnn.imaging import DEFAULT_MAX_DECODE_BYTES, ImageRefused, image_row, is_color
@@ -221,9 +220,7 @@ def _list_folder(root: Path) -> _Listing:
 
 @dataclass
 class _Cache:
-    path: Path
     channels: int
-    rows: int
     decoded: np.ndarray  # bool per listed file
     skipped: list  # [relative path, reason, bytes needed or None]
 
@@ -258,7 +255,7 @@ def _read_cache(path: Path, listing: _Listing, size, max_decode_bytes) -> _Cache
     if any(need is not None and (max_decode_bytes is None or need <= max_decode_bytes)
            for _, _, need in skipped):
         return None
-    return _Cache(path, channels, rows, decoded, skipped)
+    return _Cache(channels, decoded, skipped)
 
 
 def _choose_channels(listing: _Listing, progress) -> int:
@@ -310,7 +307,7 @@ def _decode_all(listing, path, size, channels, strict, max_decode_bytes, progres
                                 len(labels), t_off, len(trailer)))
     finally:
         bar.close()
-    return _Cache(path, channels, len(labels), decoded, skipped)
+    return _Cache(channels, decoded, skipped)
 
 
 def _check_decoded(listing: _Listing, decoded: np.ndarray, skipped: list):
@@ -439,13 +436,6 @@ class FolderDataset(Dataset):
                 f"{len(self.classes)} classes ({names}){skipped}; {cached}")
 
 
-def _tqdm_bar(total, description):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=description, unit="img", leave=False, file=sys.stderr,
-                disable=not sys.stderr.isatty(), dynamic_ncols=True)
-
-
 def _warn(message):
     warnings.warn(message, SkippedFilesWarning, stacklevel=3)
 
@@ -500,11 +490,12 @@ def open_folder(root: Path, image_size=28, channels: int | None = None,
     the drawn split of a one-folder layout. strict: a file that is not a usable picture
     is an error instead of being skipped. max_decode_bytes: the most one picture may
     take to decode (see imaging.decode_bytes); a larger one is skipped.
-    progress(total, description) -> a bar with update(n) and close() (default: a tqdm
-    bar on stderr when it is a terminal). warn(message) reports skipped files (default:
-    warnings.warn with SkippedFilesWarning). Raises LowmemError, naming the path, for
-    a missing folder, no class folders, an empty class folder, a class of test/ not in
-    train/, and pictures that all fail to decode (in the folder or in one class).
+    progress(total, description) -> a bar with update(n) and close() (default: none;
+    the command line passes a tqdm bar when stderr is a terminal). warn(message)
+    reports skipped files (default: warnings.warn with SkippedFilesWarning). Raises
+    LowmemError, naming the path, for a missing folder, no class folders, an empty class
+    folder, a class of test/ not in train/, and pictures that all fail to decode (in
+    the folder or in one class).
     """
     root = Path(root)
     size = _size_pair(image_size)
@@ -512,7 +503,7 @@ def open_folder(root: Path, image_size=28, channels: int | None = None,
         raise LowmemError(f"channels {channels!r}: 1 (gray), 3 (RGB) or None (from the pictures)")
     if not 0 < test_fraction < 1:
         raise LowmemError(f"test fraction {test_fraction}: give a number between 0 and 1")
-    progress = progress or _tqdm_bar
+    progress = progress or (lambda total, description: NoBar())
     listing = _list_folder(root)
     path, folder = _cache_path(listing, size, channels)
     cache = _read_cache(path, listing, size, max_decode_bytes)
@@ -530,7 +521,6 @@ def open_folder(root: Path, image_size=28, channels: int | None = None,
         raise LowmemError(f"{root / rel}: {reason} (strict: every file must be a usable picture)")
     if cache.skipped:
         (warn or _warn)(_skip_message(root, cache.skipped))
-    _check_decoded(listing, cache.decoded, cache.skipped)
     cache_row = np.cumsum(cache.decoded) - 1  # the cache row of each decoded file
     splits = {}
     for name, entries in zip(("train", "test"),

@@ -8,6 +8,7 @@ third process lock a new file while a second still holds the old one.
 
 import os
 import sys
+import time
 from pathlib import Path
 
 from lowmem_cnn.errors import LowmemError
@@ -52,7 +53,7 @@ class RunLock:
         except OSError as err:
             raise LowmemError(f"cannot lock {what} {self.path} ({target}: {err.strerror})") from None
         if not _try_lock(fd):
-            holder = _read_pid(fd)
+            holder = _holder(fd)
             os.close(fd)
             by = f"process {holder}" if holder else "another process"
             raise LowmemError(f"{what} {self.path} is in use by {by} (another lowmem-cnn train); "
@@ -65,6 +66,16 @@ class RunLock:
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor releases the lock
             self._fd = None
+
+
+def _holder(fd) -> int | None:
+    """The pid the holder wrote. A new lock file is empty from the holder's lock until
+    its write, a few microseconds: two runs started together met that window (the
+    refusal named "another process"), so wait for the pid, up to a second."""
+    deadline = time.monotonic() + 1.0
+    while (holder := _read_pid(fd)) is None and time.monotonic() < deadline:
+        time.sleep(0.001)
+    return holder
 
 
 def _read_pid(fd) -> int | None:

@@ -111,7 +111,7 @@ def activation_peak(network, m: int, train: bool, tiles: tuple | None = None) ->
         return held + peak
     grad = alive  # the loss gradient takes the scores' place
     for layer in reversed(network.layers):
-        mem = layer.memory(m, s, train)
+        mem = memory[id(layer)]
         peak = max(peak, kept + grad + mem.grad_in + mem.backward_scratch)
         kept -= kept_by.pop()
         if not mem.in_place:

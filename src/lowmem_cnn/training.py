@@ -179,10 +179,6 @@ class EpochLoop:
         self.epochs_done += 1
         return result
 
-    def buffer_bytes(self) -> int:
-        """The batch buffers and the epoch's permutation."""
-        return sum(buffer.nbytes for buffer in self._buffers) + 8 * self.count
-
     def state(self) -> tuple[dict, dict]:
         """(metadata, arrays) that `restore` continues from exactly."""
         meta = {
@@ -513,13 +509,17 @@ def resume(checkpointing: Checkpointing, max_ram: int | None, data, report=lambd
     def open_data(run):
         if settings.classes is None:
             return data.open(run.budget)
+        classes = ", ".join(settings.classes)
+        if not data.is_folder():  # told before anything is opened (or downloaded)
+            raise LowmemError(f"this run was started on a folder of pictures (classes {classes});"
+                              f" give it with --data-dir")
         c, h, w = settings.input_shape  # a folder, read as the run began
         recorded = replace(data, image_size=(h, w), test_fraction=settings.test_fraction,
                            strict=settings.strict)
         opened = recorded.open(run.budget, (h, w), c)
-        if not data.is_folder() or list(opened.classes) != settings.classes:
-            raise LowmemError(f"{opened.source}: not the folder of classes "
-                              f"{', '.join(settings.classes)} the run was started on")
+        if list(opened.classes) != settings.classes:
+            raise LowmemError(f"{opened.source}: not the folder of classes {classes} the run "
+                              f"was started on")
         return opened
 
     return _build(settings, checkpointing, open_data, report, locks, picture, meta, arrays)
