@@ -285,7 +285,7 @@ def test_peak_rss_on_linux_is_vmhwm_with_or_without_resource(monkeypatch):
     peak = budget.peak_rss()
     assert abs(budget._proc_status_bytes("VmHWM") - peak) < 2 * MIB
     # ru_maxrss also holds the peak of what exec'd pytest, so it is VmHWM or more, but
-    # the kernel counts it approximately: seen 1.6 MiB below VmHWM here
+    # the kernel counts it approximately: seen 200 KiB below VmHWM here
     assert peak <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 + 4 * MIB
     monkeypatch.setitem(sys.modules, "resource", None)
     assert abs(budget.peak_rss() - peak) < 2 * MIB
