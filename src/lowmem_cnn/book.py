@@ -137,7 +137,6 @@ class Engine:
 
     def __init__(self, network: Network, budget: int):
         self.network, self.budget = network, budget
-        self.threads = network.threads  # the most; a plan may use fewer
         self.plan = None
         self.reset()
 
@@ -159,14 +158,12 @@ class Engine:
         if self._baseline is not None and self._others_now() > self._others + REPLAN_GROWTH:
             self.reset()
         if self._baseline is None:
-            self.network.threads = self.threads
             # gradient sets for every thread: training and forward-only plans alike count them
             self._baseline = measure_baseline(self.network, True)
             self._others = self._baseline - self.network.held_bytes()
         key = (train, n, fixed)
         plan = self._plans.get(key)
         if plan is None:
-            self.network.threads = self.threads
             try:
                 plan = make_plan(self.network, self.budget, self._baseline, train, max(n, 1), fixed,
                                  evaluations=False)
@@ -175,7 +172,6 @@ class Engine:
             if len(self._plans) >= 8:  # callers alternate between a few kinds
                 self._plans.clear()
             self._plans[key] = plan
-        self.network.threads = plan.threads
         plan.apply(self.network)
         self.plan = plan
         return plan.micro_batch if train else plan.eval_micro_batch

@@ -34,7 +34,7 @@ INIT_CHUNK = 1 << 16
 class Network:
     def __init__(self, config: NetworkConfig, dtype=np.float32, threads: int = 1):
         self.config = config
-        self.threads = threads  # in use; the planner may lower it, never above the pool's
+        self.threads = threads  # in use: a plan sets it, at most the threads built for
         # the calling thread is one of the threads (see _map)
         self.pool = ThreadPoolExecutor(threads - 1) if threads > 1 else None
         self.workspaces = [Workspace() for _ in range(threads)]
@@ -89,15 +89,18 @@ class Network:
         self._grads = None
 
     def thread_grads(self) -> list:
-        """One set of gradient arrays per thread (name -> array), made on first use
-        (evaluation needs none). Their sum is the gradient; see also `grads`."""
-        return [flat for flat, _ in self._gradient_sets()]
+        """One set of gradient arrays per thread in use (name -> array), made on first
+        use (evaluation needs none). Their sum is the gradient; see also `grads`."""
+        return [flat for flat, _ in self._gradient_sets()[: self.threads]]
 
     def _gradient_sets(self) -> list:
-        """Per thread: (name -> array, the same arrays as one Gradients per layer)."""
+        """Per thread: (name -> array, the same arrays as one Gradients per layer).
+
+        One set for every thread built, whatever the plan uses now: a later plan may use
+        more, and the baseline (measure_baseline's warm-up) holds them all."""
         if self._grads is None:
             self._grads = []
-            for _ in range(self.threads):
+            for _ in self.workspaces:
                 flat = {key: np.zeros_like(getattr(layer, name))
                         for key, layer, name in self.param_names()}
                 per_layer = {id(layer): Gradients() for layer in self.layers}

@@ -175,13 +175,14 @@ def check_parameters_fit(network, budget: int, optimizer_copies: int | None = No
 
 def make_plan(network, budget: int, baseline: int, train: bool, batch_size: int,
               fixed: int, evaluations: bool = True) -> Plan:
-    """The plan of the fastest thread count, up to the network's: under a tight budget,
-    one thread with large micro-batches beats two with tiny ones (measured at 64M: 15.5 s
-    an epoch against 25.7 s). A training plan also makes room for the evaluations
-    between epochs unless `evaluations` is False. The search only computes; the plan
-    chosen is then applied to the network (its tiles and threads)."""
+    """The plan of the fastest thread count, up to the threads the network was built for
+    (not the count an earlier plan applied): under a tight budget, one thread with large
+    micro-batches beats two with tiny ones (measured at 64M: 15.5 s an epoch against
+    25.7 s). A training plan also makes room for the evaluations between epochs unless
+    `evaluations` is False. The search only computes; the plan chosen is then applied to
+    the network (its tiles and threads)."""
     best, best_speed, refusal = None, 0.0, None
-    for threads in range(network.threads, 0, -1):
+    for threads in range(len(network.workspaces), 0, -1):
         try:
             plan = _make_plan(network, threads, budget, baseline, train, batch_size, fixed,
                               evaluations)
@@ -301,7 +302,7 @@ def recorded_plan(network, budget: int, baseline: int, fixed: int, micro_batch: 
     """A training plan chosen before (a resumed run keeps it, so that its arithmetic is
     the same), checked against this budget, then applied to the network."""
     tiles = tuple(tiles)
-    if len(tiles) != len(tiled_layers(network)):
+    if len(tiles) != len(tiled_layers(network)) or not 1 <= threads <= len(network.workspaces):
         raise LowmemError("the recorded plan does not fit this network")
     activations = max(_activations(network, micro_batch, True, threads, tiles),
                       _activations(network, eval_micro_batch, False, threads, tiles))

@@ -161,8 +161,7 @@ class EpochLoop:
                 loss = self.network.accumulate_gradient(
                     images, labels, self.micro_batch, (self.seed, self.epochs_done, self.position),
                     self.split.images.pixels)
-                self.optimizer.update(self.network.params(),
-                                      self.network.thread_grads()[: self.network.threads],
+                self.optimizer.update(self.network.params(), self.network.thread_grads(),
                                       self.network.pool, self.network.threads)
                 self.loss_sum += loss * len(labels)
                 self.position += 1
