@@ -5,6 +5,11 @@ config's optimizer, learning rate and batch size, float32, CPU.
 Run with a Python that has torch (never a dependency of lowmem-cnn):
     python scripts/torch_baseline.py DATA_DIR [--config NAME_OR_TOML] [--limit N]
 Prints one JSON line: epoch_seconds, eval_seconds, test_accuracy, threads.
+
+With --serve it trains in segments for scripts/bench_interleaved.py instead: after a
+line "ready", each line it reads on stdin is a number of batches to train (the epoch
+goes on where the last segment stopped, a new order when it ends), and it answers with
+the seconds they took.
 """
 
 import argparse
@@ -88,6 +93,8 @@ def main():
     parser.add_argument("--limit", type=int)
     parser.add_argument("--eval-batch", type=int, default=1000,
                         help="test images per forward pass (0: all at once)")
+    parser.add_argument("--serve", action="store_true",
+                        help="train the batch counts read on stdin (see above)")
     options = parser.parse_args()
     config = read_config(options.config)
     training = {"optimizer": "adam", "lr": 0.001, "batch_size": 100, **config.get("training", {})}
@@ -104,14 +111,19 @@ def main():
     loss_fn = nn.CrossEntropyLoss()
     batch = training["batch_size"]
 
-    model.train()
-    began = time.perf_counter()
-    order = torch.randperm(len(train_x))
-    for start in range(0, len(train_x), batch):
-        chosen = order[start : start + batch]
+    def train(chosen):
         optimizer.zero_grad()
         loss_fn(model(train_x[chosen]), train_t[chosen]).backward()
         optimizer.step()
+
+    model.train()
+    if options.serve:
+        serve(train, len(train_x), batch)
+        return
+    began = time.perf_counter()
+    order = torch.randperm(len(train_x))
+    for start in range(0, len(train_x), batch):
+        train(order[start : start + batch])
     epoch_seconds = time.perf_counter() - began
 
     model.eval()
@@ -125,6 +137,19 @@ def main():
                       "test_accuracy": float((predicted == test_t).float().mean()),
                       "threads": torch.get_num_threads(), "config": options.config,
                       "eval_batch": step}))
+
+
+def serve(train, count, batch):
+    order, start = torch.randperm(count), 0
+    print("ready", flush=True)
+    for line in sys.stdin:
+        began = time.perf_counter()
+        for _ in range(int(line)):
+            if start >= count:
+                order, start = torch.randperm(count), 0
+            train(order[start : start + batch])
+            start += batch
+        print(time.perf_counter() - began, flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,123 @@
+"""Training speed of lowmem-cnn against PyTorch under the same machine load: both keep
+training, in segments of a few batches that alternate.
+
+bench.py alternates whole epochs, 20 to 40 s each; on a shared machine whose speed
+moves by 20% within minutes, one of two neighbouring epochs can get a quiet spell the
+other did not. Here the two take turns every --segment batches, in the order
+lowmem-cnn, PyTorch, PyTorch, lowmem-cnn (so that a drift in speed falls on both
+alike), for --rounds rounds: the ratio of their total times compares the same minutes.
+
+lowmem-cnn trains as `lowmem-cnn train` does (training.TrainingRun: the plan for
+--max-ram, the next batch read from the IDX file while one is computed, the config's
+optimizer); PyTorch as scripts/torch_baseline.py does (the data in memory as tensors),
+in a child process that waits between its segments (torch_baseline.py --serve). Only
+the batches are timed: no evaluation, no process start.
+
+    python scripts/bench_interleaved.py --torch-python TORCHVENV/bin/python \\
+        --config deep_convnet --max-ram 2G --segment 50 --rounds 8 --data-dir DIR
+"""
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before NumPy (see lowmem_cnn/__init__)
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "src"))
+
+import numpy as np  # noqa: E402
+
+from lowmem_cnn import default_threads  # noqa: E402
+from lowmem_cnn.budget import map_large_arrays, parse_size  # noqa: E402
+from lowmem_cnn.config import load_config  # noqa: E402
+from lowmem_cnn.data import open_directory  # noqa: E402
+from lowmem_cnn.model import Network  # noqa: E402
+from lowmem_cnn.optimizers import make_optimizer  # noqa: E402
+from lowmem_cnn.training import TrainingRun  # noqa: E402
+
+
+class Ours:
+    """A lowmem-cnn training run, advanced a number of updates at a time."""
+
+    def __init__(self, config_name, budget, data_dir):
+        config = load_config(config_name)
+        training = config.training
+        network = Network(config.network, np.float32, default_threads())
+        self.run = TrainingRun(network, make_optimizer(training.optimizer, training.lr), budget,
+                               1, training.batch_size)
+        network.init_params(self.run.rng)
+        self.run.plan_without_data()
+        data = open_directory(Path(data_dir))
+        plan = self.run.use_data(data.train, data.test)
+        self.plan = f"{plan.threads} threads x {plan.micro_batch} images"
+        self.steps = self.run.loop.steps()
+
+    def train(self, batches: int) -> float:
+        began = time.perf_counter()
+        for _ in range(batches):
+            if next(self.steps, None) is None:  # the epoch is over: the next one
+                self.run.loop.finish_epoch()
+                self.steps = self.run.loop.steps()
+                next(self.steps)
+        return time.perf_counter() - began
+
+
+class Theirs:
+    """scripts/torch_baseline.py --serve in a child process."""
+
+    def __init__(self, python, config_name, data_dir):
+        self.child = subprocess.Popen(
+            [python, str(HERE / "torch_baseline.py"), data_dir, "--config", config_name, "--serve"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        if self.child.stdout.readline().strip() != "ready":
+            sys.exit("torch_baseline.py --serve did not start")
+
+    def train(self, batches: int) -> float:
+        self.child.stdin.write(f"{batches}\n")
+        self.child.stdin.flush()
+        return float(self.child.stdout.readline())
+
+    def close(self):
+        self.child.stdin.close()
+        self.child.wait()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--torch-python", required=True, help="a Python that has torch")
+    parser.add_argument("--config", default="deep_convnet")
+    parser.add_argument("--max-ram", default="2G")
+    parser.add_argument("--segment", type=int, default=50, help="batches a turn")
+    parser.add_argument("--rounds", type=int, default=8, help="rounds of four turns")
+    parser.add_argument("--data-dir", default=os.environ.get("LOWMEM_CNN_DATA", "../shared/data/mnist"))
+    options = parser.parse_args()
+    map_large_arrays()  # as the commands do
+    ours = Ours(options.config, parse_size(options.max_ram), options.data_dir)
+    theirs = Theirs(options.torch_python, options.config, options.data_dir)
+    ours.train(5)  # warm: workspaces, first BLAS calls, PyTorch's first passes
+    theirs.train(5)
+    times = {"lowmem-cnn": [], "PyTorch": []}
+    n = options.segment
+    print(f"{options.config}, lowmem-cnn --max-ram {options.max_ram} ({ours.plan}); "
+          f"ms per batch, each round")
+    for r in range(options.rounds):
+        for name, side in (("lowmem-cnn", ours), ("PyTorch", theirs), ("PyTorch", theirs),
+                           ("lowmem-cnn", ours)):
+            times[name].append(side.train(n))
+        print(f"  round {r + 1}: lowmem-cnn {1e3 * sum(times['lowmem-cnn'][-2:]) / (2 * n):6.1f}"
+              f"  PyTorch {1e3 * sum(times['PyTorch'][-2:]) / (2 * n):6.1f}", flush=True)
+    theirs.close()
+    mine, torch_times = times["lowmem-cnn"], times["PyTorch"]
+    pairs = [a / b for a, b in zip(mine, torch_times, strict=True)]
+    print(f"lowmem-cnn {1e3 * sum(mine) / (len(mine) * n):.1f} ms per batch, PyTorch "
+          f"{1e3 * sum(torch_times) / (len(torch_times) * n):.1f}: ratio {sum(mine) / sum(torch_times):.3f}"
+          f" (turns' ratios: median {statistics.median(pairs):.3f}, "
+          f"from {min(pairs):.3f} to {max(pairs):.3f})")
+
+
+if __name__ == "__main__":
+    main()
