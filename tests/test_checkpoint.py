@@ -88,6 +88,7 @@ def test_interrupt_checkpoints_and_resume_finishes_the_same(mnist_dir, tmp_path,
                                 crash=[*crash, "--action", signal.Signals(signum).name]))
     assert code == status, err
     assert "train --resume --checkpoint" in err and "Traceback" not in err
+    assert not lock_files(tmp_path)  # a stopped run lets go of its locks, and their files
     meta, _ = read_checkpoint(checkpoint)
     assert not meta["finished"]
     # the update under way when the signal came finished, and was checkpointed
@@ -101,6 +102,11 @@ def test_interrupt_checkpoints_and_resume_finishes_the_same(mnist_dir, tmp_path,
     code, out, _ = finish(start("train", "--resume", "--data-dir", mnist_dir, cwd=tmp_path))
     assert code == 0 and "finished all 2 epochs" in out
     assert (tmp_path / "params.pkl").read_bytes() == before
+    assert not lock_files(tmp_path)
+
+
+def lock_files(directory):
+    return sorted(path.name for path in Path(directory).glob(".*.lock"))
 
 
 def stopped_itself(process):
@@ -132,9 +138,13 @@ def test_two_runs_started_together_on_one_checkpoint(mnist_dir, tmp_path, refere
     assert refused.returncode == 1, err
     assert f"params.pkl.ckpt is in use by process {holder.pid}" in err
     assert "Traceback" not in err
+    # the refused run removed nothing it did not hold
+    assert lock_files(tmp_path) == [".params.pkl.ckpt.lock", ".params.pkl.lock"]
+    assert lock_path(tmp_path / "params.pkl.ckpt").read_text().split()[0] == str(holder.pid)
     holder.send_signal(signal.SIGCONT)
     code, out, err = finish(holder)
     assert code == 0, err
+    assert not lock_files(tmp_path)
     if holder is runs[0]:  # the run with the reference's settings
         assert (tmp_path / "params.pkl").read_bytes() == reference[0]
         assert history_without_seconds(out) == reference[1]
@@ -220,6 +230,7 @@ def test_a_new_run_does_not_overwrite_an_unfinished_one(tmp_path, mnist_dir):
     code, _, err = run_cli(*ARGS, "--data-dir", mnist_dir, cwd=tmp_path)
     assert code == 1 and "holds an unfinished run" in err and "--resume" in err
     assert checkpoint.read_bytes() == before
+    assert not lock_files(tmp_path)  # the refused run took the locks, then let them go
     # nor does a resume under a budget too small for the recorded plan damage it
     code, _, err = run_cli("train", "--resume", "--max-ram", "45M", "--data-dir", mnist_dir,
                            cwd=tmp_path)
@@ -230,9 +241,69 @@ def test_a_new_run_does_not_overwrite_an_unfinished_one(tmp_path, mnist_dir):
     code, _, err = run_cli("train", "--resume", "--data-dir", other, cwd=tmp_path)
     assert code == 1 and "started on other data" in err and "Traceback" not in err
     assert checkpoint.read_bytes() == before
-    # the killed run's lock does not block its resume
+    # a killed run's lock file (no process holds it: the refusals above removed the
+    # first one) does not block its resume
+    lock_path(checkpoint).write_text("99999999\n")
     code, _, err = run_cli("train", "--resume", "--data-dir", mnist_dir, cwd=tmp_path)
     assert code == 0, err
+    assert not lock_files(tmp_path)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="Windows keeps lock files (they stay open)")
+def test_a_lock_file_removed_as_its_holder_let_go_is_not_taken_for_the_lock(tmp_path, monkeypatch):
+    from lowmem_cnn import locks
+
+    guarded = tmp_path / "params.pkl"
+    target = lock_path(guarded)
+    first = locks.RunLock(guarded, "parameter file")
+    stale = os.open(target, os.O_RDWR)  # opened just before the holder lets go
+    first.release()
+    assert not target.exists()
+    # the stale file can be locked now, but it is no longer the lock, even once another
+    # file is at the path
+    assert locks._try_lock(stale) and not locks._still_at(stale, target)
+    target.touch()
+    assert not locks._still_at(stale, target)
+    os.close(stale)
+
+    # a run that locks a file its holder removed meanwhile takes the path's file instead
+    real_try_lock, calls = locks._try_lock, []
+
+    def holder_lets_go_first(fd):
+        if not calls:  # as the holder would: remove the file, then unlock it
+            os.unlink(target)
+        calls.append(fd)
+        return real_try_lock(fd)
+
+    target.touch()
+    monkeypatch.setattr(locks, "_try_lock", holder_lets_go_first)
+    second = locks.RunLock(guarded, "parameter file")
+    monkeypatch.undo()
+    assert len(calls) == 2  # the removed file locked, then the new one
+    assert target.exists() and os.fstat(second._fd).st_ino == target.stat().st_ino
+    with pytest.raises(LowmemError, match=f"in use by process {os.getpid()}"):
+        locks.RunLock(guarded, "parameter file")
+    second.release()
+    assert not target.exists()
+
+
+def test_a_refused_start_lets_go_of_the_lock_it_took(tmp_path):
+    # the parameter file is in use: start refuses after it has locked the checkpoint
+    from lowmem_cnn import training
+    from lowmem_cnn.data import DataOptions
+    from lowmem_cnn.locks import RunLock
+
+    out = tmp_path / "params.pkl"
+    held = RunLock(out, "parameter file")
+    settings = training.Settings(config="simple_convnet", dtype="float32", epochs=1, batch_size=100,
+                                 lr=0.001, optimizer="adam", seed=0, limit=None, out=str(out),
+                                 max_ram=2**30, threads=1)
+    checkpointing = training.Checkpointing(tmp_path / "params.pkl.ckpt", None)
+    with pytest.raises(LowmemError, match="in use by process"):
+        training.start(settings, checkpointing, DataOptions(tmp_path / "no data"))
+    assert lock_files(tmp_path) == [".params.pkl.lock"]  # only the one still held
+    held.release()
+    assert not lock_files(tmp_path)
 
 
 def test_checkpoint_of_another_format_version_is_refused(tmp_path):

@@ -2,8 +2,12 @@
 
 The lock is an OS lock on a small file beside the guarded one, `.NAME.lock`. The OS
 releases it when the process ends, however it ends, so a run killed with SIGKILL
-leaves no stale lock. The lock file itself is left in place: removing it would let a
-third process lock a new file while a second still holds the old one.
+leaves no stale lock (only its file, which is no obstacle). A run that lets go of its
+lock removes the file, while still holding the lock: a process that opened the file
+just before then gets a lock on a file that is no longer at the path, sees so, and
+opens the path again, so that two processes never hold "the" lock at once. That
+relies on the path's stat being current, as on a local filesystem (NFS may answer
+from a cache). Windows cannot remove an open file: there the file stays.
 """
 
 import os
@@ -15,6 +19,10 @@ from lowmem_cnn.errors import LowmemError
 
 # On Windows the locked byte is read-protected, so the pid is written before it.
 _LOCKED_BYTE = 64
+# Times a lock file may turn out to have been removed before the path is given up on
+# (each time another run let go of it just then; a filesystem whose stat and fstat
+# never agree would otherwise loop forever).
+_ATTEMPTS = 10
 
 
 def lock_path(path: Path) -> Path:
@@ -47,25 +55,55 @@ class RunLock:
     def __init__(self, path: Path, what: str):
         self.path, self.what = Path(path), what
         self._fd = None
-        target = lock_path(self.path)
-        try:
-            fd = os.open(target, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError as err:
-            raise LowmemError(f"cannot lock {what} {self.path} ({target}: {err.strerror})") from None
-        if not _try_lock(fd):
-            holder = _holder(fd)
-            os.close(fd)
-            by = f"process {holder}" if holder else "another process"
-            raise LowmemError(f"{what} {self.path} is in use by {by} (another lowmem-cnn train); "
-                              "wait for it to finish, or choose another file")
+        self._target = target = lock_path(self.path)
+        for _ in range(_ATTEMPTS):
+            fd = None
+            try:
+                fd = os.open(target, os.O_RDWR | os.O_CREAT, 0o666)
+                locked, current = _try_lock(fd), _still_at(fd, target)
+            except OSError as err:
+                if fd is not None:
+                    os.close(fd)
+                raise LowmemError(f"cannot lock {what} {self.path} ({target}: {err.strerror})") from None
+            if current and not locked:
+                holder = _holder(fd)
+                os.close(fd)
+                by = f"process {holder}" if holder else "another process"
+                raise LowmemError(f"{what} {self.path} is in use by {by} (another lowmem-cnn "
+                                  "train); wait for it to finish, or choose another file")
+            if current:
+                break
+            os.close(fd)  # removed by its holder as it let go: try the file now at the path
+        else:
+            raise LowmemError(f"cannot lock {what} {self.path}: {target} keeps being replaced")
         os.lseek(fd, 0, os.SEEK_SET)
         os.write(fd, f"{os.getpid()}\n".encode().ljust(_LOCKED_BYTE - 1, b" "))
         self._fd = fd
 
     def release(self):
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor releases the lock
-            self._fd = None
+        """Let go of the lock and remove its file (see the module's docstring)."""
+        if self._fd is None:
+            return
+        if sys.platform != "win32":
+            try:
+                if _still_at(self._fd, self._target):  # not another run's (mine removed by hand)
+                    os.unlink(self._target)  # before the lock goes (see _still_at)
+            except OSError:
+                pass  # gone already, or not ours to remove: it stays, as a killed run's does
+        os.close(self._fd)  # closing the descriptor releases the lock
+        self._fd = None
+
+
+def _still_at(fd, target: Path) -> bool:
+    """Whether the locked file is still the one at `target`."""
+    if sys.platform == "win32":  # never removed there
+        return True
+    try:
+        here = os.stat(target)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (mine.st_dev, mine.st_ino) == (here.st_dev, here.st_ino)
 
 
 def _holder(fd) -> int | None:

@@ -10,6 +10,7 @@ a face passes callbacks and reads the results.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -264,6 +265,7 @@ class TrainingRun:
         self.loop: EpochLoop | None = None
         self.test = None
         self.plan = None
+        self.locks = []  # locks.RunLock: held until release_locks (start and resume take them)
 
     # --- the memory plan ------------------------------------------------------------
 
@@ -421,6 +423,11 @@ class TrainingRun:
         self.optimizer.state.clear()
         self.network.release_memory()
 
+    def release_locks(self):
+        """Let other runs have the checkpoint and the parameter file (the run is over, or
+        stopped with its checkpoint written)."""
+        _release(self.locks)
+
 
 class AlreadyFinished(Exception):
     """`resume` of a run that finished all its epochs; `settings` says where its
@@ -450,6 +457,24 @@ def _lock(path: Path, what: str, locks: list):
     locks.append(RunLock(path, what))
 
 
+def _release(locks: list):
+    while locks:
+        locks.pop().release()
+
+
+@contextlib.contextmanager
+def _released_on_error():
+    """The locks start or resume takes, let go again if they raise (a refusal, a
+    finished run, an interrupt), so that nothing is left behind: the lock files go
+    with them."""
+    locks = []
+    try:
+        yield locks
+    except BaseException:
+        _release(locks)
+        raise
+
+
 def start(settings: Settings, checkpointing: Checkpointing, data, report=lambda text: None,
           picture: str | None = None):
     """A new run of `settings` on `data` (data.DataOptions) with its checkpoint:
@@ -462,20 +487,20 @@ def start(settings: Settings, checkpointing: Checkpointing, data, report=lambda 
     `picture`, room is left for drawing it at the end (planner.check_picture_room)."""
     from lowmem_cnn.config import load_config
 
-    locks = []
-    _lock(checkpointing.path, "checkpoint", locks)
-    _lock(Path(settings.out), "parameter file", locks)
-    meta = _finished_or_unfinished(checkpointing.path)
-    if meta is not None and not meta.get("finished"):
-        raise LowmemError(f"{checkpointing.path} holds an unfinished run: continue it with "
-                          "--resume, or choose another --checkpoint")
-    folder = None
-    if data.is_folder():
-        folder = data.open(settings.max_ram, load_config(settings.config).network.input_shape[1:])
-        settings.input_shape, settings.classes = list(folder.input_shape), list(folder.classes)
-        settings.test_fraction, settings.strict = data.test_fraction, data.strict
-    return _build(settings, checkpointing, lambda run: folder or data.open(run.budget), report,
-                  locks, picture)
+    with _released_on_error() as locks:
+        _lock(checkpointing.path, "checkpoint", locks)
+        _lock(Path(settings.out), "parameter file", locks)
+        meta = _finished_or_unfinished(checkpointing.path)
+        if meta is not None and not meta.get("finished"):
+            raise LowmemError(f"{checkpointing.path} holds an unfinished run: continue it with "
+                              "--resume, or choose another --checkpoint")
+        folder = None
+        if data.is_folder():
+            folder = data.open(settings.max_ram, load_config(settings.config).network.input_shape[1:])
+            settings.input_shape, settings.classes = list(folder.input_shape), list(folder.classes)
+            settings.test_fraction, settings.strict = data.test_fraction, data.strict
+        return _build(settings, checkpointing, lambda run: folder or data.open(run.budget), report,
+                      locks, picture)
 
 
 def resume(checkpointing: Checkpointing, max_ram: int | None, data, report=lambda text: None,
@@ -487,41 +512,41 @@ def resume(checkpointing: Checkpointing, max_ram: int | None, data, report=lambd
     from lowmem_cnn.budget import format_size
     from lowmem_cnn.checkpoint import read_checkpoint
 
-    locks = []
-    _lock(checkpointing.path, "checkpoint", locks)
-    meta, arrays = read_checkpoint(checkpointing.path)
-    recorded = meta.get("run")
-    if not isinstance(recorded, dict):
-        raise LowmemError(f"{checkpointing.path}: not a training checkpoint")
-    try:
-        settings = Settings(**recorded)
-    except TypeError as err:
-        raise LowmemError(f"{checkpointing.path}: not a checkpoint of this lowmem-cnn ({err})") from None
-    if meta.get("finished"):
-        raise AlreadyFinished(settings)
-    _lock(Path(settings.out), "parameter file", locks)
-    source = "recorded in the checkpoint"
-    if max_ram is not None:
-        settings.max_ram, source = max_ram, "--max-ram"
-    report(f"budget: {settings.max_ram:,} bytes ({format_size(settings.max_ram)}, {source})")
+    with _released_on_error() as locks:
+        _lock(checkpointing.path, "checkpoint", locks)
+        meta, arrays = read_checkpoint(checkpointing.path)
+        recorded = meta.get("run")
+        if not isinstance(recorded, dict):
+            raise LowmemError(f"{checkpointing.path}: not a training checkpoint")
+        try:
+            settings = Settings(**recorded)
+        except TypeError as err:
+            raise LowmemError(f"{checkpointing.path}: not a checkpoint of this lowmem-cnn ({err})") from None
+        if meta.get("finished"):
+            raise AlreadyFinished(settings)
+        _lock(Path(settings.out), "parameter file", locks)
+        source = "recorded in the checkpoint"
+        if max_ram is not None:
+            settings.max_ram, source = max_ram, "--max-ram"
+        report(f"budget: {settings.max_ram:,} bytes ({format_size(settings.max_ram)}, {source})")
 
-    def open_data(run):
-        if settings.classes is None:
-            return data.open(run.budget)
-        classes = ", ".join(settings.classes)
-        if not data.is_folder():  # told before anything is opened (or downloaded)
-            raise LowmemError(f"this run was started on a folder of pictures (classes {classes});"
-                              f" give it with --data-dir")
-        c, h, w = settings.input_shape  # a folder, read as the run began
-        recorded = replace(data, image_size=(h, w), test_fraction=settings.test_fraction,
-                           strict=settings.strict)
-        opened = recorded.open(run.budget, (h, w), c)
-        if list(opened.classes) != settings.classes:
-            raise LowmemError(f"{opened.source}: not the folder of classes {classes} the run "
-                              f"was started on")
-        return opened
+        def open_data(run):
+            if settings.classes is None:
+                return data.open(run.budget)
+            classes = ", ".join(settings.classes)
+            if not data.is_folder():  # told before anything is opened (or downloaded)
+                raise LowmemError(f"this run was started on a folder of pictures (classes {classes});"
+                                  f" give it with --data-dir")
+            c, h, w = settings.input_shape  # a folder, read as the run began
+            recorded = replace(data, image_size=(h, w), test_fraction=settings.test_fraction,
+                               strict=settings.strict)
+            opened = recorded.open(run.budget, (h, w), c)
+            if list(opened.classes) != settings.classes:
+                raise LowmemError(f"{opened.source}: not the folder of classes {classes} the run "
+                                  f"was started on")
+            return opened
 
-    return _build(settings, checkpointing, open_data, report, locks, picture, meta, arrays)
+        return _build(settings, checkpointing, open_data, report, locks, picture, meta, arrays)
 
 
 def _build(settings, checkpointing, open_data, report, locks, picture, meta=None, arrays=None):
