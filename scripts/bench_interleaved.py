@@ -40,7 +40,7 @@ from lowmem_cnn.optimizers import make_optimizer  # noqa: E402
 from lowmem_cnn.training import TrainingRun  # noqa: E402
 
 
-class Ours:
+class LowmemRun:
     """A lowmem-cnn training run, advanced a number of updates at a time."""
 
     def __init__(self, config_name, budget, data_dir):
@@ -66,7 +66,7 @@ class Ours:
         return time.perf_counter() - began
 
 
-class Theirs:
+class TorchChild:
     """scripts/torch_baseline.py --serve in a child process."""
 
     def __init__(self, python, config_name, data_dir):
@@ -96,8 +96,8 @@ def main():
     parser.add_argument("--data-dir", default=os.environ.get("LOWMEM_CNN_DATA", "../shared/data/mnist"))
     options = parser.parse_args()
     map_large_arrays()  # as the commands do
-    ours = Ours(options.config, parse_size(options.max_ram), options.data_dir)
-    theirs = Theirs(options.torch_python, options.config, options.data_dir)
+    ours = LowmemRun(options.config, parse_size(options.max_ram), options.data_dir)
+    theirs = TorchChild(options.torch_python, options.config, options.data_dir)
     ours.train(5)  # warm: workspaces, first BLAS calls, PyTorch's first passes
     theirs.train(5)
     times = {"lowmem-cnn": [], "PyTorch": []}

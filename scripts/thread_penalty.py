@@ -7,10 +7,12 @@ backward, as Network.accumulate_gradient runs one) over and over on the main loo
 thread for --seconds, with the partner doing the same meanwhile; the three kinds
 alternate for --rounds rounds. Printed per kind, medians of the rounds' medians: the
 wall time, the thread's user CPU time, and its voluntary context switches, which on
-two threads are mostly waits for the GIL.
+two threads are mostly waits for the GIL. Both threads run one network's layers, as
+`train` runs them (hence Network._gradient, a micro-batch as accumulate_gradient runs
+it on one thread). Linux only (per-thread resource usage).
 
     python scripts/thread_penalty.py --config deep_convnet --rounds 5
-    py-spy record --native --format raw -o profile.txt -- \
+    py-spy record --native --format raw -o profile.txt -- \\
         python scripts/thread_penalty.py --only alone --rounds 1 --seconds 20
 """
 
@@ -22,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before NumPy (see lowmem_cnn/__init__)
@@ -39,12 +42,19 @@ from lowmem_cnn.planner import make_plan  # noqa: E402
 KINDS = ("alone", "thread partner", "process partner")
 
 
-def micro_batches(options, thread: int, stop: threading.Event, out: list):
+@dataclass
+class Work:
+    net: Network
+    images: np.ndarray  # 2 micro-batches of pixels, one a thread
+    labels: np.ndarray
+    m: int  # images a micro-batch
+
+
+def micro_batches(work: Work, thread: int, stop: threading.Event, out: list):
     """Micro-batches on `thread`'s workspace and gradient set until `stop`; (wall, user
     CPU, voluntary switches) of each appended to `out`."""
-    net, images, labels = options.net, options.pixels, options.labels
+    net, images, labels, m = work.net, work.images, work.labels, work.m
     sets = net._gradient_sets()[thread][1]
-    m = options.images
     part = slice(m * thread, m * (thread + 1))
     while not stop.is_set():
         before, began = resource.getrusage(resource.RUSAGE_THREAD), time.perf_counter()
@@ -56,15 +66,15 @@ def micro_batches(options, thread: int, stop: threading.Event, out: list):
         out.append((wall, after.ru_utime - before.ru_utime, after.ru_nvcsw - before.ru_nvcsw))
 
 
-def setup(options):
+def setup(options) -> Work:
     map_large_arrays()  # as the commands do
     net = Network(load_config(options.config).network, np.float32, threads=2)
     net.init_params(np.random.default_rng(0))
-    make_plan(net, parse_size(options.max_ram), 0, True, 2 * options.images, 0, evaluations=False)
+    m = options.images
+    make_plan(net, parse_size(options.max_ram), 0, True, 2 * m, 0, evaluations=False)
     data = open_directory(Path(options.data_dir))
-    options.net = net
-    options.pixels = data.train.images.read_range(0, 2 * options.images)
-    options.labels = data.train.labels[: 2 * options.images].astype(np.int64)
+    return Work(net, data.train.images.read_range(0, 2 * m),
+                data.train.labels[: 2 * m].astype(np.int64), m)
 
 
 def main():
@@ -78,10 +88,10 @@ def main():
     parser.add_argument("--partner", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", default=os.environ.get("LOWMEM_CNN_DATA", "../shared/data/mnist"))
     options = parser.parse_args()
-    setup(options)
+    work = setup(options)
     if options.partner:  # the second process: micro-batches until its stdin closes
         stop = threading.Event()
-        worker = threading.Thread(target=micro_batches, args=(options, 1, stop, []))
+        worker = threading.Thread(target=micro_batches, args=(work, 1, stop, []))
         worker.start()
         print("ready", flush=True)
         sys.stdin.read()
@@ -98,11 +108,13 @@ def main():
                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
                 partner.stdout.readline()
             elif kind == "thread partner":
-                partner = threading.Thread(target=micro_batches, args=(options, 1, stop, []))
+                partner = threading.Thread(target=micro_batches, args=(work, 1, stop, []))
                 partner.start()
-            main_loop = threading.Thread(target=micro_batches, args=(options, 0, stop, out))
+            main_loop = threading.Thread(target=micro_batches, args=(work, 0, stop, out))
             main_loop.start()
-            time.sleep(options.seconds)
+            began = time.monotonic()
+            while time.monotonic() - began < options.seconds or len(out) < 3:
+                time.sleep(0.05)  # a script's wait, not a test's: the samples decide the end
             stop.set()
             main_loop.join()
             if isinstance(partner, threading.Thread):

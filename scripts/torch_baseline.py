@@ -3,7 +3,7 @@ and evaluated as a PyTorch user would: whole data set in memory as tensors, the
 config's optimizer, learning rate and batch size, float32, CPU.
 
 Run with a Python that has torch (never a dependency of lowmem-cnn):
-    python scripts/torch_baseline.py DATA_DIR [--config NAME_OR_TOML] [--limit N]
+    python scripts/torch_baseline.py DATA_DIR [--config NAME_OR_TOML] [--limit N] [--serve]
 Prints one JSON line: epoch_seconds, eval_seconds, test_accuracy, threads.
 
 With --serve it trains in segments for scripts/bench_interleaved.py instead: after a

@@ -101,6 +101,7 @@ def test_a_later_plan_may_use_every_thread_the_network_was_built_for():
     # and back to one thread: the second set, left as the two-thread run wrote it, is
     # not part of the gradient
     assert plan_threads(tight) == 1
+    assert not network.workspaces[1]._arrays  # the idle thread's arrays, which it no longer counts
     again = gradient()
     for key, grad in one.items():
         np.testing.assert_allclose(two[key], grad, rtol=1e-5, atol=1e-7)

@@ -10,6 +10,7 @@ relies on the path's stat being current, as on a local filesystem (NFS may answe
 from a cache). Windows cannot remove an open file: there the file stays.
 """
 
+import contextlib
 import os
 import sys
 import time
@@ -92,6 +93,24 @@ class RunLock:
                 pass  # gone already, or not ours to remove: it stays, as a killed run's does
         os.close(self._fd)  # closing the descriptor releases the lock
         self._fd = None
+
+
+def release_all(locks: list):
+    while locks:
+        locks.pop().release()
+
+
+@contextlib.contextmanager
+def released_on_error():
+    """A list for the locks a caller takes, let go again if it raises (a refusal, a
+    finished run, an interrupt), so that nothing is left behind: the lock files go
+    with them."""
+    locks = []
+    try:
+        yield locks
+    except BaseException:
+        release_all(locks)
+        raise
 
 
 def _still_at(fd, target: Path) -> bool:

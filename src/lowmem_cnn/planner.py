@@ -58,13 +58,16 @@ class Plan:
     peak: int
 
     def apply(self, network):
-        """Run `network` as planned: its tile sizes and thread count."""
+        """Run `network` as planned: its tile sizes and thread count. The workspaces of
+        threads the plan leaves idle are emptied: it counts only its own threads'."""
         for layer, size in zip(tiled_layers(network), self.tiles, strict=True):
             if layer.kind == "conv":
                 layer.tile_rows = size
             else:
                 layer.tile_images = size
         network.threads = self.threads
+        for ws in network.workspaces[self.threads :]:
+            ws.clear()
 
 
 def tiled_layers(network):

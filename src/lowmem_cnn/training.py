@@ -10,7 +10,6 @@ a face passes callbacks and reads the results.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -426,7 +425,9 @@ class TrainingRun:
     def release_locks(self):
         """Let other runs have the checkpoint and the parameter file (the run is over, or
         stopped with its checkpoint written)."""
-        _release(self.locks)
+        from lowmem_cnn.locks import release_all
+
+        release_all(self.locks)
 
 
 class AlreadyFinished(Exception):
@@ -451,30 +452,6 @@ def _finished_or_unfinished(path: Path):
     return meta
 
 
-def _lock(path: Path, what: str, locks: list):
-    from lowmem_cnn.locks import RunLock
-
-    locks.append(RunLock(path, what))
-
-
-def _release(locks: list):
-    while locks:
-        locks.pop().release()
-
-
-@contextlib.contextmanager
-def _released_on_error():
-    """The locks start or resume takes, let go again if they raise (a refusal, a
-    finished run, an interrupt), so that nothing is left behind: the lock files go
-    with them."""
-    locks = []
-    try:
-        yield locks
-    except BaseException:
-        _release(locks)
-        raise
-
-
 def start(settings: Settings, checkpointing: Checkpointing, data, report=lambda text: None,
           picture: str | None = None):
     """A new run of `settings` on `data` (data.DataOptions) with its checkpoint:
@@ -486,10 +463,11 @@ def start(settings: Settings, checkpointing: Checkpointing, data, report=lambda 
     array is allocated, and (IDX files) before the data is read or downloaded; with
     `picture`, room is left for drawing it at the end (planner.check_picture_room)."""
     from lowmem_cnn.config import load_config
+    from lowmem_cnn.locks import RunLock, released_on_error
 
-    with _released_on_error() as locks:
-        _lock(checkpointing.path, "checkpoint", locks)
-        _lock(Path(settings.out), "parameter file", locks)
+    with released_on_error() as locks:
+        locks.append(RunLock(checkpointing.path, "checkpoint"))
+        locks.append(RunLock(Path(settings.out), "parameter file"))
         meta = _finished_or_unfinished(checkpointing.path)
         if meta is not None and not meta.get("finished"):
             raise LowmemError(f"{checkpointing.path} holds an unfinished run: continue it with "
@@ -511,9 +489,10 @@ def resume(checkpointing: Checkpointing, max_ram: int | None, data, report=lambd
     for a run that is over."""
     from lowmem_cnn.budget import format_size
     from lowmem_cnn.checkpoint import read_checkpoint
+    from lowmem_cnn.locks import RunLock, released_on_error
 
-    with _released_on_error() as locks:
-        _lock(checkpointing.path, "checkpoint", locks)
+    with released_on_error() as locks:
+        locks.append(RunLock(checkpointing.path, "checkpoint"))
         meta, arrays = read_checkpoint(checkpointing.path)
         recorded = meta.get("run")
         if not isinstance(recorded, dict):
@@ -524,7 +503,7 @@ def resume(checkpointing: Checkpointing, max_ram: int | None, data, report=lambd
             raise LowmemError(f"{checkpointing.path}: not a checkpoint of this lowmem-cnn ({err})") from None
         if meta.get("finished"):
             raise AlreadyFinished(settings)
-        _lock(Path(settings.out), "parameter file", locks)
+        locks.append(RunLock(Path(settings.out), "parameter file"))
         source = "recorded in the checkpoint"
         if max_ram is not None:
             settings.max_ram, source = max_ram, "--max-ram"
