@@ -223,32 +223,33 @@ def train(epochs, batch_size, lr, optimizer, seed, out, limit, checkpoint_path, 
             optimizer=optimizer or defaults.optimizer, seed=seed, limit=limit, out=str(out),
             max_ram=_budget(max_ram, threads, say), threads=threads)
         run, _ = training.start(settings, checkpointing, data, say, picture)
-    try:  # from here on the run holds its locks: let go of them however it ends
-        settings, loop = run.settings, run.loop
-        _describe_plan(run.network, run.plan, say)
-        say(f"{'resuming' if resume else 'training'} {run.network.config.name} ({settings.dtype}) on "
-            f"{loop.count:,} images: {settings.epochs} epochs, batches of {loop.batch_size}, "
-            f"{settings.optimizer} lr {settings.lr}"
-            + (f"; from epoch {loop.epochs_done + 1}, update {loop.position}" if resume else ""))
+    # Ctrl-C or SIGTERM from here on asks the run to stop after its current update
+    stop = _StopRequest()
+    settings, loop = run.settings, run.loop
+    _describe_plan(run.network, run.plan, say)
+    say(f"{'resuming' if resume else 'training'} {run.network.config.name} ({settings.dtype}) on "
+        f"{loop.count:,} images: {settings.epochs} epochs, batches of {loop.batch_size}, "
+        f"{settings.optimizer} lr {settings.lr}"
+        + (f"; from epoch {loop.epochs_done + 1}, update {loop.position}" if resume else ""))
 
-        bar = None
+    bar = None
 
-        def epoch_starts(epoch, done):
-            nonlocal bar
-            bar = _progress(loop.count, f"epoch {epoch}/{settings.epochs}", "img", initial=done)
+    def epoch_starts(epoch, done):
+        nonlocal bar
+        bar = _progress(loop.count, f"epoch {epoch}/{settings.epochs}", "img", initial=done)
 
-        def updated(loss, n):
-            bar.update(n)
-            bar.set_postfix_str(f"loss {loss:.4f}", refresh=False)
+    def updated(loss, n):
+        bar.update(n)
+        bar.set_postfix_str(f"loss {loss:.4f}", refresh=False)
 
-        def epoch_ends(h):
-            bar.close()
-            say(f"epoch {h['epoch']:>3}: loss {h['loss']:.4f}  train accuracy {h['train_accuracy']:.4f} "
-                f"(first {h['train_sample']:,})  test accuracy {h['test_accuracy']:.4f}  "
-                f"{h['seconds']:.1f} s ({loop.count / h['seconds']:,.0f} img/s)")
+    def epoch_ends(h):
+        bar.close()
+        say(f"epoch {h['epoch']:>3}: loss {h['loss']:.4f}  train accuracy {h['train_accuracy']:.4f} "
+            f"(first {h['train_sample']:,})  test accuracy {h['test_accuracy']:.4f}  "
+            f"{h['seconds']:.1f} s ({loop.count / h['seconds']:,.0f} img/s)")
 
-        stop = _StopRequest()
-        out = Path(settings.out)
+    out = Path(settings.out)
+    try:  # the run holds its locks: let go of them however it ends
         history = run.run(updated, epoch_ends, epoch_starts, stop)
         run.finish(out)
     except training.Stopped as stopped:

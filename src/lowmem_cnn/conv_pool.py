@@ -21,7 +21,7 @@ a constant commutes with it), on a quarter of the values.
 import numpy as np
 
 from lowmem_cnn.columns import windows
-from lowmem_cnn.layers import LayerMemory, _workspace
+from lowmem_cnn.layers import LayerMemory, _workspace, column_sums
 
 
 class ConvolutionPooling:
@@ -117,9 +117,7 @@ class ConvolutionPooling:
         blocks = self.pool.size ** 2
         n = m * ph * pw
         dtype = dout.dtype
-        ones = ws.array(self, "ones", (n,), dtype)
-        ones.fill(1)
-        grads.add("b", np.dot(ones, dout.reshape(n, k)))  # np.dot: see layers.py's docstring
+        grads.add("b", column_sums(dout.reshape(n, k), ws, self))
         weights = self._weights(ws) if self.need_input_grad else None
         grad = None
         if self.need_input_grad:

@@ -84,6 +84,14 @@ def _size(shape) -> int:
     return int(np.prod(shape))
 
 
+def column_sums(rows: np.ndarray, ws: Workspace, owner) -> np.ndarray:
+    """rows.sum(axis=0) as a BLAS product with ones (`owner`'s "ones" in `ws`): 3x faster
+    than sum(axis=0) over many rows, and np.dot releases the GIL (see above)."""
+    ones = ws.array(owner, "ones", (len(rows),), rows.dtype)
+    ones.fill(1)
+    return np.dot(ones, rows)
+
+
 # A product whose output has at most this many channels makes two neighbouring outputs
 # of a line per column row: the window is size x (size + 1), and the weights hold the
 # filter at both of its positions (zeros elsewhere). For 3x3 filters that is 4/3 of the
@@ -254,12 +262,8 @@ class Convolution:
     def backward(self, dout, padded, grads, ws=None):
         ws = _workspace(ws)
         m = len(dout)
-        dtype = dout.dtype
         dout = dout.reshape(-1, self.filters)
-        # the column sums as a BLAS product: 3x faster than sum(axis=0) over many rows
-        ones = ws.array(_CONVOLUTIONS, "ones", (len(dout),), dtype)
-        ones.fill(1)
-        grads.add("b", np.dot(ones, dout))
+        grads.add("b", column_sums(dout, ws, _CONVOLUTIONS))
         self._weight_grad(dout, padded, grads, ws)
         if not self.need_input_grad:
             return None
