@@ -32,8 +32,8 @@ def install(options):
     if options.at_update:
         steps, done = training.EpochLoop.steps, [0]
 
-        def counted_steps(self):
-            for item in steps(self):
+        def counted_steps(self, plan):
+            for item in steps(self, plan):
                 done[0] += 1
                 if done[0] == options.at_update:
                     act(options.action)

@@ -8,7 +8,9 @@ import pytest
 from lowmem_cnn.config import load_config
 from lowmem_cnn.errors import LowmemError
 from lowmem_cnn.model import Network
-from lowmem_cnn.planner import (MAX_TRAIN_MICRO_BATCH, activation_peak, make_plan,
+from lowmem_cnn.conv_pool import ConvolutionPooling
+from lowmem_cnn.layers import Convolution
+from lowmem_cnn.planner import (MAX_TRAIN_MICRO_BATCH, activation_peak, chosen_plan, make_plan,
                                 training_state_bytes)
 
 TINY = """
@@ -50,10 +52,12 @@ def make_tiny(tmp_path, threads=1):
     path.write_text(TINY)
     net = Network(load_config(str(path)).network, np.float64, threads)
     net.init_params(np.random.default_rng(0))
-    for layer in net.layers:
-        if layer.kind == "conv":
-            layer.tile_rows = 7  # does not divide the rows of an image
     return net
+
+
+def plan(net, micro_batch, threads=1):
+    # column tiles of 7 rows: 7 does not divide the rows of an image
+    return chosen_plan(net, micro_batch, threads, (7,) * len(net.tiled))
 
 
 @pytest.fixture
@@ -71,9 +75,9 @@ def test_whole_network_gradient_numerically(tiny):
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, (3, 64), dtype=np.uint8)
     labels = np.array([1, 7, 3])
-    tiny.accumulate_gradient(images, labels, micro_batch=3)
+    tiny.accumulate_gradient(images, labels, plan(tiny, 3))
     for key, param in tiny.params().items():
-        analytic = tiny.grads()[key]
+        analytic = tiny.grads(plan(tiny, 3))[key]
         flat = param.reshape(-1)
         for i in rng.choice(flat.size, size=min(flat.size, 12), replace=False):
             old = flat[i]
@@ -91,11 +95,11 @@ def test_micro_batches_give_the_whole_batch_gradient(tiny, micro):
     rng = np.random.default_rng(2)
     images = rng.integers(0, 256, (7, 64), dtype=np.uint8)
     labels = rng.integers(0, 10, 7)
-    whole_loss = tiny.accumulate_gradient(images, labels, 7)
-    whole = {k: g.copy() for k, g in tiny.grads().items()}
-    loss = tiny.accumulate_gradient(images, labels, micro)
+    whole_loss = tiny.accumulate_gradient(images, labels, plan(tiny, 7))
+    whole = {k: g.copy() for k, g in tiny.grads(plan(tiny, 7)).items()}
+    loss = tiny.accumulate_gradient(images, labels, plan(tiny, micro))
     assert loss == pytest.approx(whole_loss, rel=1e-12)
-    for key, grad in tiny.grads().items():
+    for key, grad in tiny.grads(plan(tiny, micro)).items():
         np.testing.assert_allclose(grad, whole[key], rtol=1e-10, atol=1e-13)
 
 
@@ -105,27 +109,29 @@ def test_threads_give_the_same_gradient_and_predictions(tmp_path, threads):
     images = rng.integers(0, 256, (11, 64), dtype=np.uint8)
     labels = rng.integers(0, 10, 11)
     single, several = make_tiny(tmp_path), make_tiny(tmp_path, threads)
-    loss_single = single.accumulate_gradient(images, labels, 2)
-    loss_several = several.accumulate_gradient(images, labels, 2)
+    loss_single = single.accumulate_gradient(images, labels, plan(single, 2))
+    loss_several = several.accumulate_gradient(images, labels, plan(several, 2, threads))
     assert loss_several == pytest.approx(loss_single, rel=1e-12)
-    for key, grad in single.grads().items():
-        np.testing.assert_allclose(several.grads()[key], grad, rtol=1e-10, atol=1e-13)
-    np.testing.assert_array_equal(several.predict(images, 3), single.predict(images, 3))
+    several_grads = several.grads(plan(several, 2, threads))
+    for key, grad in single.grads(plan(single, 2)).items():
+        np.testing.assert_allclose(several_grads[key], grad, rtol=1e-10, atol=1e-13)
+    np.testing.assert_array_equal(several.predict(images, plan(several, 3, threads)),
+                                  single.predict(images, plan(single, 3)))
     # the same threads twice: the same bits
     again = make_tiny(tmp_path, threads)
-    again.accumulate_gradient(images, labels, 2)
-    for key, grad in several.grads().items():
-        np.testing.assert_array_equal(again.grads()[key], grad)
+    again.accumulate_gradient(images, labels, plan(again, 2, threads))
+    for key, grad in again.grads(plan(again, 2, threads)).items():
+        np.testing.assert_array_equal(several_grads[key], grad)
 
 
 def test_pool_before_relu_swap_and_fusion():
     net = Network(load_config().network)
-    kinds = [layer.kind for layer in net.layers]
-    assert kinds == ["conv+pool", "relu", "affine", "relu", "affine"]
+    kinds = [type(layer).__name__ for layer in net.layers]
+    assert kinds == ["ConvolutionPooling", "ReLU", "Affine", "ReLU", "Affine"]
     assert net.layers[0].need_input_grad is False
     # many input channels: the pooled convolutions stay separate layers
-    deep = [layer.kind for layer in Network(load_config("deep_convnet").network).layers]
-    assert deep[:6] == ["conv", "relu", "conv", "pool", "relu", "conv"]
+    deep = [type(layer).__name__ for layer in Network(load_config("deep_convnet").network).layers]
+    assert deep[:6] == ["Convolution", "ReLU", "Convolution", "MaxPooling", "ReLU", "Convolution"]
 
 
 # Arrays below glibc's mapping threshold (256 KiB, see budget.map_large_arrays) are
@@ -135,23 +141,23 @@ def test_pool_before_relu_swap_and_fusion():
 SMALL_ARRAYS = 256 * 1024
 
 
-def measured_peak(net, train, micro_batch, images, labels):
+def measured_peak(net, train, plan, images, labels):
     """Peak bytes a run of `images` allocates on top of what the process held before
     it, as tracemalloc counts them (NumPy reports every array's memory to it). As in a
     new process: no arrays kept from an earlier run, then two images through the
     network, as measure_baseline does before a plan is made."""
     net.release_memory()
     if train:
-        net.accumulate_gradient(images[:2], labels[:2], 2)
+        net.accumulate_gradient(images[:2], labels[:2], chosen_plan(net, 2))
     else:
-        net.predict(images[:2], 2)
+        net.predict(images[:2], chosen_plan(net, 2))
     tracemalloc.start()
     try:
         start = tracemalloc.get_traced_memory()[0]
         if train:
-            net.accumulate_gradient(images, labels, micro_batch)
+            net.accumulate_gradient(images, labels, plan)
         else:
-            net.predict(images, micro_batch)
+            net.predict(images, plan)
         return tracemalloc.get_traced_memory()[1] - start
     finally:
         tracemalloc.stop()
@@ -190,7 +196,7 @@ def test_plans_hold_what_the_run_allocates(config, train, threads):
             if key not in measured:  # the same plan allocates the same
                 # two micro-batches a thread: a thread's later ones add to its gradients
                 n = 2 * plan.threads * micro_batch
-                measured[key] = measured_peak(net, training, micro_batch, images[:n], labels[:n])
+                measured[key] = measured_peak(net, training, plan, images[:n], labels[:n])
             assert measured[key] <= plan.activations + SMALL_ARRAYS, (
                 f"{budget_mib} MiB, {'training' if training else 'evaluation'} micro-batches "
                 f"of {micro_batch}: {measured[key]:,} bytes allocated, "
@@ -212,25 +218,64 @@ def test_budget_below_minimum_is_refused_with_the_minimum():
 def test_activation_peak_grows_with_the_micro_batch():
     net = Network(load_config().network)
     for train in (False, True):
-        peaks = [activation_peak(net, m, train) for m in (1, 10, 100)]
+        peaks = [activation_peak(net, m, train, (m,)) for m in (1, 10, 100)]
         assert peaks[0] < peaks[1] < peaks[2]
-    assert activation_peak(net, 100, True) > activation_peak(net, 100, False)
+    assert activation_peak(net, 100, True, (100,)) > activation_peak(net, 100, False, (100,))
 
 
-def test_the_plan_search_computes_and_only_the_chosen_plan_is_applied():
-    from lowmem_cnn.planner import _make_plan, make_plan, measure_baseline, tiled_layers
+def test_planning_computes_and_changes_nothing():
+    from lowmem_cnn.planner import _make_plan, make_plan, measure_baseline
 
     network = Network(load_config("deep_convnet").network, np.float32, 2)
     network.init_params(np.random.default_rng(0))
     baseline = measure_baseline(network, True)
-
-    def settings():
-        return network.threads, [getattr(layer, "tile_rows", None) for layer in tiled_layers(network)]
-
+    held = [ws.held_bytes() for ws in network.workspaces]
     budget = baseline + 48 * 2**20  # the process (pytest) holds what it holds
-    before = settings()
     one_thread = _make_plan(network, 1, budget, baseline, True, 100, 0, True)
-    assert settings() == before  # a candidate changes nothing
     plan = make_plan(network, budget, baseline, True, 100, 0)
-    assert network.threads == plan.threads and tuple(settings()[1]) == plan.tiles
+    assert [ws.held_bytes() for ws in network.workspaces] == held  # nothing allocated
     assert one_thread.threads == 1 and one_thread.peak <= budget
+    # tight, then roomy, then tight again: the same plan as the first
+    make_plan(network, 2**31, baseline, True, 100, 0)
+    assert make_plan(network, budget, baseline, True, 100, 0) == plan
+
+
+def shipped_configs():
+    from importlib import resources
+
+    folder = resources.files("lowmem_cnn") / "configs"
+    return sorted(p.name.removesuffix(".toml") for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+@pytest.mark.parametrize("config", shipped_configs())
+@pytest.mark.parametrize("train", [False, True])
+def test_the_memory_figure_is_what_a_real_pass_holds(config, train):
+    """Every layer of every shipped config, at several tile sizes: the figure the planner
+    uses (a dry run against a recording workspace) is, to the byte, what the workspace
+    holds after a real micro-batch, and nothing else of any size is allocated."""
+    net = Network(load_config(config).network, np.float32, 1)
+    net.init_params(np.random.default_rng(0))
+    rng = np.random.default_rng(4)
+    m = 6
+    images = rng.integers(0, 256, (2 * m, net.input_size), dtype=np.uint8)
+    labels = rng.integers(0, net.classes, 2 * m)
+    for tile in (1, 5, 97, 10**6):
+        # column rows for convolutions; images for fused convolutions and poolings
+        tiles = tuple(min(tile, m) if isinstance(layer, ConvolutionPooling) else tile
+                      for layer in net.tiled)
+        figure = net.micro_batch_bytes(m, train, tiles)
+        net.release_memory()
+        plan = chosen_plan(net, m, 1, tiles)
+        run = (lambda: net.accumulate_gradient(images, labels, plan)) if train else \
+            (lambda: net.predict(images, plan))
+        run()  # the workspace's arrays are made
+        assert net.workspaces[0].held_bytes() == figure, (config, train, tile)
+        tracemalloc.start()
+        try:
+            start = tracemalloc.get_traced_memory()[0]
+            run()  # two micro-batches again: nothing new but small sums, views and indices
+            extra = tracemalloc.get_traced_memory()[1] - start
+        finally:
+            tracemalloc.stop()
+        assert extra < SMALL_ARRAYS, (config, train, tile, extra)
+        assert net.workspaces[0].held_bytes() == figure

@@ -15,7 +15,7 @@ from lowmem_cnn.config import load_config
 from lowmem_cnn.errors import LowmemError
 from lowmem_cnn.model import Network
 from lowmem_cnn.planner import (MARGIN_BYTES, activation_peak, make_plan, measure_baseline,
-                                recorded_plan, tiled_layers)
+                                recorded_plan)
 
 HUGE = {
     # 784 x 1,000,000 float32 weights: 3 GB, with Adam's state 12 GB
@@ -64,7 +64,8 @@ def test_a_training_profile_plans_training_alone():
     network.init_params(np.random.default_rng(0))
     baseline = measure_baseline(network, True)
     alone = make_plan(network, 2**30, baseline, True, 100, 0, evaluations=False)
-    assert alone.activations == alone.threads * activation_peak(network, alone.micro_batch, True)
+    assert alone.activations == alone.threads * activation_peak(network, alone.micro_batch, True,
+                                                                alone.tiles)
     with_evaluations = make_plan(network, 2**30, baseline, True, 100, 0)
     assert with_evaluations.eval_micro_batch > alone.micro_batch  # room was made for them
 
@@ -78,31 +79,35 @@ def test_a_later_plan_may_use_every_thread_the_network_was_built_for():
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, (4, network.input_size), dtype=np.uint8)
     labels = rng.integers(0, 10, 4)
-    one_image = activation_peak(network, 1, True, (1,) * len(tiled_layers(network)))
+    one_image = activation_peak(network, 1, True, (1,) * len(network.tiled))
     tight = MARGIN_BYTES + 3 * one_image // 2  # one thread's image fits, two threads' do not
 
-    def plan_threads(budget):
-        return make_plan(network, budget, 0, True, 100, 0, evaluations=False).threads
+    def plan(budget):
+        return make_plan(network, budget, 0, True, 100, 0, evaluations=False)
 
-    def gradient():  # as the optimizer sums it (no set zeroed, unlike network.grads)
-        network.accumulate_gradient(images, labels, 2)
-        return {key: sum(grads[key] for grads in network.thread_grads())
+    def gradient(plan):  # as the optimizer sums it (no set zeroed, unlike network.grads)
+        network.accumulate_gradient(images, labels, plan)
+        return {key: sum(grads[key] for grads in network.thread_grads(plan))
                 for key in network.params()}
 
-    assert plan_threads(tight) == 1
+    tight_plan = plan(tight)
+    assert tight_plan.threads == 1
     measure_baseline(network, True)
     # the baseline holds a gradient set for every thread built, not only the one in use
     sets = network._gradient_sets()
     assert len(sets) == 2
-    one = gradient()
-    assert plan_threads(2**30) == 2
-    two = gradient()
+    one = gradient(tight_plan)
+    roomy = plan(2**30)
+    assert roomy.threads == 2
+    two = gradient(roomy)
     assert network._gradient_sets() is sets  # nothing made that the baseline lacks
     # and back to one thread: the second set, left as the two-thread run wrote it, is
-    # not part of the gradient
-    assert plan_threads(tight) == 1
-    assert not network.workspaces[1]._arrays  # the idle thread's arrays, which it no longer counts
-    again = gradient()
+    # not part of the gradient, and the idle thread's arrays, which the plan no longer
+    # counts, are given back
+    again_plan = plan(tight)
+    assert again_plan == tight_plan  # a plan is a value: planning again changed nothing
+    again = gradient(again_plan)
+    assert network.workspaces[1].held_bytes() == 0
     for key, grad in one.items():
         np.testing.assert_allclose(two[key], grad, rtol=1e-5, atol=1e-7)
         np.testing.assert_array_equal(again[key], grad)
@@ -111,9 +116,8 @@ def test_a_later_plan_may_use_every_thread_the_network_was_built_for():
 def test_a_recorded_plan_for_more_threads_than_the_network_has_is_refused():
     # a checkpoint's plan (resume keeps it) naming threads the network was not built for
     network = Network(load_config("simple_convnet").network, np.float32, 2)
-    tiles = (1,) * len(tiled_layers(network))
+    tiles = (1,) * len(network.tiled)
     for threads in (0, 3):
         with pytest.raises(LowmemError, match="does not fit this network"):
             recorded_plan(network, 2**30, 0, 0, 50, 50, tiles, threads)
-    recorded_plan(network, 2**30, 0, 0, 50, 50, tiles, 2)
-    assert network.threads == 2
+    assert recorded_plan(network, 2**30, 0, 0, 50, 50, tiles, 2).threads == 2

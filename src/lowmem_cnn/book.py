@@ -6,8 +6,8 @@ the book needs only its import line changed:
 
 The classes take the book's arguments, draw their weights from NumPy's global RNG as
 the book does (so np.random.seed gives the book's initial weights), and have its
-methods: params, predict, loss, accuracy, gradient, numerical_gradient, save_params
-and load_params. They run on the engine (`Network`): images go through in
+methods: params, predict, loss, accuracy, gradient, save_params and load_params, and
+SimpleConvNet has the book's numerical_gradient too. They run on the engine (`Network`): images go through in
 micro-batches planned against a RAM budget (`max_ram`, the CLI's sizes), so predicting
 on 60,000 images in one call allocates the 60,000 x 10 scores and little else.
 
@@ -34,8 +34,11 @@ import numpy as np
 
 from lowmem_cnn.budget import current_rss, map_large_arrays, resolve_budget
 from lowmem_cnn.config import NetworkConfig
+from lowmem_cnn.conv_pool import ConvolutionPooling
 from lowmem_cnn.errors import LowmemError
+from lowmem_cnn.layers import Affine, Convolution, softmax
 from lowmem_cnn.model import Network
+from lowmem_cnn.planner import BudgetError, Work
 
 __all__ = ["load_mnist", "SimpleConvNet", "DeepConvNet", "Trainer"]
 
@@ -51,6 +54,8 @@ CHUNK_IMAGES = 1000
 REPLAN_GROWTH = 1 << 20
 # The book's numerical gradient: central differences with this step.
 NUMERICAL_STEP = 1e-4
+# How the book's classes name the budget in a refusal (planner.BudgetError).
+BUDGET_OPTION = "max_ram="
 
 
 # --- data -----------------------------------------------------------------------
@@ -109,12 +114,12 @@ def engine_views(network: Network, arrays: dict) -> dict:
     views = {}
     for key, layer, name in network.param_names():
         array = arrays[key]
-        if name == "W" and layer.kind in ("conv", "conv+pool"):
-            conv = layer.conv if layer.kind == "conv+pool" else layer
+        if name == "W" and isinstance(layer, (Convolution, ConvolutionPooling)):
+            conv = layer.conv if isinstance(layer, ConvolutionPooling) else layer
             # engine rows are (FH, FW, C), the book's filters (F, C, FH, FW)
             array = array.reshape(conv.size, conv.size, conv.in_shape[2], conv.filters
                                   ).transpose(3, 2, 0, 1)
-        elif name == "W" and layer.kind == "affine" and len(layer.in_shape) == 3:
+        elif name == "W" and isinstance(layer, Affine) and len(layer.in_shape) == 3:
             # engine rows are the map's (H, W, C) values, the book's (C, H, W)
             h, w, c = layer.in_shape
             array = array.reshape(h, w, c, layer.units).transpose(2, 0, 1, 3)
@@ -151,9 +156,9 @@ class Engine:
     def _others_now(self) -> int:
         return current_rss() - self.network.held_bytes()
 
-    def use_plan(self, train: bool, n: int, fixed: int) -> int:
-        """Plan (or take the plan made before) for n images; the micro-batch to use."""
-        from lowmem_cnn.planner import make_plan, measure_baseline
+    def use_plan(self, work: Work):
+        """The plan of `work` (made now, or the one made before for the same work)."""
+        from lowmem_cnn.planner import measure_baseline, plan_work
 
         if self._baseline is not None and self._others_now() > self._others + REPLAN_GROWTH:
             self.reset()
@@ -161,20 +166,17 @@ class Engine:
             # gradient sets for every thread: training and forward-only plans alike count them
             self._baseline = measure_baseline(self.network, True)
             self._others = self._baseline - self.network.held_bytes()
-        key = (train, n, fixed)
-        plan = self._plans.get(key)
+        plan = self._plans.get(work)
         if plan is None:
             try:
-                plan = make_plan(self.network, self.budget, self._baseline, train, max(n, 1), fixed,
-                                 evaluations=False)
-            except LowmemError as err:
-                raise LowmemError(str(err).replace("--max-ram", "max_ram", 1)) from None
+                plan = plan_work(self.network, work, self.budget, self._baseline)
+            except BudgetError as err:
+                raise err.worded(BUDGET_OPTION) from None
             if len(self._plans) >= 8:  # callers alternate between a few kinds
                 self._plans.clear()
-            self._plans[key] = plan
-        plan.apply(self.network)
+            self._plans[work] = plan
         self.plan = plan
-        return plan.micro_batch if train else plan.eval_micro_batch
+        return plan
 
 
 def check_images(network: Network, x) -> np.ndarray:
@@ -226,10 +228,7 @@ def label_slice(network: Network, t: np.ndarray, lo: int, hi: int) -> np.ndarray
 
 def _cross_entropy_sum(scores: np.ndarray, labels: np.ndarray) -> float:
     """The book's softmax cross-entropy, summed: -log(p[label] + 1e-7), in float64."""
-    s = scores.astype(np.float64)
-    s -= s.max(axis=1, keepdims=True)
-    np.exp(s, out=s)
-    p = s[np.arange(len(labels)), labels] / s.sum(axis=1)
+    p = softmax(scores.astype(np.float64))[np.arange(len(labels)), labels]
     return float(-np.log(p + 1e-7).sum())
 
 
@@ -258,7 +257,7 @@ class _BookNetwork:
             self.params[key] = value
         self.network.load_book_params(self.params)
         self.engine = Engine(self.network, self.budget)
-        self.engine.use_plan(False, 1, 0)  # a budget too small is refused now
+        self.engine.use_plan(Work("predict", 1))  # a budget too small is refused now
 
     def _check_room_for_params(self):
         """Refuse a budget that cannot hold the parameters (the book's float64 dict,
@@ -267,9 +266,8 @@ class _BookNetwork:
         need = current_rss() + count * (8 + self.network.dtype.itemsize) \
             + max(int(np.prod(s)) for s in self.network.expected_book_shapes().values()) * 8
         if need > self.budget:
-            raise LowmemError(f"max_ram {self.budget:,} bytes is too small: the parameters of "
-                              f"this {self.network.config.name} alone take the process to "
-                              f"{need:,} bytes ({need / 2**20:.1f} MiB)")
+            raise BudgetError(need, self.budget, f"the parameters of this {self.network.config.name} "
+                              "alone", option=BUDGET_OPTION)
 
     # --- parameters -----------------------------------------------------------------
 
@@ -323,7 +321,7 @@ class _BookNetwork:
     def _noise_key(self, train: bool):
         """Dropout masks in training mode come from the engine's Generators, seeded from
         NumPy's global RNG, so that np.random.seed makes them repeat."""
-        if train and any(layer.kind == "dropout" for layer in self.network.layers):
+        if train and self.network.draws_noise:
             return tuple(int(v) for v in np.random.randint(0, 2**31 - 1, size=2))
         return None
 
@@ -340,8 +338,9 @@ class _BookNetwork:
         out = np.empty((n, classes), self.network.dtype)
         if n == 0:
             return out
-        micro = self.engine.use_plan(train, n, out.nbytes + self._outside(x))
-        return self.network.predict_scores(x, micro, pixels=False, out=out,
+        plan = self.engine.use_plan(Work("train" if train else "predict", n, outputs=n,
+                                         outside=self._outside(x)))
+        return self.network.predict_scores(x, plan, pixels=False, out=out,
                                            noise_key=self._noise_key(train))
 
     def _loss(self, engine: Engine, x, t, train: bool) -> float:
@@ -352,14 +351,14 @@ class _BookNetwork:
             raise ValueError("x holds no images: the loss of nothing is not a number")
         chunk = min(n, CHUNK_IMAGES)
         scores = np.empty((chunk, network.classes), network.dtype)
-        fixed = scores.nbytes + chunk * network.classes * 8 + 2 * chunk * 8 + self._outside(x)
-        micro = engine.use_plan(train, chunk, fixed)
+        plan = engine.use_plan(Work("train" if train else "evaluate", chunk, outputs=chunk, loss=chunk,
+                                    outside=self._outside(x)))
         noise_key = self._noise_key(train)
         total = 0.0
         for lo in range(0, n, chunk):
             hi = min(lo + chunk, n)
             labels = label_slice(network, t, lo, hi)
-            part = network.predict_scores(x[lo:hi], micro, pixels=False, out=scores[: hi - lo],
+            part = network.predict_scores(x[lo:hi], plan, pixels=False, out=scores[: hi - lo],
                                           noise_key=None if noise_key is None else (*noise_key, lo))
             total += _cross_entropy_sum(part, labels)
         return total / n
@@ -384,11 +383,11 @@ class _BookNetwork:
             raise ValueError("x holds no images: the accuracy of nothing is not a number")
         self.sync_to_engine()
         chunk = min(n, CHUNK_IMAGES)
-        micro = self.engine.use_plan(False, chunk, 3 * chunk * 8 + self._outside(x))
+        plan = self.engine.use_plan(Work("evaluate", chunk, compared=chunk, outside=self._outside(x)))
         correct = 0
         for lo in range(0, n, chunk):
             hi = min(lo + chunk, n)
-            predicted = self.network.predict(x[lo:hi], micro, pixels=False)
+            predicted = self.network.predict(x[lo:hi], plan, pixels=False)
             correct += int(np.count_nonzero(predicted == label_slice(self.network, t, lo, hi)))
         return correct / n
 
@@ -402,12 +401,10 @@ class _BookNetwork:
             raise ValueError("x holds no images: the gradient of nothing is not a number")
         labels = label_slice(self.network, t, 0, n)
         self.sync_to_engine()
-        fixed = (labels.nbytes if labels.base is None else 0) + self._param_count() * 8 \
-            + self._outside(x)
-        micro = self.engine.use_plan(True, n, fixed)
-        self.network.accumulate_gradient(x, labels, micro, self._noise_key(True) or (0,),
+        plan = self.engine.use_plan(Work("train", n, float64_grads=True, outside=self._outside(x)))
+        self.network.accumulate_gradient(x, labels, plan, self._noise_key(True) or (0,),
                                          pixels=False)
-        return self._book_grads(self.network.grads())
+        return self._book_grads(self.network.grads(plan))
 
     def save_params(self, file_name="params.pkl"):
         """Write `params` as the book does (a pickled dict of arrays), atomically."""
@@ -556,7 +553,7 @@ class Trainer:
     def __init__(self, network, x_train, t_train, x_test, t_test, epochs=20, mini_batch_size=100,
                  optimizer="SGD", optimizer_param={"lr": 0.01},  # noqa: B006 (the book's default)
                  evaluate_sample_num_per_epoch=None, verbose=True, *, max_ram=None):
-        from lowmem_cnn.optimizers import OPTIMIZERS, make_optimizer
+        from lowmem_cnn.optimizers import make_optimizer
 
         if not isinstance(network, _BookNetwork):
             raise ValueError(f"network is a {type(network).__name__}: give a SimpleConvNet or "
@@ -568,16 +565,13 @@ class Trainer:
         self.t_test = label_slice(engine, check_labels(engine, t_test, len(self.x_test)), 0, None)
         self.epochs = _count(epochs, "epochs")
         self.batch_size = _count(mini_batch_size, "mini_batch_size")
-        name = str(optimizer).lower()
-        if name not in OPTIMIZERS:
-            raise ValueError(f"optimizer {optimizer!r} is not one of SGD, Momentum, Nesterov, "
-                             "AdaGrad, RMSprop, Adam")
         settings = dict(optimizer_param)
-        try:
-            self.optimizer = make_optimizer(name, settings.pop("lr", 0.01), **settings)
-        except TypeError as err:
-            raise ValueError(f"optimizer_param {optimizer_param!r} does not fit {optimizer}: "
-                             f"{err}") from None
+        self._optimizer = (optimizer, settings.pop("lr", 0.01), settings)
+        try:  # checked now; training.training_run makes the run's own
+            self.optimizer = make_optimizer(*self._optimizer[:2], **settings)
+        except LowmemError as err:
+            raise ValueError(f"{err} (optimizer={optimizer!r}, optimizer_param={optimizer_param!r})"
+                             ) from None
         sample = evaluate_sample_num_per_epoch
         if sample is not None:
             sample = _count(sample, "evaluate_sample_num_per_epoch")
@@ -591,20 +585,22 @@ class Trainer:
         from tqdm.auto import tqdm
 
         from lowmem_cnn.data import ArrayImages, Split
-        from lowmem_cnn.training import TrainingRun
+        from lowmem_cnn.training import training_run
 
         engine = self.network.network
         sample = self.evaluate_sample_num_per_epoch
-        run = TrainingRun(engine, self.optimizer, self.budget, self.epochs, self.batch_size,
-                          seed=int(np.random.randint(0, 2**31 - 1)), test_count=sample,
-                          train_sample=len(self.x_train) if sample is None else sample)
+        name, lr, settings = self._optimizer
+        run = training_run(engine, name, lr, self.budget, self.epochs, self.batch_size, settings,
+                           seed=int(np.random.randint(0, 2**31 - 1)), test_count=sample,
+                           train_sample=len(self.x_train) if sample is None else sample)
+        self.optimizer = run.optimizer
         shape = engine.config.input_shape
         self.network.sync_to_engine()
         try:
             run.use_data(Split(ArrayImages(self.x_train, shape, "x_train"), self.t_train),
                          Split(ArrayImages(self.x_test, shape, "x_test"), self.t_test))
-        except LowmemError as err:
-            raise LowmemError(str(err).replace("the budget", "max_ram: the budget", 1)) from None
+        except BudgetError as err:
+            raise err.worded(BUDGET_OPTION) from None
         bar = tqdm(total=self.epochs * run.loop.updates_per_epoch, unit="batch",
                    disable=not self.verbose, leave=False)
 
@@ -627,7 +623,6 @@ class Trainer:
             bar.close()
             self.network.sync_from_engine()  # the trained weights into the user's arrays
             run.release_memory()
-            self.network.engine.reset()  # the run planned the network its own way
         if self.verbose:
             accuracy = self.network.accuracy(self.x_test, self.t_test)
             print(f"=============== Final Test Accuracy ===============\ntest acc:{accuracy}")

@@ -20,17 +20,24 @@ from lowmem_cnn.model import Network
 from lowmem_cnn.optimizers import OPTIMIZERS
 from lowmem_cnn.training import CHECKPOINT_SECONDS
 
+# predict decodes and runs this many pictures at a time.
+PREDICT_CHUNK = 100
 BUDGET_HELP = ("Peak RAM (resident set size) the process may use: bytes, or K/M/G/T and "
                "KiB..TiB (powers of 1024), KB..TB (powers of 1000), e.g. 512M, 2G, 1.5GiB. "
                "Default: half of the RAM available now (cgroup limit included).")
 
 
 def _user_errors(command):
-    """LowmemError becomes a one-line message and exit status 1."""
+    """LowmemError becomes a one-line message and exit status 1; a budget too small is
+    said in terms of --max-ram."""
     @wraps(command)
     def run(*args, **kwargs):
+        from lowmem_cnn.planner import BudgetError
+
         try:
             return command(*args, **kwargs)
+        except BudgetError as err:
+            raise click.ClickException(str(err.worded("--max-ram "))) from None
         except LowmemError as err:
             raise click.ClickException(str(err)) from None
     return run
@@ -114,16 +121,16 @@ def _image_size(text):
 
 
 def _describe_plan(network, plan, say):
-    from lowmem_cnn.planner import tiled_layers
+    from lowmem_cnn.conv_pool import ConvolutionPooling
 
-    sizes = {"conv": [], "conv+pool": []}
-    for layer, size in zip(tiled_layers(network), plan.tiles, strict=True):
-        sizes[layer.kind].append(f"{size:,}")
+    rows, images = [], []
+    for layer, size in zip(network.tiled, plan.tiles, strict=True):
+        (images if isinstance(layer, ConvolutionPooling) else rows).append(f"{size:,}")
     tiles = ""
-    if sizes["conv"]:
-        tiles += f"conv column tiles of {', '.join(sizes['conv'])} rows; "
-    if sizes["conv+pool"]:
-        tiles += f"conv+pool tiles of {', '.join(sizes['conv+pool'])} images; "
+    if rows:
+        tiles += f"conv column tiles of {', '.join(rows)} rows; "
+    if images:
+        tiles += f"conv+pool tiles of {', '.join(images)} images; "
     say(f"plan: {plan.threads} thread{'s' if plan.threads > 1 else ''} of {plan.micro_batch} images "
         f"at a time (evaluation {plan.eval_micro_batch}); {tiles}planned peak "
         f"{format_size(plan.peak)} (baseline {format_size(plan.baseline)})")
@@ -231,29 +238,13 @@ def train(epochs, batch_size, lr, optimizer, seed, out, limit, checkpoint_path, 
         f"{loop.count:,} images: {settings.epochs} epochs, batches of {loop.batch_size}, "
         f"{settings.optimizer} lr {settings.lr}"
         + (f"; from epoch {loop.epochs_done + 1}, update {loop.position}" if resume else ""))
-
-    bar = None
-
-    def epoch_starts(epoch, done):
-        nonlocal bar
-        bar = _progress(loop.count, f"epoch {epoch}/{settings.epochs}", "img", initial=done)
-
-    def updated(loss, n):
-        bar.update(n)
-        bar.set_postfix_str(f"loss {loss:.4f}", refresh=False)
-
-    def epoch_ends(h):
-        bar.close()
-        say(f"epoch {h['epoch']:>3}: loss {h['loss']:.4f}  train accuracy {h['train_accuracy']:.4f} "
-            f"(first {h['train_sample']:,})  test accuracy {h['test_accuracy']:.4f}  "
-            f"{h['seconds']:.1f} s ({loop.count / h['seconds']:,.0f} img/s)")
-
+    report = _TrainReport(loop.count, settings.epochs, say)
     out = Path(settings.out)
     try:  # the run holds its locks: let go of them however it ends
-        history = run.run(updated, epoch_ends, epoch_starts, stop)
+        history = run.run(report.updated, report.epoch_ends, report.epoch_starts, stop)
         run.finish(out)
     except training.Stopped as stopped:
-        bar.close()
+        report.close()
         where = (f"in epoch {stopped.epoch} after update {stopped.position}" if stopped.position
                  else f"after epoch {stopped.epoch - 1}")
         click.echo(f"stopped by {signal.Signals(stop.signal).name} {where}; checkpoint written to "
@@ -284,6 +275,32 @@ def train(epochs, batch_size, lr, optimizer, seed, out, limit, checkpoint_path, 
         }))
 
 
+class _TrainReport:
+    """What train shows while the run goes: a progress bar per epoch, and a line after
+    each epoch."""
+
+    def __init__(self, images: int, epochs: int, say):
+        self.images, self.epochs, self.say = images, epochs, say
+        self.bar = NoBar()
+
+    def epoch_starts(self, epoch, done):
+        self.bar = _progress(self.images, f"epoch {epoch}/{self.epochs}", "img", initial=done)
+
+    def updated(self, loss, n):
+        self.bar.update(n)
+        self.bar.set_postfix_str(f"loss {loss:.4f}", refresh=False)
+
+    def epoch_ends(self, h):
+        self.close()
+        self.say(f"epoch {h['epoch']:>3}: loss {h['loss']:.4f}  train accuracy "
+                 f"{h['train_accuracy']:.4f} (first {h['train_sample']:,})  test accuracy "
+                 f"{h['test_accuracy']:.4f}  {h['seconds']:.1f} s "
+                 f"({self.images / h['seconds']:,.0f} img/s)")
+
+    def close(self):
+        self.bar.close()
+
+
 @main.command("eval")
 @click.argument("params", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--batch-size", type=click.IntRange(min=1), default=100,
@@ -298,7 +315,7 @@ def evaluate_command(params, batch_size, split, misclassified, max_ram, data_dir
                      test_split, strict, config_name, dtype, threads, as_json):
     """Accuracy, per-class accuracy and confusion matrix of a parameter file."""
     from lowmem_cnn.params import load_params
-    from lowmem_cnn.planner import check_parameters_fit
+    from lowmem_cnn.planner import Work, check_parameters_fit
     from lowmem_cnn.session import Session
     from lowmem_cnn.training import MAX_READ_IMAGES, evaluate
 
@@ -307,17 +324,15 @@ def evaluate_command(params, batch_size, split, misclassified, max_ram, data_dir
                   _data_options(data_dir, image_size, test_split, strict, say), params)
     check_parameters_fit(run.network, run.budget, loading=True)
     load_params(params, run.network)
-    # uint8 rows and predicted labels of one read
-    fixed = min(batch_size, MAX_READ_IMAGES) * (run.network.input_size + 8)
-    run.make_plan(False, batch_size, fixed)
-    if misclassified:
-        run.check_picture_room("digits")
+    work = Work("evaluate", batch_size, read=min(batch_size, MAX_READ_IMAGES),
+                picture="digits" if misclassified else None)
+    run.make_plan(work)  # refused before the data is read or downloaded
     data = run.open_data()
-    run.make_plan(False, batch_size, fixed)
+    run.make_plan(work)
     _describe_plan(run.network, run.plan, say)
     chosen = getattr(data, split)
     began = time.perf_counter()
-    result = evaluate(run.network, chosen, run.plan.eval_micro_batch, batch_size,
+    result = evaluate(run.network, chosen, run.plan, batch_size,
                       keep_wrong=100 if misclassified else 0)
     seconds = time.perf_counter() - began
     if misclassified:
@@ -367,7 +382,7 @@ def profile_memory(batch_size, train, plot, max_ram, data_dir, image_size, test_
                    config_name, dtype, threads, as_json):
     """Per layer: what the book's whole-batch im2col would allocate against the tiles
     used here; then the planned peak and the measured peak RSS of running the batch."""
-    from lowmem_cnn.planner import check_parameters_fit, training_state_bytes
+    from lowmem_cnn.planner import Work, check_parameters_fit
     from lowmem_cnn.profiling import layer_table, run_batch
     from lowmem_cnn.session import Session
     from lowmem_cnn.training import MAX_READ_IMAGES
@@ -378,15 +393,12 @@ def profile_memory(batch_size, train, plot, max_ram, data_dir, image_size, test_
     network = run.network
     check_parameters_fit(network, run.budget, 0 if train else None)
     network.init_params(np.random.default_rng(0))
-    fixed = min(batch_size, MAX_READ_IMAGES) * (network.input_size + 8)
-    if train:
-        fixed += training_state_bytes(network, 0)
-    # forward and backward of one batch: no evaluations between epochs to make room for
-    run.make_plan(train, batch_size, fixed, evaluations=False)
-    if plot:
-        run.check_picture_room("memory")
+    # forward (and backward) of one batch: no evaluations between epochs to make room for
+    work = Work("train" if train else "evaluate", batch_size, read=min(batch_size, MAX_READ_IMAGES),
+                picture="memory" if plot else None)
+    run.make_plan(work)  # refused before the data is read or downloaded
     data = run.open_data()
-    run.make_plan(train, batch_size, fixed, evaluations=False)
+    run.make_plan(work)
     rows = layer_table(network, run.plan, batch_size)
     measured = run_batch(network, data.test, run.plan, batch_size, train)
     if plot:
@@ -433,8 +445,9 @@ def predict(params, images, config_name, max_ram, as_json):
     MNIST's first: grayscale, white on black, centred in 28x28."""
     from lowmem_cnn.data import decode_room
     from lowmem_cnn.imaging import image_row, mnist_style
+    from lowmem_cnn.layers import softmax
     from lowmem_cnn.params import load_params
-    from lowmem_cnn.planner import check_parameters_fit
+    from lowmem_cnn.planner import Work, check_parameters_fit, plan_work
     from lowmem_cnn.session import network_config
 
     budget = resolve_budget(max_ram, 1)
@@ -446,16 +459,16 @@ def predict(params, images, config_name, max_ram, as_json):
     if not meta and (c != 1 or (h, w) != (28, 28)):
         raise LowmemError(f"{config.name} takes {c}x{h}x{w} inputs, not 28x28 digits")
     names = config.class_names or [str(k) for k in range(network.classes)]
-    for start in range(0, len(images), 100):  # a few pictures at a time, however many
-        chunk = images[start : start + 100]
+    chunk_size = min(len(images), PREDICT_CHUNK)
+    plan = plan_work(network, Work("predict", chunk_size, read=chunk_size, outputs=chunk_size),
+                     budget)
+    for start in range(0, len(images), chunk_size):  # a few pictures at a time, however many
+        chunk = images[start : start + chunk_size]
         rows = []
         for path in chunk:
             room = decode_room(budget)
             rows.append(image_row(path, (h, w), c, room) if meta else mnist_style(path, room))
-        scores = network.scores(network.to_input(np.stack(rows))).astype(np.float64)
-        scores -= scores.max(axis=1, keepdims=True)
-        probabilities = np.exp(scores)
-        probabilities /= probabilities.sum(axis=1, keepdims=True)
+        probabilities = softmax(network.predict_scores(np.stack(rows), plan).astype(np.float64))
         for path, p in zip(chunk, probabilities, strict=True):
             _print_prediction(path, p, names, as_json)
 

@@ -75,9 +75,10 @@ def load_config(name_or_path: str = DEFAULT_CONFIG) -> Config:
         layers = tuple(dict(layer) for layer in net["layers"])
         for number, layer in enumerate(layers, start=1):
             for key, value in layer.items():
-                if key == "ratio":
-                    if not isinstance(value, (int, float)) or not 0 <= value < 1:
-                        raise ValueError(f"layer {number} ({layer.get('type')}): ratio = {value!r} "
+                if key in ("ratio", "momentum"):
+                    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                            or not 0 <= value < 1:
+                        raise ValueError(f"layer {number} ({layer.get('type')}): {key} = {value!r} "
                                          "is not a number in [0, 1)")
                 elif key != "type" and (not isinstance(value, int) or isinstance(value, bool)
                                         or value < (0 if key == "pad" else 1)):

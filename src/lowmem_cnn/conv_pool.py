@@ -18,14 +18,18 @@ copying (see FUSE_MAX_CHANNELS in model.py). The bias is added after the max (ad
 a constant commutes with it), on a quarter of the values.
 """
 
+import math
+
 import numpy as np
 
 from lowmem_cnn.columns import windows
-from lowmem_cnn.layers import LayerMemory, _workspace, column_sums
+from lowmem_cnn.layers import Layer, column_sums
 
 
-class ConvolutionPooling:
-    kind = "conv+pool"
+class ConvolutionPooling(Layer):
+    """Its tile (ctx.tile) is images whose products are made at once: all of a
+    micro-batch's unless the plan says otherwise (each tile costs some 20 NumPy calls,
+    and with two threads more calls mean more waiting for the GIL)."""
 
     def __init__(self, conv, pool):
         if conv.stride != 1 or pool.stride != pool.size:
@@ -33,13 +37,8 @@ class ConvolutionPooling:
         self.conv, self.pool = conv, pool
         self.in_shape, self.out_shape = conv.in_shape, pool.out_shape
         self.param_shapes = conv.param_shapes
-        self.need_input_grad = True
         self.window = conv.size + pool.size - 1
         self.rows = self.window * self.window * conv.in_shape[2]  # rows of the columns
-        # Images whose products are made at once (set by the planner): all of a
-        # micro-batch's, unless the budget says otherwise (each tile costs some 20
-        # NumPy calls, and with two threads more calls mean more waiting for the GIL).
-        self.tile_images = 1 << 30
 
     # --- helpers ----------------------------------------------------------------
 
@@ -59,12 +58,15 @@ class ConvolutionPooling:
             for dx in range(p):
                 yield dy, dx, (slice(dy, dy + f), slice(dx, dx + f))
 
-    def _weights(self, ws):
-        """The (P, P, K, window, window, C) matrix: per pooling position, the filter at
-        that offset in the window, zero elsewhere."""
-        f, c, k, w = self.conv.size, self.in_shape[2], self.conv.filters, self.window
+    def _weights_shape(self):
+        p, w = self.pool.size, self.window
+        return (p, p, self.conv.filters, w, w, self.in_shape[2])
+
+    def _weights(self, big):
+        """The (P, P, K, window, window, C) matrix, written into `big`: per pooling
+        position, the filter at that offset in the window, zero elsewhere."""
+        f, c, k = self.conv.size, self.in_shape[2], self.conv.filters
         p = self.pool.size
-        big = ws.array(self, "weights", (p, p, k, w, w, c), self.W.dtype)
         big.fill(0)
         filters = self.W.reshape(f, f, c, k).transpose(3, 0, 1, 2)
         for dy, dx, (rows, cols) in self._blocks():
@@ -73,77 +75,102 @@ class ConvolutionPooling:
 
     # --- forward and backward ---------------------------------------------------
 
-    def _tiles(self, m):
+    def _tile_images(self, m, ctx):
+        return max(1, min(m, ctx.tile(self)))
+
+    def _tiles(self, m, step):
         """(first image, last image + 1, first pooled output, last + 1) of each tile."""
         ph, pw, _ = self.out_shape
-        step = max(1, min(m, self.tile_images))
         for first in range(0, m, step):
             last = min(first + step, m)
             yield first, last, first * ph * pw, last * ph * pw
 
-    def forward(self, x, train: bool, ws=None, dropout_rng=None):
-        ws = _workspace(ws)
+    def forward(self, x, ctx):
+        ws, train = ctx.ws, ctx.train
         m = len(x)
         ph, pw, k = self.out_shape
         blocks = self.pool.size ** 2
         n = m * ph * pw  # pooled outputs
-        padded = self._padded(x, ws)
+        step = self._tile_images(m, ctx)
+        padded = x
+        if self.conv.pad:
+            padded = ws.array(self, "padded", (m, *self._padded_shape()), x.dtype)
         columns = ws.array(self, "columns", (self.window, self.window, self.in_shape[2], m, ph, pw),
                            x.dtype)
-        np.copyto(columns, windows(padded, self.window, self.pool.size).transpose(3, 4, 5, 0, 1, 2))
-        columns = columns.reshape(self.rows, n)
-        weights = self._weights(ws)
+        weights = ws.array(self, "weights", self._weights_shape(), x.dtype)
         wins = ws.array(self, "wins", (blocks - 1, k, n), bool) if train else None
         out = ws.array(self, "out", (m, ph, pw, k), x.dtype)
-        for first, last, lo, hi in self._tiles(m):
-            products = ws.array(self, "products", (blocks, k, hi - lo), x.dtype)
-            np.matmul(weights, columns[:, lo:hi], out=products.reshape(blocks * k, hi - lo))
+        products = ws.array(self, "products", (blocks * k * step * ph * pw,), x.dtype)
+        columns = columns.reshape(self.rows, n)
+        if ctx.dry:
+            return out, ((columns, wins) if train else None)
+        if self.conv.pad:
+            pad = self.conv.pad
+            padded.fill(0)
+            padded[:, pad:-pad, pad:-pad, :] = x
+        np.copyto(columns.reshape(self.window, self.window, self.in_shape[2], m, ph, pw),
+                  windows(padded, self.window, self.pool.size).transpose(3, 4, 5, 0, 1, 2))
+        weights = self._weights(weights)
+        for first, last, lo, hi in self._tiles(m, step):
+            tile = _head(products, (blocks, k, hi - lo))
+            np.matmul(weights, columns[:, lo:hi], out=tile.reshape(blocks * k, hi - lo))
             # the max in place in block 0; a later block wins only if strictly greater,
             # so ties go to the first position, as the book's argmax
-            best = products[0]
+            best = tile[0]
             for i in range(1, blocks):
                 if train:
-                    np.greater(products[i], best, out=wins[i - 1, :, lo:hi])
-                np.maximum(best, products[i], out=best)
+                    np.greater(tile[i], best, out=wins[i - 1, :, lo:hi])
+                np.maximum(best, tile[i], out=best)
             best += self.b[:, None]
             np.copyto(out[first:last], best.reshape(k, last - first, ph, pw).transpose(1, 2, 3, 0))
         return out, ((columns, wins) if train else None)
 
-    def backward(self, dout, saved, grads, ws=None):
-        ws = _workspace(ws)
+    def backward(self, dout, saved, grads, ctx):
+        ws = ctx.ws
         columns, wins = saved
         m = len(dout)
         ph, pw, k = self.out_shape
-        blocks = self.pool.size ** 2
+        f, c, p, w = self.conv.size, self.in_shape[2], self.pool.size, self.window
+        blocks = p * p
         n = m * ph * pw
         dtype = dout.dtype
-        grads.add("b", column_sums(dout.reshape(n, k), ws, self))
-        weights = self._weights(ws) if self.need_input_grad else None
-        grad = None
+        step = self._tile_images(m, ctx)
+        tile_outputs = step * ph * pw
+        ones = ws.array(self, "ones", (n,), dtype)
+        weights = grad = dcolumns = None
         if self.need_input_grad:
+            weights = ws.array(self, "weights", self._weights_shape(), dtype)
             grad = ws.array(self, "grad", (m, *self._padded_shape()), dtype)
-            grad.fill(0)
+            dcolumns = ws.array(self, "dcolumns", (self.rows * tile_outputs,), dtype)
         dweights = ws.array(self, "dweights", (blocks * k, self.rows), dtype)
+        dweights_tile = ws.array(self, "dweights_tile", (blocks * k, self.rows), dtype)
+        dpool = ws.array(self, "dpool", (k * tile_outputs,), dtype)
+        products = ws.array(self, "products", (blocks * k * tile_outputs,), dtype)
+        dw = ws.array(self, "dW", (f, f, c, k), dtype)
+        if ctx.dry:
+            return None if grad is None else grad[:, : self.in_shape[0], : self.in_shape[1], :]
+
+        grads.add("b", column_sums(dout.reshape(n, k), ones))
+        if weights is not None:
+            weights = self._weights(weights)
+            grad.fill(0)
         dweights.fill(0)
-        for first, last, lo, hi in self._tiles(m):
-            remaining = ws.array(self, "dpool", (k, last - first, ph, pw), dtype)
-            np.copyto(remaining, dout[first:last].transpose(3, 0, 1, 2))
-            remaining = remaining.reshape(k, hi - lo)
+        for first, last, lo, hi in self._tiles(m, step):
+            remaining = _head(dpool, (k, hi - lo))
+            np.copyto(remaining.reshape(k, last - first, ph, pw), dout[first:last].transpose(3, 0, 1, 2))
             # the gradient goes to the last block that won (block 0 if none did)
-            dconv = ws.array(self, "products", (blocks, k, hi - lo), dtype)
+            dconv = _head(products, (blocks, k, hi - lo))
             for i in range(blocks - 1, 0, -1):
                 np.multiply(remaining, wins[i - 1, :, lo:hi], out=dconv[i])
                 np.subtract(remaining, dconv[i], out=dconv[0] if i == 1 else remaining)
             if blocks == 1:
                 np.copyto(dconv[0], remaining)
             dconv = dconv.reshape(blocks * k, hi - lo)
-            dweights += np.matmul(dconv, columns[:, lo:hi].T,
-                                  out=ws.array(self, "dweights_tile", dweights.shape, dtype))
+            dweights += np.matmul(dconv, columns[:, lo:hi].T, out=dweights_tile)
             if grad is not None:
-                self._add_window_grads(grad[first:last], weights, dconv, ws)
-        f, c, p, w = self.conv.size, self.in_shape[2], self.pool.size, self.window
+                self._add_window_grads(grad[first:last], weights, dconv, dcolumns)
         dweights = dweights.reshape(p, p, k, w, w, c)
-        dw = np.zeros((f, f, c, k), dtype)
+        dw.fill(0)
         for dy, dx, (rows, cols) in self._blocks():
             dw += dweights[dy, dx, :, rows, cols, :].transpose(1, 2, 3, 0)
         grads.add("W", dw.reshape(self.W.shape))
@@ -152,14 +179,13 @@ class ConvolutionPooling:
         pad = self.conv.pad
         return grad[:, pad : grad.shape[1] - pad, pad : grad.shape[2] - pad, :]
 
-    def _add_window_grads(self, grad, weights, dconv, ws):
+    def _add_window_grads(self, grad, weights, dconv, dcolumns):
         """col2im for one tile: the gradients of its windows' values, added onto `grad`
         (the tile's images, padded), one window offset at a time: for a fixed offset no
         two windows share a value."""
         ph, pw, _ = self.out_shape
         w, c = self.window, self.in_shape[2]
-        dcolumns = np.matmul(weights.T, dconv,
-                             out=ws.array(self, "dcolumns", (self.rows, dconv.shape[1]), dconv.dtype))
+        dcolumns = np.matmul(weights.T, dconv, out=_head(dcolumns, (self.rows, dconv.shape[1])))
         dcolumns = dcolumns.reshape(w, w, c, len(grad), ph, pw)
         for a, b, view in self._window_views(grad):
             view += dcolumns[a, b].transpose(1, 2, 3, 0)
@@ -168,34 +194,6 @@ class ConvolutionPooling:
         h, w, c = self.in_shape
         pad = self.conv.pad
         return (h + 2 * pad, w + 2 * pad, c)
-
-    def _padded(self, x, ws):
-        pad = self.conv.pad
-        if not pad:
-            return x
-        padded = ws.array(self, "padded", (len(x), *self._padded_shape()), x.dtype)
-        padded.fill(0)
-        padded[:, pad:-pad, pad:-pad, :] = x
-        return padded
-
-    def memory(self, m, itemsize, train, tile=None):
-        """`tile`: images a tile (default: the layer's tile_images)."""
-        ph, pw, k = self.out_shape
-        n = m * ph * pw
-        images = self.tile_images if tile is None else tile
-        tile = max(1, min(m, images)) * ph * pw  # pooled outputs of a tile
-        blocks = self.pool.size ** 2
-        padded = m * int(np.prod(self._padded_shape())) * itemsize
-        weights = blocks * k * self.rows * itemsize
-        held = ((padded if self.conv.pad else 0) + self.column_bytes(m, itemsize)  # input, columns
-                + weights + blocks * k * tile * itemsize + n * k * itemsize)  # products, out
-        if train:
-            held += (blocks - 1) * k * n  # wins (bool)
-            held += k * tile * itemsize + 2 * weights  # dpool, dweights and a tile's
-            held += n * itemsize  # ones, for the bias gradient
-            if self.need_input_grad:
-                held += self.rows * tile * itemsize + padded  # dcolumns, grad
-        return LayerMemory(workspace=held)
 
     # --- parameters and reports, as the convolution's -----------------------------
 
@@ -227,9 +225,11 @@ class ConvolutionPooling:
     def book_columns_bytes(self, n) -> int:
         return self.conv.book_columns_bytes(n) + self.pool.book_columns_bytes(n)
 
-    def column_bytes(self, m, itemsize) -> int:
-        ph, pw, _ = self.out_shape
-        return self.rows * m * ph * pw * itemsize
-
     def describe(self):
         return f"{self.conv.describe()} + {self.pool.describe()}"
+
+
+def _head(flat, shape):
+    """The first values of a flat workspace array, as a contiguous array of `shape` (a
+    tile smaller than the largest uses the head of its buffer)."""
+    return flat[: math.prod(shape)].reshape(shape)

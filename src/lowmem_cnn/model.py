@@ -11,6 +11,7 @@ thread order at the end, so the result does not depend on timing.
 
 from __future__ import annotations
 
+import math
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -21,7 +22,7 @@ from lowmem_cnn.errors import LowmemError
 from lowmem_cnn.executor import run_shared
 from lowmem_cnn.layers import (Convolution, Gradients, MaxPooling, ReLU, build_layer,
                                softmax_cross_entropy)
-from lowmem_cnn.workspace import Workspace
+from lowmem_cnn.workspace import Context, Recording, Workspace
 
 # A convolution with at most this many input channels is fused with the pooling after
 # it (see conv_pool.py). With more channels im2col's columns are cheap to copy and the
@@ -32,9 +33,11 @@ INIT_CHUNK = 1 << 16
 
 
 class Network:
+    """`threads`: the threads built (a workspace and a gradient set each); a plan may
+    use fewer (see planner.Plan)."""
+
     def __init__(self, config: NetworkConfig, dtype=np.float32, threads: int = 1):
         self.config = config
-        self.threads = threads  # in use: a plan sets it, at most the threads built for
         # the calling thread is one of the threads (see _map)
         self.pool = ThreadPoolExecutor(threads - 1) if threads > 1 else None
         self.workspaces = [Workspace() for _ in range(threads)]
@@ -54,27 +57,52 @@ class Network:
             raise LowmemError(f"{config.name}: the last layer must be affine (scores), not a map")
         self.classes = shape[0]
         self.layers = _fuse_conv_pool(_pool_before_relu(layers))
-        self.param_layers = {}  # book index -> layer
-        for layer in self.layers:
-            if layer.param_shapes:
-                self.param_layers[len(self.param_layers) + 1] = layer
+        # the layers that work in tiles, in order: a plan has a tile size for each (a
+        # convolution's is column rows, a fused convolution and pooling's is images)
+        self.tiled = [layer for layer in self.layers
+                      if isinstance(layer, (Convolution, ConvolutionPooling))]
         # The first layer's input gradient is never needed.
-        first = self.layers[0]
-        if hasattr(first, "need_input_grad"):
-            first.need_input_grad = False
+        self.layers[0].need_input_grad = False
+        self.draws_noise = any(layer.draws_noise for layer in self.layers)
+
+    @property
+    def max_threads(self) -> int:
+        return len(self.workspaces)
 
     # --- parameters -------------------------------------------------------------
 
+    def _numbered(self):
+        """(number, layer) of the layers with parameters or statistics, numbered as the
+        book's files: a layer that is not `numbered` takes the number before it."""
+        count = 0
+        for layer in self.layers:
+            if layer.param_shapes or layer.state_shapes:
+                count += layer.numbered
+                yield max(count, 1), layer
+
     def param_names(self):
-        for i, layer in self.param_layers.items():
+        """(key, layer, name) of each trained parameter: W1, b1, ..."""
+        for i, layer in self._numbered():
             for name in layer.param_shapes:
                 yield f"{name}{i}", layer, name
 
+    def state_names(self):
+        """(key, layer, name) of each value kept with the parameters but not trained
+        (running_mean2, ...)."""
+        for i, layer in self._numbered():
+            for name in layer.state_shapes:
+                yield f"{name}{i}", layer, name
+
+    def _all_names(self):
+        yield from self.param_names()
+        yield from self.state_names()
+
     def init_params(self, rng: np.random.Generator):
         init = self.config.weight_init
-        for _, layer, name in self.param_names():
-            shape = layer.param_shapes[name]
-            value = np.zeros(shape, self.dtype)
+        for _, layer, name in self._all_names():
+            shape = {**layer.param_shapes, **layer.state_shapes}[name]
+            # scales (gamma) and variances start at one, other values at zero
+            value = (np.ones if name in ("gamma", "running_var") else np.zeros)(shape, self.dtype)
             if name == "W":
                 # He: std sqrt(2 / inputs of one output), as the book's DeepConvNet
                 std = np.sqrt(2.0 / shape[0]) if init == "he" else init
@@ -88,13 +116,15 @@ class Network:
             setattr(layer, name, value)
         self._grads = None
 
-    def thread_grads(self) -> list:
-        """One set of gradient arrays per thread in use (name -> array), made on first
-        use (evaluation needs none). Their sum is the gradient; see also `grads`."""
-        return [flat for flat, _ in self._gradient_sets()[: self.threads]]
+    def thread_grads(self, plan) -> list:
+        """One set of gradient arrays per thread the plan uses (key -> array), made on
+        first use (evaluation needs none). Their sum is the gradient; see also `grads`."""
+        return [flat for flat, _ in self._gradient_sets()[: plan.threads]]
 
     def _gradient_sets(self) -> list:
-        """Per thread: (name -> array, the same arrays as one Gradients per layer).
+        """Per thread: (key -> array, the same arrays as one Gradients per layer). Besides
+        the parameters' gradients, they hold the batch statistics of the layers that keep
+        them (under their state names).
 
         One set for every thread built, whatever the plan uses now: a later plan may use
         more, and the baseline (measure_baseline's warm-up) holds them all."""
@@ -102,20 +132,24 @@ class Network:
             self._grads = []
             for _ in self.workspaces:
                 flat = {key: np.zeros_like(getattr(layer, name))
-                        for key, layer, name in self.param_names()}
+                        for key, layer, name in self._all_names()}
                 per_layer = {id(layer): Gradients() for layer in self.layers}
-                for key, layer, name in self.param_names():
+                for key, layer, name in self._all_names():
                     per_layer[id(layer)][name] = flat[key]
                 self._grads.append((flat, [per_layer[id(layer)] for layer in self.layers]))
         return self._grads
 
     def params(self) -> dict:
-        """Name -> the array the layer uses (updated in place by the optimizer)."""
+        """Key -> the array the layer uses (updated in place by the optimizer)."""
         return {key: getattr(layer, name) for key, layer, name in self.param_names()}
 
-    def grads(self) -> dict:
+    def state(self) -> dict:
+        """Key -> the layers' kept statistics (saved with the parameters, not trained)."""
+        return {key: getattr(layer, name) for key, layer, name in self.state_names()}
+
+    def grads(self, plan) -> dict:
         """The gradient: the other threads' sets added into the first's, and zeroed."""
-        first, *others = self.thread_grads()
+        first, *others = self.thread_grads(plan)
         for grads in others:
             for key, grad in first.items():
                 grad += grads[key]
@@ -123,21 +157,22 @@ class Network:
         return first
 
     def expected_book_shapes(self) -> dict:
-        return {key: layer.book_shape(name) for key, layer, name in self.param_names()}
+        return {key: layer.book_shape(name) for key, layer, name in self._all_names()}
 
     def load_book_params(self, params: dict):
         """Take checked arrays in the book's layout (see params.check_params)."""
-        for key, layer, name in self.param_names():
+        for key, layer, name in self._all_names():
             array = np.asarray(params[key], dtype=self.dtype)
             setattr(layer, name, np.ascontiguousarray(layer.from_book(name, array)))
         self._grads = None
 
     def book_params(self) -> dict:
         return {key: np.ascontiguousarray(layer.to_book(name, getattr(layer, name)))
-                for key, layer, name in self.param_names()}
+                for key, layer, name in self._all_names()}
 
     def param_bytes(self) -> int:
-        return sum(int(np.prod(layer.param_shapes[name])) for _, layer, name in self.param_names()
+        """Bytes of the parameters and the kept statistics."""
+        return sum(math.prod(layer.book_shape(name)) for _, layer, name in self._all_names()
                    ) * self.dtype.itemsize
 
     # --- running ----------------------------------------------------------------
@@ -154,6 +189,8 @@ class Network:
         h, w, _ = self.input_shape
         shape = (len(images), h, w, c)
         x = np.empty(shape, self.dtype) if ws is None else ws.array(self, "input", shape, self.dtype)
+        if ws is not None and ws.dry:
+            return x
         nhwc = images.reshape(len(images), c, h, w).transpose(0, 2, 3, 1)
         if pixels:
             np.divide(nhwc, np.float32(255), out=x, dtype=np.float32)
@@ -161,121 +198,156 @@ class Network:
             np.copyto(x, nhwc, casting="unsafe")  # the caller checked the dtype is real numbers
         return x
 
-    def scores(self, x: np.ndarray, ws: Workspace | None = None,
-               dropout_rng: np.random.Generator | None = None) -> np.ndarray:
-        """The last layer's output; from `ws` if given, so valid until its next use.
-        `dropout_rng`: run dropout as in training, its masks drawn from it."""
-        ws = Workspace() if ws is None else ws
+    def _tiles(self, plan) -> dict:
+        return dict(zip(map(id, self.tiled), plan.tiles, strict=True))
+
+    def scores(self, x: np.ndarray, ctx: Context | None = None) -> np.ndarray:
+        """The last layer's output; from ctx's workspace if given, so valid until its next
+        use (without ctx: forward only, whole, in fresh arrays)."""
+        ctx = Context() if ctx is None else ctx
         for layer in self.layers:
-            x, _ = layer.forward(x, False, ws, dropout_rng)
+            x, _ = layer.forward(x, ctx)
         return x
 
-    def _gradient(self, images, labels, total, layer_grads, dropout_rng, ws, pixels=True) -> float:
+    def _gradient(self, images, labels, ctx: Context, layer_grads, pixels=True) -> float:
         """Forward and backward of one micro-batch, adding into `layer_grads` (one
-        Gradients per layer); its summed loss. `dropout_rng`: the Generator dropout
-        draws its masks from (None for a network without dropout)."""
-        x = self.to_input(images, ws, pixels)
+        Gradients per layer); its summed loss."""
+        x = self.to_input(images, ctx.ws, pixels)
         saved = []
         for layer in self.layers:
-            x, keep = layer.forward(x, True, ws, dropout_rng)
+            x, keep = layer.forward(x, ctx)
             saved.append(keep)
-        loss, grad = softmax_cross_entropy(x, labels, total)
+        loss, grad = (0.0, x) if ctx.dry else softmax_cross_entropy(x, labels, ctx.batch_images)
         for layer, grads in zip(reversed(self.layers), reversed(layer_grads), strict=True):
-            # popped, so that what a layer kept is freed once its backward is done, as
-            # the planner counts (kept to the end, it was 27% over DeepConvNet's plan)
-            grad = layer.backward(grad, saved.pop(), grads, ws)
+            # popped, so that what a layer kept is freed once its backward is done
+            grad = layer.backward(grad, saved.pop(), grads, ctx)
         return loss
+
+    def micro_batch_bytes(self, m: int, train: bool, tiles: tuple) -> int:
+        """What a thread's workspace holds once it has run a micro-batch of m images
+        (forward only, or forward and backward) with `tiles` (one per tiled layer): the
+        same calls as a real pass, against a Recording workspace."""
+        ws = Recording()
+        ctx = Context(ws, train, dict(zip(map(id, self.tiled), tiles, strict=True)), None, m)
+        images = np.broadcast_to(np.zeros((), np.uint8), (m, self.input_size))
+        if train:
+            self._gradient(images, None, ctx, [None] * len(self.layers))
+        else:
+            self.scores(self.to_input(images, ws), ctx)
+        return ws.held_bytes()
 
     def held_bytes(self) -> int:
         """Bytes of what release_memory gives back: the workspaces' arrays and the
         gradient sets (so that a caller can tell its own memory from the network's)."""
-        held = sum(array.nbytes for ws in self.workspaces for array in ws._arrays.values())
+        held = sum(ws.held_bytes() for ws in self.workspaces)
         if self._grads is not None:
             held += sum(grad.nbytes for flat, _ in self._grads for grad in flat.values())
         return held
 
     def release_memory(self):
         """Give back the workspaces and gradient arrays (the run is over)."""
-        self._use_workspaces(None)
+        for ws in self.workspaces:
+            ws.clear()
+        self._training = None
         self._grads = None
 
-    def _use_workspaces(self, training: bool | None):
+    def _use_workspaces(self, plan, training: bool):
         """Training and evaluation size their arrays differently; the planner counts
-        the larger set, not both, so empty the workspaces when switching."""
+        the larger set, not both, so empty the workspaces when switching. The threads the
+        plan leaves idle give theirs back: it counts only its own threads'."""
         if self._training != training:
             for ws in self.workspaces:
                 ws.clear()
             self._training = training
+        for ws in self.workspaces[plan.threads :]:
+            ws.clear()
 
-    def _map(self, work, parts):
-        """work(part, thread index) for each part, on the network's threads."""
-        return run_shared(self.pool, self.threads, work, parts)
+    def _map(self, plan, work, parts):
+        """work(part, thread index) for each part, on the plan's threads."""
+        return run_shared(self.pool, plan.threads, work, parts)
 
-    def predict(self, images: np.ndarray, micro_batch: int, pixels: bool = True) -> np.ndarray:
-        """Predicted labels of images (see to_input for `pixels`), `micro_batch` images
-        through the network at once on each thread."""
+    def predict(self, images: np.ndarray, plan, pixels: bool = True) -> np.ndarray:
+        """Predicted labels of images (see to_input for `pixels`), run as `plan` says:
+        plan.eval_micro_batch images through the network at once on each thread."""
+        micro_batch = plan.eval_micro_batch
         starts = list(range(0, len(images), micro_batch))
-        self._use_workspaces(False)
+        self._use_workspaces(plan, False)
+        tiles = self._tiles(plan)
 
         def work(start, t):
-            ws = self.workspaces[t]
-            return self.scores(self.to_input(images[start : start + micro_batch], ws, pixels), ws
-                               ).argmax(axis=1)
+            ctx = Context(self.workspaces[t], False, tiles)
+            x = self.to_input(images[start : start + micro_batch], ctx.ws, pixels)
+            return self.scores(x, ctx).argmax(axis=1)
 
-        parts = self._map(work, starts)
+        parts = self._map(plan, work, starts)
         return np.concatenate(parts) if parts else np.empty(0, np.int64)
 
-    def predict_scores(self, images: np.ndarray, micro_batch: int, pixels: bool = True,
+    def predict_scores(self, images: np.ndarray, plan, pixels: bool = True,
                        out: np.ndarray | None = None, noise_key=None) -> np.ndarray:
-        """The last layer's output for every image, written into `out` (n, classes) in
-        micro-batches. With `noise_key`, dropout runs as in training, its masks drawn as
-        accumulate_gradient's (and the arrays are those of training)."""
+        """The last layer's output for every image, written into `out` (n, classes), run
+        as `plan` says. With `noise_key`, dropout runs as in training, its masks drawn as
+        accumulate_gradient's (and the arrays and micro-batches are those of training)."""
         n = len(images)
         out = np.empty((n, self.classes), self.dtype) if out is None else out
+        noisy = noise_key is not None
+        micro_batch = plan.micro_batch if noisy else plan.eval_micro_batch
         starts = list(range(0, n, micro_batch))
-        self._use_workspaces(noise_key is not None)
+        self._use_workspaces(plan, noisy)
+        tiles = self._tiles(plan)
 
         def work(start, t):
-            ws = self.workspaces[t]
-            noise = None if noise_key is None else np.random.default_rng([*noise_key, start])
-            x = self.to_input(images[start : start + micro_batch], ws, pixels)
-            out[start : start + len(x)] = self.scores(x, ws, noise)
+            noise = np.random.default_rng([*noise_key, start]) if noisy else None
+            ctx = Context(self.workspaces[t], False, tiles, noise)
+            x = self.to_input(images[start : start + micro_batch], ctx.ws, pixels)
+            out[start : start + len(x)] = self.scores(x, ctx)
 
-        self._map(work, starts)
+        self._map(plan, work, starts)
         return out
 
-    def accumulate_gradient(self, images, labels, micro_batch: int, noise_key=(0,),
+    def accumulate_gradient(self, images, labels, plan, noise_key=(0,),
                             pixels: bool = True) -> float:
-        """Set the threads' gradient sets so that their sum is d(mean loss)/d(params) of
-        this mini-batch; return the mean loss.
+        """Set the plan's threads' gradient sets so that their sum is d(mean loss)/d(params)
+        of this mini-batch, move the kept statistics (batch normalization's) by it;
+        return the mean loss.
 
-        The mini-batch runs as micro-batches, dealt to the threads in turn; each thread
-        writes its first micro-batch's gradient over its set and adds the others, so
-        the result is the whole mini-batch's gradient, whatever the micro-batch size.
-        Dropout masks come from a Generator seeded by `noise_key` and the micro-batch's
-        position, so they do not depend on which thread runs it, nor on a run being
-        resumed.
+        The mini-batch runs as micro-batches of plan.micro_batch images, dealt to the
+        threads in turn; each thread writes its first micro-batch's gradient over its
+        set and adds the others, so the result is the whole mini-batch's gradient,
+        whatever the micro-batch size. Dropout masks come from a Generator seeded by
+        `noise_key` and the micro-batch's position, so they do not depend on which
+        thread runs it, nor on a run being resumed.
         """
         total = len(images)
+        micro_batch = plan.micro_batch
         starts = list(range(0, total, micro_batch))
         sets = self._gradient_sets()
-        uses_noise = any(layer.kind == "dropout" for layer in self.layers)
-        self._use_workspaces(True)
+        self._use_workspaces(plan, True)
+        tiles = self._tiles(plan)
 
         def work(start, t):
             if start == starts[t]:  # the thread's first micro-batch
                 for grads in sets[t][1]:
                     grads.restart()
-            noise = np.random.default_rng([*noise_key, start]) if uses_noise else None
+            noise = np.random.default_rng([*noise_key, start]) if self.draws_noise else None
+            ctx = Context(self.workspaces[t], True, tiles, noise, total)
             return self._gradient(images[start : start + micro_batch],
-                                  labels[start : start + micro_batch], total, sets[t][1], noise,
-                                  self.workspaces[t], pixels)
+                                  labels[start : start + micro_batch], ctx, sets[t][1], pixels)
 
-        losses = self._map(work, starts)
-        for flat, _ in sets[len(starts) : self.threads]:  # threads that had no micro-batch
+        losses = self._map(plan, work, starts)
+        for flat, _ in sets[len(starts) : plan.threads]:  # threads that had no micro-batch
             for grad in flat.values():
                 grad.fill(0)
+        self._update_statistics(sets[: plan.threads])
         return float(sum(losses)) / total
+
+    def _update_statistics(self, sets):
+        """The layers that keep statistics move them by this mini-batch's, which the
+        threads' sets hold (added in thread order: the result does not depend on timing)."""
+        for index, layer in enumerate(self.layers):
+            if layer.state_shapes:
+                statistics = {name: sum(grads[index][name] for _, grads in sets)
+                              for name in layer.state_shapes}
+                layer.update_state(statistics)
 
 
 def _pool_before_relu(layers):

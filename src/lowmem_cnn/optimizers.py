@@ -13,6 +13,7 @@ with the same result to the bit.
 
 import numpy as np
 
+from lowmem_cnn.errors import LowmemError
 from lowmem_cnn.executor import run_shared
 
 CHUNK = 1 << 16
@@ -184,6 +185,18 @@ OPTIMIZERS = {"sgd": SGD, "momentum": Momentum, "nesterov": Nesterov, "adagrad":
 
 
 def make_optimizer(name: str, lr: float, **options) -> Optimizer:
-    """`options`: the optimizer's own settings, by the book's names (momentum,
-    decay_rate, beta1, beta2)."""
-    return OPTIMIZERS[name](lr, **options)
+    """The optimizer called `name` (the book's names, any case: SGD, Adam, ...), checked:
+    LowmemError for an unknown name, a learning rate that is not a positive finite
+    number, or `options` it does not take (its own settings, by the book's names:
+    momentum, decay_rate, beta1, beta2)."""
+    cls = OPTIMIZERS.get(str(name).lower())
+    if cls is None:
+        raise LowmemError(f"optimizer {name!r} is not one of "
+                          f"{', '.join(c.__name__ for c in OPTIMIZERS.values())}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float, np.number)) or not np.isfinite(lr) \
+            or lr <= 0:
+        raise LowmemError(f"learning rate {lr!r} is not a positive finite number")
+    try:
+        return cls(lr, **options)
+    except TypeError:
+        raise LowmemError(f"the settings {options!r} do not fit {cls.__name__}") from None

@@ -6,16 +6,18 @@ The planned peak is
     baseline  (measured RSS of the process before the run's own arrays)
   + fixed     (optimizer state, index and batch buffers: what the run allocates
                besides activations; parameters and gradients are in the baseline)
-  + the activation peak of one micro-batch (simulated layer by layer, below), times
-    the threads that each have one in flight
+  + what one micro-batch holds (its thread's workspace, recorded from the layers' own
+    calls: Network.micro_batch_bytes), times the threads that each have one in flight
   + a margin  (allocator rounding, small blocks, Python objects: 4 MiB and 10% of the
                rest; large arrays are mapped one by one, see budget.map_large_arrays).
 """
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
+from lowmem_cnn.conv_pool import ConvolutionPooling
 from lowmem_cnn.errors import LowmemError
 from lowmem_cnn.optimizers import CHUNK
 
@@ -43,83 +45,127 @@ MARGIN_SHARE = 0.10
 BASELINE_JITTER = 1 << 20
 # See check_parameters_fit.
 SMALL_PARAMETERS = 16 * 2**20
+# The evaluations between epochs read this many images at a time.
+EVAL_READ = 1000
+# Before the data is open, a run plans for this many training images unless limited.
+MNIST_TRAIN_IMAGES = 60_000
+# What opening the data leaves resident (imports, labels, cache decompression): 200 KiB
+# measured for MNIST with a cold cache.
+DATA_OPENING_BYTES = 512 * 1024
+# A label, a predicted label or a loss term: int64 or float64.
+VALUE_BYTES = 8
+
+
+class BudgetError(LowmemError):
+    """A budget too small for a piece of work: `needed` bytes at least, for `what`
+    (e.g. "this run"); `held`: what the process held already, when known. The message
+    names the budget as the face that raised it does (`option`): the library says "the
+    budget of", the CLI "--max-ram ", the book's classes "max_ram="; `worded` makes it
+    anew for another face."""
+
+    def __init__(self, needed: int, budget: int, what: str, held: int | None = None,
+                 option: str = "the budget of "):
+        self.needed, self.budget, self.what, self.held, self.option = needed, budget, what, held, option
+        from lowmem_cnn.budget import format_size
+
+        held_text = f"; the process already holds {format_size(held)}" if held is not None else ""
+        super().__init__(f"{option}{budget:,} bytes is too small: {what} needs at least "
+                         f"{needed:,} bytes ({format_size(needed)}{held_text})")
+
+    def worded(self, option: str) -> "BudgetError":
+        return BudgetError(self.needed, self.budget, self.what, self.held, option)
 
 
 @dataclass(frozen=True)
 class Plan:
+    """How a piece of work runs: handed to what runs it (Network.predict,
+    accumulate_gradient; training.EpochLoop), never written into the network."""
+
     budget: int
     baseline: int
     fixed: int
     micro_batch: int  # images through the network at once on each thread (training)
     eval_micro_batch: int  # the same for evaluation
     threads: int  # micro-batches in flight at once
-    tiles: tuple  # one per tiled layer, in layer order (see tiled_layers)
+    tiles: tuple  # one per tiled layer, in layer order (see Network.tiled)
     activations: int
     peak: int
 
-    def apply(self, network):
-        """Run `network` as planned: its tile sizes and thread count. The workspaces of
-        threads the plan leaves idle are emptied: it counts only its own threads'."""
-        for layer, size in zip(tiled_layers(network), self.tiles, strict=True):
-            if layer.kind == "conv":
-                layer.tile_rows = size
-            else:
-                layer.tile_images = size
-        network.threads = self.threads
-        for ws in network.workspaces[self.threads :]:
-            ws.clear()
+
+@dataclass(frozen=True)
+class Work:
+    """A piece of work to plan: what runs through the network, and what the data source
+    and the caller hold beside it. Every face describes its work with one of these and
+    plans it with plan_work; the bytes are counted here."""
+
+    kind: str  # "train" (forward and backward), "evaluate" or "predict" (forward only)
+    batch_size: int  # images per update (train), else per call
+    read: int = 0  # images the data source reads at a time (uint8 rows and their labels)
+    read_buffers: int = 0  # train: buffers of `batch_size` images not allocated yet
+    index: int = 0  # train: the training images, whose order an epoch keeps
+    opening: bool = False  # the data is not open yet: what opening it leaves resident
+    optimizer_copies: int = 0  # train: the optimizer's state, in copies of the parameters
+    evaluations: bool = False  # train: the evaluations between epochs (reads EVAL_READ images)
+    saves: bool = False  # train: the parameters are pickled at the end
+    outputs: int = 0  # scores rows the caller keeps
+    loss: int = 0  # images whose loss is taken at once (in float64)
+    compared: int = 0  # images whose predicted and true labels are compared at once
+    float64_grads: bool = False  # the book's gradient: float64 arrays of the parameters
+    outside: int = 0  # the caller's input not resident yet (a memory-mapped file's pages)
+    picture: str | None = None  # drawn at the end, once the run's arrays are given back
+    recorded: dict | None = None  # a resumed run's plan, to be kept
+
+    @property
+    def train(self) -> bool:
+        return self.kind == "train"
 
 
-def tiled_layers(network):
-    """The layers that work in tiles: a convolution's tile is column rows, a fused
-    convolution and pooling's is images."""
-    return [layer for layer in network.layers if layer.kind in ("conv", "conv+pool")]
-
-
-def activation_peak(network, m: int, train: bool, tiles: tuple | None = None) -> int:
-    """Peak bytes of the arrays one micro-batch of m images allocates, with `tiles`
-    (one size per tiled layer, see tiled_layers; default: the layers' own).
-
-    The layers' workspace arrays (see workspace.py) are held throughout; on top of
-    them, walks the forward pass (and the backward pass when training) counting the
-    other arrays alive at each step: what the layers keep for backward, the current
-    activation or gradient, the layer's new output and its temporaries.
-    """
+def work_bytes(network, work: Work) -> int:
+    """What the work holds besides the baseline and the network's micro-batches."""
     s = network.dtype.itemsize
-    sizes = {} if tiles is None else dict(zip(map(id, tiled_layers(network)), tiles, strict=True))
-    memory = {id(layer): (layer.memory(m, s, train, sizes[id(layer)]) if id(layer) in sizes
-                          else layer.memory(m, s, train)) for layer in network.layers}
-    held = m * int(np.prod(network.input_shape)) * s  # the input, in the workspace
-    shared = {}  # workspace arrays that layers of a kind share: the largest of each, once
-    for layer in network.layers:
-        held += memory[id(layer)].workspace
-        if hasattr(layer, "shared_workspace"):
-            for name, size in layer.shared_workspace(m, s, train, sizes.get(id(layer))).items():
-                held -= size
-                shared[name] = max(shared.get(name, 0), size)
-    held += sum(shared.values())
-    alive = peak = kept = 0
-    kept_by = []  # what each layer keeps until its backward
-    for layer in network.layers:
-        mem = memory[id(layer)]
-        peak = max(peak, kept + alive + mem.out + mem.forward_scratch)
-        if train:
-            kept_by.append(mem.kept + (alive if mem.keeps_input else 0))
-            kept += kept_by[-1]
-            if mem.keeps_input:
-                alive = 0
-        if not mem.in_place:
-            alive = mem.out
-    if not train:
-        return held + peak
-    grad = alive  # the loss gradient takes the scores' place
-    for layer in reversed(network.layers):
-        mem = memory[id(layer)]
-        peak = max(peak, kept + grad + mem.grad_in + mem.backward_scratch)
-        kept -= kept_by.pop()
-        if not mem.in_place:
-            grad = mem.grad_in
-    return held + peak
+    held = work.outside + work.read * (network.input_size + VALUE_BYTES)
+    held += work.outputs * network.classes * s
+    held += work.loss * (network.classes + 2) * VALUE_BYTES  # float64 scores, 2 per image
+    held += work.compared * 3 * VALUE_BYTES  # predicted, true and equal
+    if work.float64_grads:
+        held += network.param_bytes() // s * VALUE_BYTES + work.batch_size * VALUE_BYTES
+    if work.train:
+        held += training_state_bytes(network, work.optimizer_copies)
+        held += work.read_buffers * work.batch_size * network.input_size
+        held += work.index * VALUE_BYTES
+        if work.evaluations:
+            held += EVAL_READ * network.input_size
+        if work.saves:  # the bytes pickle makes of the largest array
+            held += max(math.prod(shape) for shape in network.expected_book_shapes().values()) * s
+    if work.opening:
+        held += DATA_OPENING_BYTES
+    return held
+
+
+def plan_work(network, work: Work, budget: int, baseline: int | None = None) -> Plan:
+    """The plan of `work` on `network` under `budget` (bytes), or BudgetError naming the
+    least budget it needs. Computes only. `baseline`: the process's resident bytes at
+    rest with the network made (measured here unless given)."""
+    if baseline is None:
+        baseline = measure_baseline(network, work.train)
+    fixed = work_bytes(network, work)
+    if work.recorded:
+        p = work.recorded
+        plan = recorded_plan(network, budget, baseline, fixed, p["micro_batch"],
+                             p["eval_micro_batch"], p["tiles"], p["threads"])
+    else:
+        plan = make_plan(network, budget, baseline, work.train, work.batch_size, fixed,
+                         evaluations=work.evaluations)
+    if work.picture:
+        check_picture_room(budget, plan.baseline, work.picture)
+    return plan
+
+
+def activation_peak(network, m: int, train: bool, tiles: tuple) -> int:
+    """Bytes one thread holds for a micro-batch of m images with `tiles` (one size per
+    tiled layer): what its workspace holds once the layers have asked for their arrays
+    (see Network.micro_batch_bytes)."""
+    return network.micro_batch_bytes(m, train, tiles)
 
 
 def training_state_bytes(network, optimizer_copies: int) -> int:
@@ -138,12 +184,8 @@ def _peak(baseline, fixed, activations):
     return baseline + fixed + activations + MARGIN_BYTES + int(MARGIN_SHARE * (fixed + activations))
 
 
-def _too_small(budget: int, minimum: int, held: int) -> LowmemError:
-    from lowmem_cnn.budget import format_size
-
-    return LowmemError(
-        f"the budget of {budget:,} bytes is too small: this run needs at least {minimum:,} bytes "
-        f"({format_size(minimum)}; the process already holds {format_size(held)})")
+def _too_small(budget: int, minimum: int, held: int) -> BudgetError:
+    return BudgetError(minimum, budget, "this run", held)
 
 
 def check_parameters_fit(network, budget: int, optimizer_copies: int | None = None,
@@ -169,7 +211,7 @@ def check_parameters_fit(network, budget: int, optimizer_copies: int | None = No
     else:
         need += INIT_CHUNK * 8
     making = need
-    need += activation_peak(network, 1, train, (1,) * len(tiled_layers(network)))
+    need += activation_peak(network, 1, train, (1,) * len(network.tiled))
     held = current_rss()
     minimum = held + need + MARGIN_BYTES
     if minimum > budget and making > SMALL_PARAMETERS:
@@ -182,14 +224,13 @@ def make_plan(network, budget: int, baseline: int, train: bool, batch_size: int,
     (not the count an earlier plan applied): under a tight budget, one thread with large
     micro-batches beats two with tiny ones (measured at 64M: 15.5 s an epoch against
     25.7 s). A training plan also makes room for the evaluations between epochs unless
-    `evaluations` is False. The search only computes; the plan chosen is then applied to
-    the network (its tiles and threads)."""
+    `evaluations` is False. Computes only: the plan is handed to what runs it."""
     best, best_speed, refusal = None, 0.0, None
-    for threads in range(len(network.workspaces), 0, -1):
+    for threads in range(network.max_threads, 0, -1):
         try:
             plan = _make_plan(network, threads, budget, baseline, train, batch_size, fixed,
                               evaluations)
-        except LowmemError as err:
+        except BudgetError as err:
             refusal = err  # the last, one thread's, names the smallest minimum
             continue
         m = plan.micro_batch
@@ -198,7 +239,6 @@ def make_plan(network, budget: int, baseline: int, train: bool, batch_size: int,
             best, best_speed = plan, speed
     if best is None:
         raise refusal
-    best.apply(network)
     return best
 
 
@@ -207,18 +247,19 @@ def _make_plan(network, threads: int, budget: int, baseline: int, train: bool,
     """The largest micro-batch (at most `batch_size`) and tiles that fit `budget`.
 
     A training plan also sizes the micro-batch of the evaluations made between
-    epochs. Raises LowmemError with the minimum budget when not even one image with
+    epochs. Raises BudgetError with the minimum budget when not even one image with
     one-row tiles fits.
     """
-    tiled = tiled_layers(network)
-    fused = any(layer.kind == "conv+pool" for layer in tiled)
+    tiled = network.tiled
+    fused = any(isinstance(layer, ConvolutionPooling) for layer in tiled)
     s = network.dtype.itemsize
     fused_images = 1  # images per tile of the fused layers
 
     def tiles_for(m, tile_bytes):
         """Convolutions: column rows of about tile_bytes; fused layers: fused_images."""
-        return tuple(min(max(1, tile_bytes // (layer.width * s)), m * layer.rows_per_image)
-                     if layer.kind == "conv" else min(fused_images, m) for layer in tiled)
+        return tuple(min(fused_images, m) if isinstance(layer, ConvolutionPooling)
+                     else min(max(1, tile_bytes // (layer.width * s)), m * layer.rows_per_image)
+                     for layer in tiled)
 
     def activations(m, training, tiles):
         return _activations(network, m, training, threads, tiles)
@@ -294,31 +335,36 @@ def check_picture_room(budget: int, baseline: int, picture: str):
     Network.release_memory) that would take the process over the budget."""
     needed = baseline + PICTURE_BYTES[picture] + MARGIN_BYTES
     if needed > budget:
-        raise LowmemError(
-            f"a picture needs matplotlib, about {PICTURE_BYTES[picture] / 2**20:.0f} MiB on top of the "
-            f"{baseline / 2**20:.1f} MiB the process holds: --max-ram must be at least {needed:,} "
-            f"bytes ({needed / 2**20:.1f} MiB) with --plot or --misclassified")
+        raise BudgetError(needed, budget, f"drawing a picture with matplotlib (about "
+                          f"{PICTURE_BYTES[picture] / 2**20:.0f} MiB)", baseline)
 
 
 def recorded_plan(network, budget: int, baseline: int, fixed: int, micro_batch: int,
                   eval_micro_batch: int, tiles, threads: int) -> Plan:
     """A training plan chosen before (a resumed run keeps it, so that its arithmetic is
-    the same), checked against this budget, then applied to the network."""
+    the same), checked against this budget."""
     tiles = tuple(tiles)
-    if len(tiles) != len(tiled_layers(network)) or not 1 <= threads <= len(network.workspaces):
+    if len(tiles) != len(network.tiled) or not 1 <= threads <= network.max_threads:
         raise LowmemError("the recorded plan does not fit this network")
     activations = max(_activations(network, micro_batch, True, threads, tiles),
                       _activations(network, eval_micro_batch, False, threads, tiles))
     peak = _peak(baseline, fixed, activations)
     if peak > budget:
-        raise LowmemError(
-            f"--max-ram {budget:,} bytes is too small for the plan this run was started with: "
-            f"it needs at least {peak:,} bytes ({peak / 2**20:.1f} MiB)")
-    plan = Plan(budget=budget, baseline=baseline, fixed=fixed, micro_batch=micro_batch,
+        raise BudgetError(peak, budget, "the plan this run was started with")
+    return Plan(budget=budget, baseline=baseline, fixed=fixed, micro_batch=micro_batch,
                 eval_micro_batch=eval_micro_batch, threads=threads, tiles=tiles,
                 activations=activations, peak=peak)
-    plan.apply(network)
-    return plan
+
+
+def chosen_plan(network, micro_batch: int, threads: int = 1, tiles: tuple | None = None) -> Plan:
+    """A plan chosen by hand, not against a budget (the baseline's warm-up, tests,
+    benchmarks): `micro_batch` images a thread, for training and evaluation alike;
+    `tiles` one per tiled layer (default: whole micro-batches)."""
+    from lowmem_cnn.workspace import WHOLE
+
+    tiles = (WHOLE,) * len(network.tiled) if tiles is None else tuple(tiles)
+    return Plan(budget=0, baseline=0, fixed=0, micro_batch=micro_batch, eval_micro_batch=micro_batch,
+                threads=threads, tiles=tiles, activations=0, peak=0)
 
 
 def measure_baseline(network, train: bool) -> int:
@@ -330,8 +376,12 @@ def measure_baseline(network, train: bool) -> int:
     from lowmem_cnn.budget import current_rss
 
     images = np.zeros((2, network.input_size), np.uint8)
+    warm_up = chosen_plan(network, 2)
     if train:
-        network.accumulate_gradient(images, np.zeros(2, np.int64), 2)
+        kept = {key: value.copy() for key, value in network.state().items()}
+        network.accumulate_gradient(images, np.zeros(2, np.int64), warm_up)
+        for key, value in network.state().items():  # the warm-up moved no statistics
+            np.copyto(value, kept[key])
     else:
-        network.predict(images, 2)
+        network.predict(images, warm_up)
     return current_rss()

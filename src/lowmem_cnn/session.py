@@ -43,18 +43,12 @@ class Session:
         self.network = Network(config, np.dtype(dtype), threads)
         self.plan = None
 
-    def make_plan(self, train: bool, batch_size: int, fixed: int, evaluations: bool = True):
-        from lowmem_cnn.planner import make_plan, measure_baseline
+    def make_plan(self, work):
+        """The plan of `work` (planner.Work) on this network and budget."""
+        from lowmem_cnn.planner import plan_work
 
-        baseline = measure_baseline(self.network, train)
-        self.plan = make_plan(self.network, self.budget, baseline, train, batch_size, fixed,
-                              evaluations)
+        self.plan = plan_work(self.network, work, self.budget)
         return self.plan
-
-    def check_picture_room(self, picture: str):
-        from lowmem_cnn.planner import check_picture_room
-
-        check_picture_room(self.budget, self.plan.baseline, picture)
 
     def open_data(self):
         """The data set (a folder is open already), checked against the network's input."""

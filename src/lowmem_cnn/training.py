@@ -19,19 +19,13 @@ from pathlib import Path
 import numpy as np
 
 from lowmem_cnn.errors import LowmemError
+from lowmem_cnn.planner import EVAL_READ, MNIST_TRAIN_IMAGES, Work
 
 # Train accuracy after each epoch is measured on this many training images (the first ones).
 TRAIN_SAMPLE = 10_000
 # Evaluation reads at most this many images at a time (7.8 MB for MNIST), whatever
 # the batch size asked for: a larger read would only cost memory.
 MAX_READ_IMAGES = 10_000
-# The evaluations between epochs read this many images at a time.
-EVAL_READ = 1000
-# Before the data is open, a run plans for this many training images unless limited.
-MNIST_TRAIN_IMAGES = 60_000
-# What opening the data leaves resident (imports, labels, cache decompression): 200 KiB
-# measured for MNIST with a cold cache.
-DATA_OPENING_BYTES = 512 * 1024
 # Without `checkpoint_every`, the checkpoint is written after this much training time.
 CHECKPOINT_SECONDS = 60
 
@@ -59,10 +53,10 @@ class Evaluation:
                          where=totals > 0)
 
 
-def evaluate(network, split, micro_batch: int, batch_size: int, count: int | None = None,
+def evaluate(network, split, plan, batch_size: int, count: int | None = None,
              keep_wrong: int = 0) -> Evaluation:
     """Confusion matrix of the first `count` images (all by default), read `batch_size` at
-    a time, and the first `keep_wrong` misclassified ones."""
+    a time and run as `plan` says, and the first `keep_wrong` misclassified ones."""
     n = len(split) if count is None else min(count, len(split))
     batch_size = min(batch_size, MAX_READ_IMAGES)
     classes = network.classes
@@ -70,7 +64,7 @@ def evaluate(network, split, micro_batch: int, batch_size: int, count: int | Non
     wrong = []
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
-        predicted = network.predict(split.images.read_range(start, stop), micro_batch,
+        predicted = network.predict(split.images.read_range(start, stop), plan,
                                     split.images.pixels)
         true = split.labels[start:stop].astype(np.int64)
         confusion += np.bincount(true * classes + predicted,
@@ -121,7 +115,6 @@ class EpochLoop:
         self.count = len(split) if count is None else min(count, len(split))
         # a batch larger than the data is the whole data: one update an epoch
         self.batch_size = min(batch_size, self.count)
-        self.micro_batch = 1  # from the plan
         # two batch buffers: the next batch is read while this one is computed
         self._buffers = [split.images.empty(self.batch_size) for _ in range(2)]
         self._reader = ThreadPoolExecutor(1)
@@ -141,9 +134,9 @@ class EpochLoop:
         images = self.split.images.read(indices, self._buffers[position % 2])
         return images, self.split.labels[indices]
 
-    def steps(self):
-        """Run the rest of the epoch under way (or a new one), yielding (loss, images)
-        after each update."""
+    def steps(self, plan):
+        """Run the rest of the epoch under way (or a new one) as `plan` says, yielding
+        (loss, images) after each update."""
         if self.order is None:
             self.order = self.rng.permutation(self.count)
             self.position, self.loss_sum, self.seconds = 0, 0.0, 0.0
@@ -159,10 +152,10 @@ class EpochLoop:
                 following = self.position + 1
                 pending = self._reader.submit(self._read, following) if following < updates else None
                 loss = self.network.accumulate_gradient(
-                    images, labels, self.micro_batch, (self.seed, self.epochs_done, self.position),
+                    images, labels, plan, (self.seed, self.epochs_done, self.position),
                     self.split.images.pixels)
-                self.optimizer.update(self.network.params(), self.network.thread_grads(),
-                                      self.network.pool, self.network.threads)
+                self.optimizer.update(self.network.params(), self.network.thread_grads(plan),
+                                      self.network.pool, plan.threads)
                 self.loss_sum += loss * len(labels)
                 self.position += 1
                 self.seconds += time.perf_counter() - began
@@ -186,6 +179,7 @@ class EpochLoop:
             "optimizer_steps": self.optimizer.steps,
         }
         arrays = {f"param/{k}": v for k, v in self.network.params().items()}
+        arrays.update({f"state/{k}": v for k, v in self.network.state().items()})
         arrays.update({f"optimizer/{k}": v for k, v in self.optimizer.state.items()})
         if self.order is not None:
             arrays["order"] = self.order
@@ -194,6 +188,8 @@ class EpochLoop:
     def restore(self, meta: dict, arrays: dict):
         for key, param in self.network.params().items():
             np.copyto(param, arrays[f"param/{key}"])
+        for key, value in self.network.state().items():
+            np.copyto(value, arrays[f"state/{key}"])
         self.optimizer.state = {k.removeprefix("optimizer/"): v for k, v in arrays.items()
                                 if k.startswith("optimizer/")}
         self.optimizer.steps = meta["optimizer_steps"]
@@ -253,47 +249,45 @@ class TrainingRun:
     def __init__(self, network, optimizer, budget: int, epochs: int, batch_size: int,
                  seed: int = 0, limit: int | None = None, test_count: int | None = None,
                  train_sample: int = TRAIN_SAMPLE, checkpointing: Checkpointing | None = None,
-                 recorded_plan: dict | None = None):
+                 recorded_plan: dict | None = None, settings: Settings | None = None,
+                 locks: list | None = None):
         self.network, self.optimizer, self.budget = network, optimizer, budget
         self.epochs, self.batch_size, self.seed, self.limit = epochs, batch_size, seed, limit
         self.test_count, self.train_sample = test_count, train_sample
         self.checkpointing, self.recorded_plan = checkpointing, recorded_plan
         self.rng = np.random.default_rng(seed)
         self.history: list[dict] = []
-        self.settings: Settings | None = None  # recorded in checkpoints, when checkpointing
+        self.settings = settings  # recorded in checkpoints, when checkpointing
         self.loop: EpochLoop | None = None
         self.test = None
         self.plan = None
-        self.locks = []  # locks.RunLock: held until release_locks (start and resume take them)
+        # locks.RunLock: held until release_locks (start and resume take them)
+        self.locks = [] if locks is None else locks
 
     # --- the memory plan ------------------------------------------------------------
 
-    def _plan(self, buffers: int):
-        from lowmem_cnn.planner import (make_plan, measure_baseline, recorded_plan,
-                                        training_state_bytes)
+    def _work(self, picture: str | None = None) -> Work:
+        """The run as a piece of work to plan. Before the data is open its size is not
+        known: it is taken as `limit`, or MNIST's, so that the minimum named is one the
+        whole run can keep, and the batch buffers and what opening the data leaves are
+        still to come."""
+        opened = self.loop is not None
+        count = self.loop.count if opened else (self.limit or MNIST_TRAIN_IMAGES)
+        return Work("train", min(self.batch_size, count), read_buffers=0 if opened else 2,
+                    index=count, opening=not opened,
+                    optimizer_copies=self.optimizer.state_copies, evaluations=True, saves=True,
+                    picture=picture, recorded=self.recorded_plan)
 
-        # and the bytes pickle makes of the largest parameter when the run saves them
-        largest = max(param.nbytes for param in self.network.params().values())
-        fixed = training_state_bytes(self.network, self.optimizer.state_copies) + buffers + largest
-        baseline = measure_baseline(self.network, True)
-        if self.recorded_plan:
-            p = self.recorded_plan
-            self.plan = recorded_plan(self.network, self.budget, baseline, fixed, p["micro_batch"],
-                                      p["eval_micro_batch"], p["tiles"], p["threads"])
-        else:
-            self.plan = make_plan(self.network, self.budget, baseline, True, self.batch_size, fixed)
-        if self.loop is not None:
-            self.loop.micro_batch = self.plan.micro_batch
+    def _plan(self, picture: str | None = None):
+        from lowmem_cnn.planner import plan_work
+
+        self.plan = plan_work(self.network, self._work(picture), self.budget)
         return self.plan
 
-    def plan_without_data(self):
-        """Refuse (LowmemError) a budget too small for the run before any data is read
-        or downloaded. The data's size is not known yet: it is taken as `limit`, or
-        MNIST's, so that the minimum named is one the whole run can keep."""
-        count = self.limit or MNIST_TRAIN_IMAGES
-        batch = min(self.batch_size, count)
-        return self._plan(2 * batch * self.network.input_size + 8 * count
-                          + EVAL_READ * self.network.input_size + DATA_OPENING_BYTES)
+    def plan_without_data(self, picture: str | None = None):
+        """Refuse (planner.BudgetError) a budget too small for the run, or for drawing
+        `picture` at its end, before any data is read or downloaded."""
+        return self._plan(picture)
 
     def use_data(self, train_split, test_split):
         """Train on `train_split` (its first `limit` images), evaluate on `test_split`;
@@ -307,7 +301,7 @@ class TrainingRun:
             self.settings.train_images = self.loop.count
             self.settings.data = data_identity(train_split)
         # (the batch buffers exist now, and are in the baseline the plan measures)
-        return self._plan(8 * self.loop.count + EVAL_READ * self.network.input_size)
+        return self._plan()
 
     # --- checkpoints ------------------------------------------------------------------
 
@@ -365,7 +359,7 @@ class TrainingRun:
             epoch = loop.epochs_done + 1
             if on_epoch_start:
                 on_epoch_start(epoch, min(loop.position * loop.batch_size, loop.count))
-            for loss, n in loop.steps():
+            for loss, n in loop.steps(self.plan):
                 if on_update:
                     on_update(loss, n)
                 if stop_requested and stop_requested():
@@ -381,9 +375,8 @@ class TrainingRun:
 
     def _end_epoch(self, epoch: int) -> dict:
         loss, seconds = self.loop.finish_epoch()
-        test = evaluate(self.network, self.test, self.plan.eval_micro_batch, EVAL_READ,
-                        count=self.test_count)
-        sample = evaluate(self.network, self.loop.split, self.plan.eval_micro_batch, EVAL_READ,
+        test = evaluate(self.network, self.test, self.plan, EVAL_READ, count=self.test_count)
+        sample = evaluate(self.network, self.loop.split, self.plan, EVAL_READ,
                           count=min(self.train_sample, self.loop.count))
         record = {"epoch": epoch, "loss": loss, "seconds": seconds,
                   "train_accuracy": sample.accuracy, "test_accuracy": test.accuracy,
@@ -528,28 +521,34 @@ def resume(checkpointing: Checkpointing, max_ram: int | None, data, report=lambd
         return _build(settings, checkpointing, open_data, report, locks, picture, meta, arrays)
 
 
+def training_run(network, optimizer: str, lr: float, budget: int, epochs: int, batch_size: int,
+                 optimizer_options: dict | None = None, **options) -> TrainingRun:
+    """A training run on `network`, the one way both faces make one (`lowmem-cnn train`,
+    through start and resume, and lowmem_cnn.book.Trainer): the optimizer is made by
+    name and checked (optimizers.make_optimizer). `options`: TrainingRun's."""
+    from lowmem_cnn.optimizers import make_optimizer
+
+    optimizer = make_optimizer(optimizer, lr, **(optimizer_options or {}))
+    return TrainingRun(network, optimizer, budget, epochs, batch_size, **options)
+
+
 def _build(settings, checkpointing, open_data, report, locks, picture, meta=None, arrays=None):
     from lowmem_cnn.config import load_config
     from lowmem_cnn.model import Network
-    from lowmem_cnn.optimizers import make_optimizer
-    from lowmem_cnn.planner import check_parameters_fit, check_picture_room
+    from lowmem_cnn.planner import check_parameters_fit
 
-    if not np.isfinite(settings.lr) or settings.lr <= 0:
-        raise LowmemError(f"--lr {settings.lr} is not a positive finite number")
     config = load_config(settings.config).network
     if settings.classes is not None:
         config = config.for_data(settings.input_shape, settings.classes)
     network = Network(config, np.dtype(settings.dtype), settings.threads)
-    optimizer = make_optimizer(settings.optimizer, settings.lr)
-    check_parameters_fit(network, settings.max_ram, optimizer.state_copies)
-    run = TrainingRun(network, optimizer, settings.max_ram, settings.epochs, settings.batch_size,
-                      settings.seed, settings.limit, checkpointing=checkpointing,
-                      recorded_plan=meta["plan"] if meta else None)
-    run.settings, run.locks = settings, locks
+    run = training_run(network, settings.optimizer, settings.lr, settings.max_ram, settings.epochs,
+                       settings.batch_size, seed=settings.seed, limit=settings.limit,
+                       checkpointing=checkpointing, recorded_plan=meta["plan"] if meta else None,
+                       settings=settings, locks=locks)
+    # before any parameter exists (the optimizer's state copies them)
+    check_parameters_fit(network, settings.max_ram, run.optimizer.state_copies)
     network.init_params(run.rng)
-    run.plan_without_data()
-    if picture:
-        check_picture_room(run.budget, run.plan.baseline, picture)
+    run.plan_without_data(picture)
     data = open_data(run)
     run.use_data(data.train, data.test)
     if meta is not None:
