@@ -7,7 +7,7 @@ other did not. Here the two take turns every --segment batches, in the order
 lowmem-cnn, PyTorch, PyTorch, lowmem-cnn (so that a drift in speed falls on both
 alike), for --rounds rounds: the ratio of their total times compares the same minutes.
 
-lowmem-cnn trains as `lowmem-cnn train` does (training.TrainingRun: the plan for
+lowmem-cnn trains as `lowmem-cnn train` does (training.training_run: the plan for
 --max-ram, the next batch read from the IDX file while one is computed, the config's
 optimizer); PyTorch as scripts/torch_baseline.py does (the data in memory as tensors),
 in a child process that waits between its segments (torch_baseline.py --serve). Only
@@ -36,8 +36,7 @@ from lowmem_cnn.budget import map_large_arrays, parse_size  # noqa: E402
 from lowmem_cnn.config import load_config  # noqa: E402
 from lowmem_cnn.data import open_directory  # noqa: E402
 from lowmem_cnn.model import Network  # noqa: E402
-from lowmem_cnn.optimizers import make_optimizer  # noqa: E402
-from lowmem_cnn.training import TrainingRun  # noqa: E402
+from lowmem_cnn.training import training_run  # noqa: E402
 
 
 class LowmemRun:
@@ -47,21 +46,21 @@ class LowmemRun:
         config = load_config(config_name)
         training = config.training
         network = Network(config.network, np.float32, default_threads())
-        self.run = TrainingRun(network, make_optimizer(training.optimizer, training.lr), budget,
-                               1, training.batch_size)
+        self.run = training_run(network, training.optimizer, training.lr, budget, 1,
+                                training.batch_size)
         network.init_params(self.run.rng)
         self.run.plan_without_data()
         data = open_directory(Path(data_dir))
-        plan = self.run.use_data(data.train, data.test)
-        self.plan = f"{plan.threads} threads x {plan.micro_batch} images"
-        self.steps = self.run.loop.steps()
+        self.plan = self.run.use_data(data.train, data.test)
+        self.described = f"{self.plan.threads} threads x {self.plan.micro_batch} images"
+        self.steps = self.run.loop.steps(self.plan)
 
     def train(self, batches: int) -> float:
         began = time.perf_counter()
         for _ in range(batches):
             if next(self.steps, None) is None:  # the epoch is over: the next one
                 self.run.loop.finish_epoch()
-                self.steps = self.run.loop.steps()
+                self.steps = self.run.loop.steps(self.plan)
                 next(self.steps)
         return time.perf_counter() - began
 
@@ -102,7 +101,7 @@ def main():
     theirs.train(5)
     times = {"lowmem-cnn": [], "PyTorch": []}
     n = options.segment
-    print(f"{options.config}, lowmem-cnn --max-ram {options.max_ram} ({ours.plan}); "
+    print(f"{options.config}, lowmem-cnn --max-ram {options.max_ram} ({ours.described}); "
           f"ms per batch, each round")
     for r in range(options.rounds):
         for name, side in (("lowmem-cnn", ours), ("PyTorch", theirs), ("PyTorch", theirs),

@@ -3,21 +3,28 @@
 One thread (a single-threaded BLAS, as lowmem-cnn runs it), large arrays mapped one by
 one (as the commands run), the plan's tile sizes for a budget, warm workspaces. Each
 repetition runs a whole micro-batch (every forward, the loss, every backward, as
-Network._gradient does), timing each layer's call; the table gives the minimum and the
-median over the repetitions, in ms (of thread CPU time with CPU_CLOCK=1 in the
-environment: less moved by other programs than wall time).
+Network._gradient does, with a workspace.Context), timing each layer's call; the table
+gives the minimum and the median over the repetitions, in ms (of thread CPU time with
+CPU_CLOCK=1 in the environment: less moved by other programs than wall time).
 
     python scripts/profile_layers.py --config deep_convnet --reps 50
     python scripts/profile_layers.py --compare HEAD   # A/B, alternated in one process
     python scripts/profile_layers.py --tile-bytes 524288 --tile-bytes 0   # tile sizes
 
---compare REF loads the layers of git revision REF as a second package and runs its
-layers (same weights, same inputs) in alternation with this tree's, so that both
-see the same machine load. The machine is shared: read the numbers as noisy.
+--compare REF loads git revision REF as a second package and builds its network (same
+config, same weights, same tile sizes, its own workspace), whose layers run in
+alternation with this tree's, so that both see the same machine load. REF must take
+the layers' calls as this tree does (forward(x, ctx), backward(dout, saved, grads, ctx),
+since 6db8776); across that change, scripts/compare_revision.py compares whole training
+batches. The machine is shared: read the numbers as noisy.
 """
 
 import argparse
+import atexit
+import importlib
+import inspect
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -33,15 +40,16 @@ import numpy as np  # noqa: E402
 
 from lowmem_cnn.budget import map_large_arrays, parse_size  # noqa: E402
 from lowmem_cnn.config import load_config  # noqa: E402
-from lowmem_cnn.layers import Gradients, softmax_cross_entropy  # noqa: E402
 from lowmem_cnn.model import Network  # noqa: E402
 from lowmem_cnn.planner import make_plan  # noqa: E402
-from lowmem_cnn.workspace import Workspace  # noqa: E402
+from lowmem_cnn.workspace import WHOLE  # noqa: E402
 
 
 def load_revision(ref: str):
-    """The lowmem_cnn package of git revision `ref`, imported as lowmem_cnn_ref."""
+    """The lowmem_cnn package of git revision `ref`, imported as lowmem_cnn_ref (from a
+    temporary directory removed when the process exits)."""
     root = Path(tempfile.mkdtemp(prefix="lowmem_ref_"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
     package = root / "lowmem_cnn_ref"
     package.mkdir()
     names = subprocess.run(["git", "ls-tree", "--name-only", f"{ref}:src/lowmem_cnn"],
@@ -69,32 +77,70 @@ def images_and_labels(m):
     return rng.integers(0, 256, (m, 784), dtype=np.uint8), rng.integers(0, 10, m)
 
 
-def as_variant(layer, layers_module):
-    """The same layer (same weights, same tile size) as the class of another revision."""
-    variant = object.__new__(getattr(layers_module, type(layer).__name__))
-    variant.__dict__ = layer.__dict__
-    return variant
+class Variant:
+    """A network of one package (lowmem_cnn, or lowmem_cnn_ref for --compare) with tile
+    sizes (one per tiled layer, as a plan's), its own workspace and gradient set."""
+
+    def __init__(self, package: str, network, planned: tuple, tile_bytes: int | None, m: int):
+        """`planned`: the plan's tile sizes; `tile_bytes`: column tiles of that many bytes
+        in the unfused convolutions instead (0: the whole micro-batch of m images)."""
+        self.layers_module = importlib.import_module(package + ".layers")
+        self.workspace_module = importlib.import_module(package + ".workspace")
+        self.conv_pool_module = importlib.import_module(package + ".conv_pool")
+        self.network = network
+        s = network.dtype.itemsize
+        tiles = tuple(size if tile_bytes is None or not isinstance(layer, self.layers_module.Convolution)
+                      else m * layer.rows_per_image if tile_bytes == 0
+                      else max(1, tile_bytes // (layer.width * s))
+                      for layer, size in zip(network.tiled, planned, strict=True))
+        self.by_layer = dict(zip(map(id, network.tiled), tiles, strict=True))
+        self.ws = self.workspace_module.Workspace()
+        self.grads = network._gradient_sets()[0][1]  # one Gradients per layer
+
+    def tile(self, layer) -> str:
+        """The layer's tile: column rows (a convolution) or images (a fused one)."""
+        size = self.by_layer.get(id(layer))
+        if size is None:
+            return ""
+        unit = "img" if isinstance(layer, self.conv_pool_module.ConvolutionPooling) else "rows"
+        return f"all {unit}" if size >= WHOLE else f"{size} {unit}"
+
+    def run(self, images, labels, times) -> float:
+        """One micro-batch, as Network._gradient, each layer's call timed into `times`."""
+        clock = time.thread_time if os.environ.get("CPU_CLOCK") else time.perf_counter
+        network, layers = self.network, self.network.layers
+        for g in self.grads:
+            g.restart()
+        noise = np.random.default_rng(0) if network.draws_noise else None
+        ctx = self.workspace_module.Context(self.ws, True, self.by_layer, noise, len(labels))
+        x = network.to_input(images, self.ws)
+        saved = []
+        for i, layer in enumerate(layers):
+            start = clock()
+            x, keep = layer.forward(x, ctx)
+            times[i][0].append(clock() - start)
+            saved.append(keep)
+        loss, grad = self.layers_module.softmax_cross_entropy(x, labels, len(labels))
+        for i in reversed(range(len(layers))):
+            start = clock()
+            grad = layers[i].backward(grad, saved[i], self.grads[i], ctx)
+            times[i][1].append(clock() - start)
+        return loss
 
 
-def run(network, layers, grads, ws, images, labels, times):
-    """One micro-batch, as Network._gradient, each layer's call timed into `times`."""
-    clock = time.thread_time if os.environ.get("CPU_CLOCK") else time.perf_counter
-    for g in grads:
-        g.restart()
-    x = network.to_input(images, ws)
-    saved = []
-    noise = np.random.default_rng(0)
-    for i, layer in enumerate(layers):
-        start = clock()
-        x, keep = layer.forward(x, True, ws, noise)
-        times[i][0].append(clock() - start)
-        saved.append(keep)
-    loss, grad = softmax_cross_entropy(x, labels, len(labels))
-    for i in reversed(range(len(layers))):
-        start = clock()
-        grad = layers[i].backward(grad, saved[i], grads[i], ws)
-        times[i][1].append(clock() - start)
-    return loss
+def revision_network(ref: str, network):
+    """The network of revision `ref` (same config, same weights), or exit when its layers
+    take another API than this tree's."""
+    load_revision(ref)
+    layers = importlib.import_module("lowmem_cnn_ref.layers")
+    if list(inspect.signature(layers.Convolution.forward).parameters) != ["self", "x", "ctx"]:
+        sys.exit(f"--compare {ref}: its layers take another API than this tree's (before 6db8776: "
+                 f"forward(x, train, ws, noise)), which this script does not drive; compare whole "
+                 f"training batches with: python scripts/compare_revision.py {ref}")
+    model = importlib.import_module("lowmem_cnn_ref.model")
+    theirs = model.Network(network.config, network.dtype, threads=1)
+    theirs.load_book_params(network.book_params())
+    return theirs
 
 
 def main():
@@ -103,10 +149,12 @@ def main():
     parser.add_argument("--images", type=int, default=50, help="micro-batch size")
     parser.add_argument("--max-ram", default="2G", help="budget the tile sizes are planned for")
     parser.add_argument("--tile-bytes", type=int, action="append", default=[],
-                        help="column tiles of this many bytes in every convolution instead of "
-                             "the plan's (0: the whole micro-batch); repeat it to alternate sizes")
+                        help="column tiles of this many bytes in every (unfused) convolution "
+                             "instead of the plan's (0: the whole micro-batch); repeat it to "
+                             "alternate sizes")
     parser.add_argument("--reps", type=int, default=30)
-    parser.add_argument("--compare", metavar="REF", help="git revision to alternate with")
+    parser.add_argument("--compare", metavar="REF",
+                        help="git revision to alternate with (one with this tree's layer API)")
     options = parser.parse_args()
     map_large_arrays()  # as the commands do: a fresh large array is faulted in afresh
 
@@ -114,40 +162,24 @@ def main():
     network = Network(config.network, np.float32, threads=1)
     network.init_params(np.random.default_rng(0))
     m = options.images
-    make_plan(network, parse_size(options.max_ram), 0, True, m, 0, evaluations=False)
-    convs = [layer for layer in network.layers if layer.kind == "conv"]
-    planned = [layer.tile_rows for layer in convs]
+    plan = make_plan(network, parse_size(options.max_ram), 0, True, m, 0, evaluations=False)
     images, labels = images_and_labels(m)
-    grads = [Gradients({name: np.zeros_like(getattr(layer, name)) for name in layer.param_shapes})
-             for layer in network.layers]
 
-    def tiles(size):  # the tile rows of each convolution for `size` bytes (None: planned)
-        if size is None:
-            return planned
-        return [m * layer.rows_per_image if size == 0 else max(1, size // (layer.width * 4))
-                for layer in convs]
-
-    variants, tile_rows = {}, {}
+    variants = {}
     for size in options.tile_bytes or [None]:
         name = "this tree" + ("" if size is None else f", tiles of {size or 'all'} bytes")
-        variants[name], tile_rows[name] = network.layers, tiles(size)
+        variants[name] = Variant("lowmem_cnn", network, plan.tiles, size, m)
     if options.compare:
-        module = load_revision(options.compare)
-        variants[options.compare] = [as_variant(layer, module)
-                                     if hasattr(module, type(layer).__name__) else layer
-                                     for layer in network.layers]
-        tile_rows[options.compare] = tiles(options.tile_bytes[0] if options.tile_bytes else None)
-    workspaces = {name: Workspace() for name in variants}
-    times = {name: [([], []) for _ in network.layers] for name in variants}
+        theirs = revision_network(options.compare, network)
+        variants[options.compare] = Variant("lowmem_cnn_ref", theirs, plan.tiles,
+                                            options.tile_bytes[0] if options.tile_bytes else None, m)
+    times = {name: [([], []) for _ in v.network.layers] for name, v in variants.items()}
     totals = {name: [] for name in variants}
     losses = {name: None for name in variants}
     for rep in range(options.reps + 2):  # the first two warm the workspaces, and are dropped
-        for name, layers in variants.items():
-            for layer, rows in zip(convs, tile_rows[name], strict=True):
-                layer.tile_rows = rows
+        for name, variant in variants.items():
             start = time.perf_counter()
-            losses[name] = run(network, layers, grads, workspaces[name], images, labels,
-                               times[name])
+            losses[name] = variant.run(images, labels, times[name])
             totals[name].append(time.perf_counter() - start)
             if rep < 2:
                 totals[name].clear()
@@ -157,21 +189,19 @@ def main():
 
     print(f"{config.network.name}, {m} images, 1 thread, {options.reps} repetitions; ms, "
           f"min / median")
-    for name in variants:
+    for name, variant in variants.items():
         print(f"\n== {name}: loss {losses[name]:.6f}")
-        print(f"{'layer':44} {'tile rows':>9} {'forward':>15} {'backward':>15}")
-        rows = iter(tile_rows[name])
-        for layer, (f, b) in zip(variants[name], times[name], strict=True):
-            tile = next(rows) if layer.kind == "conv" else ""
-            print(f"{layer.describe():44} {tile!s:>9} "
+        print(f"{'layer':44} {'tile':>10} {'forward':>15} {'backward':>15}")
+        for layer, (f, b) in zip(variant.network.layers, times[name], strict=True):
+            print(f"{layer.describe():44} {variant.tile(layer):>10} "
                   f"{1e3 * min(f):6.2f} / {1e3 * statistics.median(f):6.2f} "
                   f"{1e3 * min(b):6.2f} / {1e3 * statistics.median(b):6.2f}")
-        conv = [(f, b) for layer, (f, b) in zip(variants[name], times[name], strict=True)
-                if layer.kind == "conv"]
-        print(f"{'convolutions, sum of mins':44} {'':9} {1e3 * sum(min(f) for f, _ in conv):15.2f} "
+        conv = [(f, b) for layer, (f, b) in zip(variant.network.layers, times[name], strict=True)
+                if variant.tile(layer)]
+        print(f"{'convolutions, sum of mins':44} {'':10} {1e3 * sum(min(f) for f, _ in conv):15.2f} "
               f"{1e3 * sum(min(b) for _, b in conv):15.2f}")
         t = totals[name]
-        print(f"{'whole micro-batch':44} {'':9} {1e3 * min(t):6.2f} / {1e3 * statistics.median(t):6.2f}")
+        print(f"{'whole micro-batch':44} {'':10} {1e3 * min(t):6.2f} / {1e3 * statistics.median(t):6.2f}")
 
 
 if __name__ == "__main__":

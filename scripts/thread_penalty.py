@@ -9,7 +9,8 @@ alternate for --rounds rounds. Printed per kind, medians of the rounds' medians:
 wall time, the thread's user CPU time, and its voluntary context switches, which on
 two threads are mostly waits for the GIL. Both threads run one network's layers, as
 `train` runs them (hence Network._gradient, a micro-batch as accumulate_gradient runs
-it on one thread). Linux only (per-thread resource usage).
+it on one thread, with the tiles of the plan for --max-ram; the two threads are this
+script's, whatever threads the plan would use). Linux only (per-thread resource usage).
 
     python scripts/thread_penalty.py --config deep_convnet --rounds 5
     py-spy record --native --format raw -o profile.txt -- \\
@@ -37,7 +38,8 @@ from lowmem_cnn.budget import map_large_arrays, parse_size  # noqa: E402
 from lowmem_cnn.config import load_config  # noqa: E402
 from lowmem_cnn.data import open_directory  # noqa: E402
 from lowmem_cnn.model import Network  # noqa: E402
-from lowmem_cnn.planner import make_plan  # noqa: E402
+from lowmem_cnn.planner import Plan, make_plan  # noqa: E402
+from lowmem_cnn.workspace import Context  # noqa: E402
 
 KINDS = ("alone", "thread partner", "process partner")
 
@@ -48,6 +50,7 @@ class Work:
     images: np.ndarray  # 2 micro-batches of pixels, one a thread
     labels: np.ndarray
     m: int  # images a micro-batch
+    plan: Plan  # its tiles
 
 
 def micro_batches(work: Work, thread: int, stop: threading.Event, out: list):
@@ -55,13 +58,15 @@ def micro_batches(work: Work, thread: int, stop: threading.Event, out: list):
     CPU, voluntary switches) of each appended to `out`."""
     net, images, labels, m = work.net, work.images, work.labels, work.m
     sets = net._gradient_sets()[thread][1]
+    tiles = net._tiles(work.plan)
     part = slice(m * thread, m * (thread + 1))
     while not stop.is_set():
         before, began = resource.getrusage(resource.RUSAGE_THREAD), time.perf_counter()
         for grads in sets:
             grads.restart()
-        net._gradient(images[part], labels[part], 2 * m, sets, np.random.default_rng([thread]),
-                      net.workspaces[thread])
+        noise = np.random.default_rng([thread]) if net.draws_noise else None
+        ctx = Context(net.workspaces[thread], True, tiles, noise, 2 * m)
+        net._gradient(images[part], labels[part], ctx, sets)
         wall, after = time.perf_counter() - began, resource.getrusage(resource.RUSAGE_THREAD)
         out.append((wall, after.ru_utime - before.ru_utime, after.ru_nvcsw - before.ru_nvcsw))
 
@@ -71,10 +76,10 @@ def setup(options) -> Work:
     net = Network(load_config(options.config).network, np.float32, threads=2)
     net.init_params(np.random.default_rng(0))
     m = options.images
-    make_plan(net, parse_size(options.max_ram), 0, True, 2 * m, 0, evaluations=False)
+    plan = make_plan(net, parse_size(options.max_ram), 0, True, 2 * m, 0, evaluations=False)
     data = open_directory(Path(options.data_dir))
     return Work(net, data.train.images.read_range(0, 2 * m),
-                data.train.labels[: 2 * m].astype(np.int64), m)
+                data.train.labels[: 2 * m].astype(np.int64), m, plan)
 
 
 def main():

@@ -9,8 +9,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
-DEEP_PARAMS = SHARED / "fixtures" / "book" / "deep_convnet_params.pkl"
+BOOK = ROOT / "tests" / "fixtures" / "book"  # see its README.md: source, license, SHA-256
+SIMPLE_PARAMS = BOOK / "simple_convnet_params.pkl"
+DEEP_PARAMS = BOOK / "deep_convnet_params.pkl"
+
+MNIST_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+               "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+# Taken before private_cache gives each test its own XDG_CACHE_HOME: the user cache is
+# where `lowmem-cnn train` downloads MNIST, so the tests look there too.
+_USER_XDG_CACHE_HOME = os.environ.get("XDG_CACHE_HOME")
 
 
 def in_ci() -> bool:
@@ -25,35 +33,86 @@ def unavailable(reason: str):
     pytest.skip(reason)
 
 
-def _mnist_dir():
-    candidates = [os.environ.get("LOWMEM_CNN_DATA"), SHARED / "data" / "mnist"]
-    for candidate in filter(None, candidates):
-        if any(Path(candidate).glob("t10k-labels-idx1-ubyte*")):
-            return Path(candidate).resolve()  # tests run commands from other directories
-    return None
+def user_mnist_cache() -> Path:
+    """The directory the CLI downloads MNIST into, for the user who started pytest."""
+    from lowmem_cnn.data import cache_dir  # lazily: lowmem_cnn sets BLAS variables on import
+
+    with pytest.MonkeyPatch.context() as patch:
+        if _USER_XDG_CACHE_HOME is None:
+            patch.delenv("XDG_CACHE_HOME", raising=False)
+        else:
+            patch.setenv("XDG_CACHE_HOME", _USER_XDG_CACHE_HOME)
+        return cache_dir() / "mnist"
 
 
-def real_mnist_dir() -> Path:
-    found = _mnist_dir()
+def _holds_mnist(directory: Path) -> bool:
+    return all((directory / name).is_file() or (directory / f"{name}.gz").is_file()
+               for name in MNIST_NAMES)
+
+
+def find_mnist(cache: Path | None = None, say=None) -> tuple[Path | None, str]:
+    """(MNIST's directory, "") or (None, why not and how to get it), found as the CLI
+    finds it: $LOWMEM_CNN_DATA if set, else the user cache, downloaded there if empty."""
+    how = ("set LOWMEM_CNN_DATA to a directory of the four MNIST files (gzipped or not: "
+           f"{', '.join(MNIST_NAMES)})")
+    chosen = os.environ.get("LOWMEM_CNN_DATA")
+    if chosen:  # the user's choice, as for the CLI: no fallback that would hide a typo
+        if _holds_mnist(Path(chosen)):
+            return Path(chosen).resolve(), ""  # tests run commands from other directories
+        return None, (f"real MNIST not found: LOWMEM_CNN_DATA={chosen} does not hold the four "
+                      f"files; {how}, or unset it to download them into the user cache")
+    cache = user_mnist_cache() if cache is None else cache
+    if _holds_mnist(cache):
+        return cache, ""
+    from lowmem_cnn.data import download_mnist
+    from lowmem_cnn.errors import LowmemError
+
+    if say:
+        say(f"downloading MNIST (11 MB) into {cache}, once, as `lowmem-cnn train` would")
+    try:
+        download_mnist(cache)  # each file verified against MNIST's SHA-256
+    except (LowmemError, OSError) as err:
+        return None, (f"real MNIST not found: LOWMEM_CNN_DATA is not set and {cache} lacks the "
+                      f"four files; to get them, run the tests once with network access (they "
+                      f"download them there), or put them in {cache}, or {how}. The download "
+                      f"said: {err}")
+    return cache, ""
+
+
+def real_mnist_dir(say=None) -> Path:
+    found, why = find_mnist(say=say)
     if found is None:
-        unavailable("real MNIST not found: set LOWMEM_CNN_DATA to a directory of the four IDX files")
+        unavailable(why)
     return found
 
 
 @pytest.fixture(scope="session")
-def mnist_dir():
-    return real_mnist_dir()
+def mnist_dir(request):
+    """Session-scoped: pytest keeps the outcome (a skip too), so a failed download is tried
+    once per run, not once per test."""
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    reporter = request.config.pluginmanager.getplugin("terminalreporter")
+
+    def say(text):  # past the capture: a download should not look like a hang
+        if capture is None or reporter is None:
+            return
+        with capture.global_and_fixture_disabled():
+            reporter.write("\n")  # the progress line is mid-way here
+            reporter.write_line(text)
+
+    return real_mnist_dir(say)
 
 
 def _book_file(path: Path) -> Path:
     if not path.exists():
-        unavailable(f"the book's parameter file is not at {path}")
+        unavailable(f"the book's parameter file is not at {path}: it comes with the tests "
+                    f"(see {BOOK / 'README.md'}); is the checkout complete?")
     return path
 
 
 @pytest.fixture(scope="session")
 def book_params():
-    return _book_file(SHARED / "fixtures" / "book" / "simple_convnet_params.pkl")
+    return _book_file(SIMPLE_PARAMS)
 
 
 @pytest.fixture(scope="session")
@@ -71,7 +130,8 @@ def need_module(name: str):
 
 @pytest.fixture(autouse=True)
 def private_cache(tmp_path, monkeypatch):
-    """Every test gets its own cache directory; the user's is never touched."""
+    """Every test gets its own cache directory; the user's is only ever written by the
+    one MNIST download of find_mnist, which `lowmem-cnn train` would make too."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
 

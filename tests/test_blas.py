@@ -16,6 +16,7 @@ from lowmem_cnn import BLAS_SINGLE_THREADED, default_threads
 from lowmem_cnn.config import load_config
 from lowmem_cnn.executor import run_shared
 from lowmem_cnn.model import Network
+from lowmem_cnn.planner import chosen_plan
 
 def blas_threads():
     return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
@@ -24,7 +25,7 @@ before = blas_threads()
 network = Network(load_config().network, np.float32, 2)
 network.init_params(np.random.default_rng(0))
 inside = run_shared(network.pool, 2, lambda part, t: blas_threads(), [0, 1])
-network.predict(np.zeros((10, 784), np.uint8), 5)
+network.predict(np.zeros((10, 784), np.uint8), chosen_plan(network, 5, 2))
 print(json.dumps({"env": BLAS_SINGLE_THREADED, "threads": default_threads(), "before": before,
                   "inside": inside, "after": blas_threads(), "cores": len(os.sched_getaffinity(0))}))
 """

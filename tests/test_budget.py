@@ -13,6 +13,7 @@ from lowmem_cnn.budget import (
     ARENA_ADDRESS_SPACE,
     BLAS_BUFFER,
     DEFAULT_SHARE_OF_AVAILABLE,
+    CgroupLimit,
     available_memory,
     cgroup_room,
     parse_size,
@@ -63,7 +64,7 @@ def machine(monkeypatch):
 
     fake = SimpleNamespace(available=8 * 2**30, cgroup=None, limit=None)
     monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=fake.available))
-    monkeypatch.setattr(budget, "cgroup_room", lambda: fake.cgroup)
+    monkeypatch.setattr(budget, "cgroup_limit", lambda: fake.cgroup and CgroupLimit(fake.cgroup, 0, "/x", 2))
     monkeypatch.setattr(budget, "process_limit", lambda threads=None: fake.limit)
     return fake
 
@@ -83,10 +84,16 @@ def test_default_budget_is_the_share_of_the_cgroups_room_when_lower(machine):
 
 
 def _cgroup(root, files):
+    """The files of a root cgroup mounted at `root` (v2) and `root`/memory (v1), and the
+    /proc/self/cgroup and mountinfo that show them: the arguments of cgroup_room."""
+    (root / "memory").mkdir(parents=True, exist_ok=True)
     for name, text in files.items():
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(text + "\n")
-    return root
+    (root / "cgroup").write_text("4:memory:/\n0::/\n")
+    (root / "mountinfo").write_text(
+        f"41 31 0:38 / {root} rw - cgroup2 cgroup2 rw\n"
+        f"35 31 0:32 / {root / 'memory'} rw - cgroup cgroup rw,memory\n")
+    return root / "cgroup", root / "mountinfo"
 
 
 @pytest.mark.parametrize("files, room", [
@@ -101,17 +108,17 @@ def _cgroup(root, files):
     ({}, None),  # no cgroup files at all (not Linux, or not mounted)
 ])
 def test_cgroup_room(tmp_path, files, room):
-    assert cgroup_room(_cgroup(tmp_path, files)) == room
+    assert cgroup_room(*_cgroup(tmp_path, files)) == room
 
 
 def test_available_memory_is_the_lower_of_ram_and_cgroup_room(tmp_path, monkeypatch):
     import psutil
 
     monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=4 * 2**30))
-    root = _cgroup(tmp_path, {"memory.max": str(2**30), "memory.current": str(256 * MIB)})
-    monkeypatch.setattr(budget, "cgroup_room", partial(cgroup_room, root))
+    files = _cgroup(tmp_path, {"memory.max": str(2**30), "memory.current": str(256 * MIB)})
+    monkeypatch.setattr(budget, "cgroup_limit", partial(budget.cgroup_limit, *files))
     assert available_memory() == 2**30 - 256 * MIB
-    (root / "memory.max").write_text("max\n")
+    (tmp_path / "memory.max").write_text("max\n")
     assert available_memory() == 4 * 2**30
 
 
@@ -144,7 +151,7 @@ def rlimits(monkeypatch):
     monkeypatch.setattr(resource, "getrlimit", getrlimit)
     monkeypatch.setattr(psutil, "Process", lambda: SimpleNamespace(memory_info=lambda: memory))
     monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=8 * 2**30))
-    monkeypatch.setattr(budget, "cgroup_room", lambda: None)
+    monkeypatch.setattr(budget, "cgroup_limit", lambda: None)
     return fake
 
 

@@ -6,7 +6,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -115,41 +115,54 @@ def stopped_itself(process):
     assert os.WIFSTOPPED(status), f"the child ended instead (status {status})"
 
 
+def settled(process):
+    """Wait, blocking (no polling), until the child stops or ends; its wait status. An end
+    is reaped here, so the Popen is given the exit status."""
+    _, status = os.waitpid(process.pid, os.WUNTRACED)
+    if not os.WIFSTOPPED(status):
+        process.returncode = os.waitstatus_to_exitcode(status)
+    return status
+
+
 def test_two_runs_started_together_on_one_checkpoint(mnist_dir, tmp_path, reference):
     # Both stop themselves after their first update, so whichever holds the checkpoint
-    # is still there (stopped) when the other tries: that one must refuse at once.
+    # is still there (stopped) when the other tries: that one must refuse at once. Each
+    # child gets to where it stops or ends by its own work, so the test waits for the
+    # two (one thread each, blocked in waitpid), never for time: a faster or a busier
+    # machine gives the same verdict. (The timeout only ends a hung test.)
     runs = [start(*ARGS, "--data-dir", mnist_dir, *extra, cwd=tmp_path,
                   crash=["--at-update", "1", "--action", "stop"])
             for extra in ([], ["--seed", "5"])]
-    states, deadline = {}, time.monotonic() + 600  # the deadline only ends a hung test
-    while len(states) < 2 and time.monotonic() < deadline:  # waits for events, not for time
-        for i, process in enumerate(runs):
-            if i not in states:
-                pid, status = os.waitpid(process.pid, os.WUNTRACED | os.WNOHANG)
-                if pid:
-                    states[i] = status
-        time.sleep(0.01)
-    stopped = [i for i, status in states.items() if os.WIFSTOPPED(status)]
-    exited = [i for i, status in states.items() if os.WIFEXITED(status)]
-    assert len(stopped) == 1 and len(exited) == 1, f"not one holder and one refusal: {states}"
-    holder, refused = runs[stopped[0]], runs[exited[0]]
-    refused.returncode = os.waitstatus_to_exitcode(states[exited[0]])  # reaped above
-    err = refused.stderr.read()
-    assert refused.returncode == 1, err
-    assert f"params.pkl.ckpt is in use by process {holder.pid}" in err
-    assert "Traceback" not in err
-    # the refused run removed nothing it did not hold
-    assert lock_files(tmp_path) == [".params.pkl.ckpt.lock", ".params.pkl.lock"]
-    assert lock_path(tmp_path / "params.pkl.ckpt").read_text().split()[0] == str(holder.pid)
-    holder.send_signal(signal.SIGCONT)
-    code, out, err = finish(holder)
-    assert code == 0, err
-    assert not lock_files(tmp_path)
-    if holder is runs[0]:  # the run with the reference's settings
-        assert (tmp_path / "params.pkl").read_bytes() == reference[0]
-        assert history_without_seconds(out) == reference[1]
-    else:
-        assert (tmp_path / "params.pkl").read_bytes() != reference[0]
+    waiting = ThreadPoolExecutor(len(runs))
+    try:
+        states = dict(enumerate(waiting.map(settled, runs, timeout=600)))
+        stopped = [i for i, status in states.items() if os.WIFSTOPPED(status)]
+        exited = [i for i, status in states.items() if os.WIFEXITED(status)]
+        assert len(stopped) == 1 and len(exited) == 1, f"not one holder and one refusal: {states}"
+        holder, refused = runs[stopped[0]], runs[exited[0]]
+        err = refused.stderr.read()
+        assert refused.returncode == 1, err
+        assert f"params.pkl.ckpt is in use by process {holder.pid}" in err
+        assert "Traceback" not in err
+        # the refused run removed nothing it did not hold
+        assert lock_files(tmp_path) == [".params.pkl.ckpt.lock", ".params.pkl.lock"]
+        assert lock_path(tmp_path / "params.pkl.ckpt").read_text().split()[0] == str(holder.pid)
+        holder.send_signal(signal.SIGCONT)
+        code, out, err = finish(holder)
+        assert code == 0, err
+        assert not lock_files(tmp_path)
+        if holder is runs[0]:  # the run with the reference's settings
+            assert (tmp_path / "params.pkl").read_bytes() == reference[0]
+            assert history_without_seconds(out) == reference[1]
+        else:
+            assert (tmp_path / "params.pkl").read_bytes() != reference[0]
+    finally:  # a failed test leaves no child behind, stopped or running
+        for process in runs:
+            if process.returncode is None:
+                process.kill()
+        waiting.shutdown()
+        for process in runs:
+            process.wait()
 
 
 def test_a_run_on_the_same_out_with_another_checkpoint_is_refused(mnist_dir, tmp_path):

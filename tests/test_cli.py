@@ -92,6 +92,15 @@ def test_data_of_the_wrong_size_for_the_network(tmp_path):
     assert "20x20" in error_line(result.stderr) and "28x28" in result.stderr
 
 
+def printed_planned_peak(text):
+    """The planned peak of train's "plan: ..." line, in bytes, rounded up: the line gives it
+    to a tenth of a MiB (or KiB, GiB; see budget.format_size)."""
+    found = re.search(r"^plan: .*planned peak ([\d.]+) (KiB|MiB|GiB)", text, re.MULTILINE)
+    assert found, text
+    unit = 2 ** (10 * ("KiB", "MiB", "GiB").index(found.group(2)) + 10)
+    return int((float(found.group(1)) + 0.05) * unit)
+
+
 def test_train_then_eval_on_synthetic_data(tmp_path):
     write_dataset(tmp_path / "data", n_train=120, n_test=30, gz=True)
     out = tmp_path / "p.pkl"
@@ -100,7 +109,11 @@ def test_train_then_eval_on_synthetic_data(tmp_path):
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["epochs"] == 2 and len(summary["seconds_per_epoch"]) == 2
-    assert 0 < summary["peak_rss_bytes"]
+    # the peak it reports is the OS's figure for the whole command, which is within the
+    # plan it printed (to stderr, with --json) and so within --max-ram
+    assert summary["max_ram_bytes"] == 256 * 2**20
+    assert same_peak(summary["peak_rss_bytes"], result.peak_rss)
+    assert result.peak_rss <= printed_planned_peak(result.stderr) <= summary["max_ram_bytes"]
     assert out.exists()
     result = run("eval", out, "--data-dir", tmp_path / "data", "--json", "--batch-size", "7")
     assert result.returncode == 0, result.stderr
@@ -181,7 +194,7 @@ def test_pictures_keep_within_the_budget_or_are_refused(tmp_path):
     common = ["train", "--data-dir", tmp_path / "data", "--epochs", "1", "--out", tmp_path / "p.pkl",
               "--plot", tmp_path / "curves.png", "--json"]
     refused = run(*common, "--max-ram", "64M")
-    assert_clean_failure(refused, "a picture needs matplotlib", 1)
+    assert_clean_failure(refused, "--max-ram 67,108,864 bytes is too small: drawing a picture", 1)
     assert not (tmp_path / "p.pkl").exists() and not (tmp_path / "curves.png").exists()
     drawn = run(*common, "--max-ram", "112M")
     assert drawn.returncode == 0, drawn.stderr

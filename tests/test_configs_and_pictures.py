@@ -15,6 +15,8 @@ from lowmem_cnn.config import load_config
 from lowmem_cnn.errors import LowmemError
 from lowmem_cnn.layers import Dropout
 from lowmem_cnn.model import Network
+from lowmem_cnn.planner import chosen_plan
+from lowmem_cnn.workspace import Context, Workspace
 from lowmem_cnn.params import read_params
 
 from conftest import run_lowmem
@@ -78,13 +80,14 @@ def test_bad_init_is_refused(tmp_path):
 def test_dropout_trains_with_masks_and_scales_at_test_time():
     layer = Dropout((1000,), 0.5)
     x = np.ones((4, 1000))
-    out, mask = layer.forward(x.copy(), True, dropout_rng=np.random.default_rng(0))
+    out, mask = layer.forward(x.copy(), Context(Workspace(), True, dropout_rng=np.random.default_rng(0)))
     assert 0.45 < mask.mean() < 0.55
     np.testing.assert_array_equal(out, mask)
-    again, _ = layer.forward(x.copy(), True, dropout_rng=np.random.default_rng(0))
+    again, _ = layer.forward(x.copy(), Context(Workspace(), True, dropout_rng=np.random.default_rng(0)))
     np.testing.assert_array_equal(again, out)  # the same key, the same mask
-    np.testing.assert_array_equal(layer.backward(np.full((4, 1000), 3.0), mask, {}), 3.0 * mask)
-    test_out, _ = layer.forward(x.copy(), False)
+    np.testing.assert_array_equal(layer.backward(np.full((4, 1000), 3.0), mask, {}, Context()),
+                                  3.0 * mask)
+    test_out, _ = layer.forward(x.copy(), Context())
     np.testing.assert_array_equal(test_out, 0.5)
 
 
@@ -98,9 +101,9 @@ def test_dropout_gradients_are_deterministic_across_threads(tmp_path, monkeypatc
     masks = []
     real_forward = Dropout.forward
 
-    def recording_forward(self, x, train, ws=None, dropout_rng=None):
-        out, mask = real_forward(self, x, train, ws, dropout_rng)
-        masks.append(mask)
+    def recording_forward(self, x, ctx):
+        out, mask = real_forward(self, x, ctx)
+        masks.append(mask.copy())  # the mask's array is the workspace's, used again
         return out, mask
 
     monkeypatch.setattr(Dropout, "forward", recording_forward)
@@ -108,8 +111,9 @@ def test_dropout_gradients_are_deterministic_across_threads(tmp_path, monkeypatc
     def gradient(config, threads):
         net = Network(load_config(config).network, np.float64, threads)
         net.init_params(np.random.default_rng(0))
-        net.accumulate_gradient(images, labels, 2, noise_key=(7, 0, 3))
-        return {k: g.copy() for k, g in net.grads().items()}
+        plan = chosen_plan(net, 2, threads)
+        net.accumulate_gradient(images, labels, plan, noise_key=(7, 0, 3))
+        return {k: g.copy() for k, g in net.grads(plan).items()}
 
     config = write_config(tmp_path, layers, init='"he"')
     grads = [gradient(config, threads) for threads in (1, 2, 2)]

@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 
 from lowmem_cnn.conv_pool import ConvolutionPooling
 from lowmem_cnn.layers import Convolution, Gradients, MaxPooling
+from lowmem_cnn.workspace import Context
 
 
 def separate_and_fused(rng, in_shape, filters, size, pad, pool_size, integers):
@@ -41,19 +42,21 @@ def test_fused_layer_equals_conv_then_pool(case, tile_images):
         return
     rng = np.random.default_rng(seed)
     conv, pool, fused = separate_and_fused(rng, (h, w, c), filters, size, pad, pool_size, integers)
-    fused.tile_images = tile_images
     x = (rng.integers(0, 3, (m, h, w, c)) if integers else rng.standard_normal((m, h, w, c))
          ).astype(np.float64)
-    conv_out, conv_saved = conv.forward(x, True)
-    expected, pool_saved = pool.forward(conv_out, True)
-    got, saved = fused.forward(x, True)
+    separate_ctx = Context(train=True)
+    conv_out, conv_saved = conv.forward(x, separate_ctx)
+    expected, pool_saved = pool.forward(conv_out, separate_ctx)
+    fused_ctx = Context(train=True, tiles={id(fused): tile_images})  # a tile is images
+    got, saved = fused.forward(x, fused_ctx)
     np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
     dout = rng.standard_normal(expected.shape)
     separate = Gradients({"W": np.zeros_like(conv.W), "b": np.zeros_like(conv.b)})
-    expected_dx = conv.backward(pool.backward(dout.copy(), pool_saved, {}), conv_saved, separate)
+    expected_dx = conv.backward(pool.backward(dout.copy(), pool_saved, {}, separate_ctx), conv_saved,
+                                separate, separate_ctx)
     together = Gradients({"W": np.full_like(conv.W, 7.0), "b": np.full_like(conv.b, 7.0)})
     together.restart()  # stale values: the first add overwrites them
-    dx = fused.backward(dout.copy(), saved, together)
+    dx = fused.backward(dout.copy(), saved, together, fused_ctx)
     np.testing.assert_allclose(together["W"], separate["W"], rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(together["b"], separate["b"], rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(dx, expected_dx, rtol=1e-10, atol=1e-10)
@@ -63,9 +66,10 @@ def test_ties_go_to_the_first_position():
     rng = np.random.default_rng(0)
     conv, pool, fused = separate_and_fused(rng, (4, 4, 1), 2, 1, 0, 2, integers=True)
     x = np.ones((1, 4, 4, 1))  # every pooling window is one tie
-    _, saved = fused.forward(x, True)
+    ctx = Context(train=True)
+    _, saved = fused.forward(x, ctx)
     grads = Gradients({"W": np.zeros_like(conv.W), "b": np.zeros_like(conv.b)})
-    dx = fused.backward(np.ones((1, 2, 2, 2)), saved, grads)
+    dx = fused.backward(np.ones((1, 2, 2, 2)), saved, grads, ctx)
     # each window's gradient lands on its top-left value only
     assert dx[0, ::2, ::2].all() and dx[0, 1::2].sum() == 0 and dx[0, :, 1::2].sum() == 0
 
@@ -73,9 +77,9 @@ def test_ties_go_to_the_first_position():
 def test_tiles_cover_every_image_once():
     rng = np.random.default_rng(1)
     *_, fused = separate_and_fused(rng, (28, 28, 1), 30, 5, 0, 2, integers=False)
-    fused.tile_images = 7
+    ctx = Context(tiles={id(fused): 7})
     for m in (1, 7, 50, 101):
-        tiles = list(fused._tiles(m))
+        tiles = list(fused._tiles(m, fused._tile_images(m, ctx)))
         assert tiles[0][0] == 0 and tiles[-1][1] == m
         assert all(a[1] == b[0] for a, b in zip(tiles, tiles[1:], strict=False))
         assert all(hi - lo == (last - first) * 144 for first, last, lo, hi in tiles)

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SHARED, unavailable
+from conftest import ROOT, unavailable
 from idx_files import NAMES, images_bytes, labels_bytes, write_dataset
 
 from lowmem_cnn import data as data_module
 from lowmem_cnn.data import MNIST_SHA256, download_mnist, open_data, open_directory
+from lowmem_cnn.datasets import ImageRows
 from lowmem_cnn.errors import LowmemError
 
 
@@ -65,6 +66,38 @@ def test_rows_come_back_in_the_order_asked(tmp_path):
     dataset = open_directory(directory)
     order = rng.permutation(30)
     np.testing.assert_array_equal(dataset.train.images.read(order), images.reshape(30, -1)[order])
+
+
+def test_file_rows_are_read_in_the_order_given(tmp_path):
+    # A folder split's rows: any file rows, in any order, after a header of any size.
+    rows = np.arange(12 * 6, dtype=np.uint8).reshape(12, 6)  # row k holds 6k..6k+5
+    path = tmp_path / "rows"
+    path.write_bytes(b"header" + rows.tobytes())
+    file_rows = np.array([3, 4, 5, 0, 11, 10, 6, 7])
+    images = ImageRows(path, (2, 1, 3), 6, file_rows=file_rows)
+    assert (len(images), images.row_bytes) == (8, 6)
+    np.testing.assert_array_equal(images.read_range(0, 8), rows[file_rows])
+    np.testing.assert_array_equal(images.read_range(2, 7), rows[file_rows[2:7]])
+    np.testing.assert_array_equal(images.read(np.array([7, 0, 3])), rows[file_rows[[7, 0, 3]]])
+    assert images.read_range(4, 4).shape == (0, 6)
+    counted = ImageRows(path, (2, 1, 3), 6, count=12)
+    np.testing.assert_array_equal(counted.read_range(2, 9), rows[2:9])
+    assert counted.read_range(4, 4).shape == (0, 6)
+
+
+def test_closed_data_sets_let_go_of_their_files(tmp_path):
+    directory = write_dataset(tmp_path / "d")
+    with open_directory(directory) as dataset:
+        first = dataset.test.images.read_range(0, 1)
+    for split in (dataset.train, dataset.test):
+        with pytest.raises(ValueError, match="closed file"):
+            split.images.read_range(0, 1)
+        with pytest.raises(ValueError, match="closed file"):
+            split.images.read(np.array([0]))
+    with ImageRows(dataset.test.images.path, (1, 28, 28), 16, count=20) as images:
+        np.testing.assert_array_equal(images.read_range(0, 1), first)
+    with pytest.raises(ValueError, match="closed file"):
+        images.read_range(0, 1)
 
 
 BAD_FILES = {
@@ -236,8 +269,8 @@ def test_dropped_connection_leaves_nothing_and_all_mirrors_down_says_what_to_do(
 
 
 def published_checksums():
-    """The table of ../shared/data/README.md: file name -> decompressed SHA-256."""
-    readme = SHARED / "data" / "README.md"
+    """The table of tests/fixtures/mnist/README.md: file name -> decompressed SHA-256."""
+    readme = ROOT / "tests" / "fixtures" / "mnist" / "README.md"
     if not readme.exists():
         unavailable(f"the data README with the published checksums is not at {readme}")
     rows = re.findall(r"^\|\s*([a-z0-9-]+-idx[13]-ubyte)\s*\|\s*([0-9a-f]{64})\s*\|$",
@@ -285,8 +318,7 @@ def test_missing_real_data_skips_but_fails_under_ci(monkeypatch, ci, outcome):
         monkeypatch.delenv("CI", raising=False)
     else:
         monkeypatch.setenv("CI", ci)
-    monkeypatch.setattr(conftest, "SHARED", Path("/nonexistent/shared"))
-    monkeypatch.setenv("LOWMEM_CNN_DATA", "/nonexistent/mnist")
+    monkeypatch.setenv("LOWMEM_CNN_DATA", "/nonexistent/mnist")  # set: no cache, no download
     with pytest.raises(outcome, match="real MNIST not found"):
         conftest.real_mnist_dir()
     with pytest.raises(outcome, match="parameter file is not at /nonexistent"):

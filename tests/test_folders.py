@@ -17,6 +17,7 @@ from lowmem_cnn.data import open_directory
 from lowmem_cnn.errors import LowmemError
 from lowmem_cnn.folders import SkippedFilesWarning, is_image_folder, open_folder
 from lowmem_cnn.imaging import ImageRefused, mnist_style
+from lowmem_cnn.planner import chosen_plan
 
 need_module("PIL")
 from PIL import Image  # noqa: E402
@@ -102,7 +103,7 @@ def test_png_folder_rows_are_the_idx_rows(tmp_path, mnist_dir):
                                       reference.images.read(positions))
         np.testing.assert_array_equal(split.labels, reference.labels[positions])
         assert split.labels.dtype == np.uint8
-    # the data.ImageFile interface: read in any order, into a longer buffer
+    # the datasets.ImageRows interface: read in any order, into a longer buffer
     out = data.train.images.empty(10)
     got = data.train.images.read(np.array([5, 0, 299]), out)
     assert got.shape == (3, 784) and np.shares_memory(got, out)
@@ -383,8 +384,9 @@ def test_book_network_reads_a_png_folder_as_it_reads_mnist(tmp_path, mnist_dir, 
     check_image_shape(network, data.train, data.test)
     positions = np.array([int(Path(f).stem) for f in data.test.files])
     idx = open_directory(mnist_dir).test
-    np.testing.assert_array_equal(network.predict(data.test.images.read_range(0, 200), 50),
-                                  network.predict(idx.images.read(positions), 50))
+    plan = chosen_plan(network, 50)
+    np.testing.assert_array_equal(network.predict(data.test.images.read_range(0, 200), plan),
+                                  network.predict(idx.images.read(positions), plan))
     assert len(data_identity(data.train)) == 16
 
 
@@ -403,11 +405,15 @@ def test_decoding_pass_memory_does_not_grow_with_the_images(tmp_path, mnist_dir)
         finally:
             tracemalloc.stop()
         assert len(data.train) + len(data.test) == 2 * n and data.decoded_now
-    # Measured: about 93 KB and 106 KB. Holding the decoded rows would add 600 x 3 KiB =
-    # 1.8 MiB; what does grow is the listing (paths as one blob, sorted: about 100 bytes
-    # a file while it is sorted), a label byte and a status byte a file.
-    assert peaks[400] - peaks[100] < 600 * 160, peaks
-    assert peaks[400] < 1.5 * peaks[100], peaks
+    # The pass holds one picture at a time: what grows with the pictures is the listing
+    # (each file's relative path, a label and a status byte, and sorting's copies: about
+    # 100 bytes a file), never their rows. So the 600 pictures more add less than one
+    # row each (here RGB at 28 x 28: 2,352 bytes, 1.3 MiB for all 600), whatever the
+    # Python or NumPy build's own sizes: holding the rows, or any per-picture copy of
+    # them, would add at least a row a picture.
+    row_bytes = data.train.images.row_bytes
+    assert row_bytes == 3 * 28 * 28
+    assert peaks[400] - peaks[100] < (2 * 400 - 2 * 100) * row_bytes, peaks
 
 
 def test_is_image_folder(tmp_path, mnist_dir):

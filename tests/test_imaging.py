@@ -9,6 +9,7 @@ import pytest
 from conftest import need_module, run_python
 from lowmem_cnn.data import open_directory
 from lowmem_cnn.imaging import ImageRefused, is_color, mnist_style
+from lowmem_cnn.planner import chosen_plan
 
 need_module("PIL")
 from PIL import Image  # noqa: E402
@@ -45,7 +46,7 @@ def test_big_photo_of_a_digit_within_a_small_budget(tmp_path, mnist_dir, book_pa
         assert np.abs(row.astype(int) - small).mean() < 8
         rows.append(row)
         labels.append(label)
-    assert network.predict(np.stack(rows), 3).tolist() == labels
+    assert network.predict(np.stack(rows), chosen_plan(network, 3)).tolist() == labels
     page.save(tmp_path / "photo.png", compress_level=1)
     with pytest.raises(ImageRefused, match="3000x2250 pixels: decoding it would take"):
         mnist_style(tmp_path / "photo.png", max_decode_bytes=24 * 2**20)

@@ -9,7 +9,6 @@ from lowmem_cnn.config import load_config
 from lowmem_cnn.errors import LowmemError
 from lowmem_cnn.model import Network
 from lowmem_cnn.conv_pool import ConvolutionPooling
-from lowmem_cnn.layers import Convolution
 from lowmem_cnn.planner import (MAX_TRAIN_MICRO_BATCH, activation_peak, chosen_plan, make_plan,
                                 training_state_bytes)
 
@@ -247,6 +246,19 @@ def shipped_configs():
     return sorted(p.name.removesuffix(".toml") for p in folder.iterdir() if p.name.endswith(".toml"))
 
 
+def allocated_besides(run) -> int:
+    """Peak bytes `run` allocates, as tracemalloc counts them. An array made outside the
+    workspace is made on every run; the least of a few runs leaves out the interpreter's
+    own one-off growth (a 1.8 MiB table once, seen under pytest)."""
+    tracemalloc.start()
+    try:
+        start = tracemalloc.get_traced_memory()[0]
+        run()
+        return tracemalloc.get_traced_memory()[1] - start
+    finally:
+        tracemalloc.stop()
+
+
 @pytest.mark.parametrize("config", shipped_configs())
 @pytest.mark.parametrize("train", [False, True])
 def test_the_memory_figure_is_what_a_real_pass_holds(config, train):
@@ -266,16 +278,14 @@ def test_the_memory_figure_is_what_a_real_pass_holds(config, train):
         figure = net.micro_batch_bytes(m, train, tiles)
         net.release_memory()
         plan = chosen_plan(net, m, 1, tiles)
-        run = (lambda: net.accumulate_gradient(images, labels, plan)) if train else \
-            (lambda: net.predict(images, plan))
+
+        def run(plan=plan):
+            if train:
+                net.accumulate_gradient(images, labels, plan)
+            else:
+                net.predict(images, plan)
+
         run()  # the workspace's arrays are made
         assert net.workspaces[0].held_bytes() == figure, (config, train, tile)
-        tracemalloc.start()
-        try:
-            start = tracemalloc.get_traced_memory()[0]
-            run()  # two micro-batches again: nothing new but small sums, views and indices
-            extra = tracemalloc.get_traced_memory()[1] - start
-        finally:
-            tracemalloc.stop()
-        assert extra < SMALL_ARRAYS, (config, train, tile, extra)
+        assert min(allocated_besides(run) for _ in range(3)) < SMALL_ARRAYS, (config, train, tile)
         assert net.workspaces[0].held_bytes() == figure

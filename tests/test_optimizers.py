@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from lowmem_cnn.errors import LowmemError
 from lowmem_cnn.optimizers import make_optimizer
 
 
@@ -118,5 +119,5 @@ def test_optimizer_settings_are_used():
     slow.update({"W": changed}, {"W": g.copy()})
     # second step: v = 0.5 * (-0.05) - 0.05
     np.testing.assert_allclose(changed, start - 0.05 - 0.075)
-    with pytest.raises(TypeError):
+    with pytest.raises(LowmemError, match="do not fit"):
         make_optimizer("sgd", 0.1, momentum=0.9)  # SGD has no such setting

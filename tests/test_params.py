@@ -11,6 +11,7 @@ import pytest
 from lowmem_cnn.config import load_config
 from lowmem_cnn.errors import LowmemError
 from lowmem_cnn.model import Network
+from lowmem_cnn.planner import chosen_plan
 from lowmem_cnn.params import load_params, save_params
 
 
@@ -216,11 +217,10 @@ def test_book_fixture_on_real_test_set(book_params, mnist_dir):
     for dtype in (np.float64, np.float32):
         net = Network(load_config().network, dtype)
         load_params(book_params, net)
-        for layer in net.layers:
-            if layer.kind == "conv":
-                layer.tile_rows = 3000
-        result = evaluate(net, data.test, 500, 10_000)
+        # tiles of 7 images in the fused convolution and pooling
+        result = evaluate(net, data.test, chosen_plan(net, 500, 1, (7,)), 10_000)
         assert result.correct == 9600, dtype
-        predictions[dtype] = net.predict(data.test.images.read_range(0, 10_000), 777)
+        predictions[dtype] = net.predict(data.test.images.read_range(0, 10_000),
+                                         chosen_plan(net, 777))
     # float32 rounding may flip an exact tie, nothing more
     assert (predictions[np.float64] != predictions[np.float32]).sum() <= 2

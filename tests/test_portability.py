@@ -2,6 +2,7 @@
 module, no os.preadv, no glibc mallopt. Run on Linux with those taken away in the
 child before lowmem_cnn is imported."""
 
+import gc
 import json
 import os
 
@@ -60,6 +61,27 @@ def test_eval_without_unix_pieces(mnist_dir, book_params, tmp_path):
     assert peak < 128 * 2**20
 
 
+def file_positions(path):
+    """{descriptor: file position} of the files this process has open on `path` (the
+    descriptors listed in /dev/fd): reading with pread leaves a position where it was,
+    seek and read moves it."""
+    target, positions = os.stat(path), {}
+    for fd in map(int, os.listdir("/dev/fd")):
+        try:
+            if os.path.samestat(os.fstat(fd), target):
+                positions[fd] = os.lseek(fd, 0, os.SEEK_CUR)
+        except OSError:  # closed since it was listed (the listing's own descriptor)
+            continue
+    return positions
+
+
+def opened(make, path):
+    """make()'s result and the descriptors on `path` it opened."""
+    before = set(file_positions(path))
+    made = make()
+    return made, sorted(set(file_positions(path)) - before)
+
+
 def test_images_read_with_seek_match_pread(mnist_dir, monkeypatch):
     # Both ways of reading in one process, and two threads reading the same file at
     # once (the trainer reads the next batch on a thread while the main one may evaluate).
@@ -68,16 +90,21 @@ def test_images_read_with_seek_match_pread(mnist_dir, monkeypatch):
 
     import numpy as np
 
-    from lowmem_cnn.data import ImageFile, open_directory
+    from lowmem_cnn.data import open_directory, open_images
 
+    gc.collect()  # readers earlier tests let go of close their files now, not mid-test
     pread = open_directory(mnist_dir).train.images
     order = np.random.default_rng(0).permutation(len(pread))[:20_000]
     expected, expected_range = pread.read(order), pread.read_range(7, 5007)
+    # the two ways really are two, as the OS sees them: these reads (pread) moved no
+    # file position, the next reader's (seek and read) leave its file where they ended
+    assert set(file_positions(pread.path).values()) == {0}
     monkeypatch.delattr(os, "preadv")
-    seek = ImageFile(pread.path)
-    assert seek._file is not None
+    seek, files = opened(lambda: open_images(pread.path), pread.path)
     np.testing.assert_array_equal(seek.read(order), expected)
     np.testing.assert_array_equal(seek.read_range(7, 5007), expected_range)
+    end = 16 + 5007 * pread.row_bytes  # the IDX header, then rows up to 5007
+    assert [file_positions(pread.path).get(fd) for fd in files] == [end]
 
     def reads(start):
         return [seek.read(order[i : i + 100]) for i in range(start, len(order), 200)]
@@ -94,14 +121,14 @@ def test_a_file_that_shrank_is_an_error(tmp_path, monkeypatch, has_preadv):
     import numpy as np
     from idx_files import images_bytes
 
-    from lowmem_cnn.data import ImageFile
+    from lowmem_cnn.data import open_images
     from lowmem_cnn.errors import LowmemError
 
     if not has_preadv:
         monkeypatch.delattr(os, "preadv")
     path = tmp_path / "images"
     path.write_bytes(images_bytes(np.zeros((10, 28, 28), np.uint8)))
-    images = ImageFile(path)
+    images = open_images(path)
     os.truncate(path, 16 + 5 * 784)
     assert images.read_range(0, 5).shape == (5, 784)
     with pytest.raises(LowmemError, match="shrank"):

@@ -33,12 +33,12 @@ from pathlib import Path
 import numpy as np
 
 from lowmem_cnn.budget import current_rss, map_large_arrays, resolve_budget
+from lowmem_cnn import book_layout
 from lowmem_cnn.config import NetworkConfig
-from lowmem_cnn.conv_pool import ConvolutionPooling
 from lowmem_cnn.errors import LowmemError
-from lowmem_cnn.layers import Affine, Convolution, softmax
+from lowmem_cnn.layers import softmax
 from lowmem_cnn.model import Network
-from lowmem_cnn.planner import BudgetError, Work
+from lowmem_cnn.planner import BudgetError, Work, check_book_parameters_fit
 
 __all__ = ["load_mnist", "SimpleConvNet", "DeepConvNet", "Trainer"]
 
@@ -106,25 +106,10 @@ def _read_images(image_file, normalize: bool) -> np.ndarray:
 
 def engine_views(network: Network, arrays: dict) -> dict:
     """key -> a view of arrays[key] (in the engine's layout, like network.params() or a
-    gradient set) with the book's axes: writing into the view writes the engine's array.
-
-    Its shape is the book's, except an affine layer after a map: (C, H, W, units)
-    where the book has (C*H*W, units); np.reshape of the book's array fits it.
-    """
-    views = {}
-    for key, layer, name in network.param_names():
-        array = arrays[key]
-        if name == "W" and isinstance(layer, (Convolution, ConvolutionPooling)):
-            conv = layer.conv if isinstance(layer, ConvolutionPooling) else layer
-            # engine rows are (FH, FW, C), the book's filters (F, C, FH, FW)
-            array = array.reshape(conv.size, conv.size, conv.in_shape[2], conv.filters
-                                  ).transpose(3, 2, 0, 1)
-        elif name == "W" and isinstance(layer, Affine) and len(layer.in_shape) == 3:
-            # engine rows are the map's (H, W, C) values, the book's (C, H, W)
-            h, w, c = layer.in_shape
-            array = array.reshape(h, w, c, layer.units).transpose(2, 0, 1, 3)
-        views[key] = array
-    return views
+    gradient set) with the book's axes (book_layout.engine_view): writing into the view
+    writes the engine's array; np.reshape of the book's array fits it."""
+    return {key: book_layout.engine_view(layer, name, arrays[key])
+            for key, layer, name in network.param_names()}
 
 
 class Engine:
@@ -244,7 +229,10 @@ class _BookNetwork:
         map_large_arrays()  # freed arrays go back to the OS: RSS is what the plan counts
         self.budget = resolve_budget(max_ram)
         self.network = Network(config, np.dtype(dtype), threads or default_threads())
-        self._check_room_for_params()
+        try:  # before any of them exists
+            check_book_parameters_fit(self.network, self.budget)
+        except BudgetError as err:
+            raise err.worded(BUDGET_OPTION) from None
         self.params = {}
         scales = iter(init_scales)
         for key, shape in self.network.expected_book_shapes().items():
@@ -258,16 +246,6 @@ class _BookNetwork:
         self.network.load_book_params(self.params)
         self.engine = Engine(self.network, self.budget)
         self.engine.use_plan(Work("predict", 1))  # a budget too small is refused now
-
-    def _check_room_for_params(self):
-        """Refuse a budget that cannot hold the parameters (the book's float64 dict,
-        the engine's copy and one drawing), before any of them exists."""
-        count = self.network.param_bytes() // self.network.dtype.itemsize
-        need = current_rss() + count * (8 + self.network.dtype.itemsize) \
-            + max(int(np.prod(s)) for s in self.network.expected_book_shapes().values()) * 8
-        if need > self.budget:
-            raise BudgetError(need, self.budget, f"the parameters of this {self.network.config.name} "
-                              "alone", option=BUDGET_OPTION)
 
     # --- parameters -----------------------------------------------------------------
 

@@ -50,42 +50,180 @@ def format_size(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-# --- RAM and resident memory ------------------------------------------------------
+# --- the cgroup's memory limit --------------------------------------------------------
+#
+# psutil reports the machine's memory, not the cgroup's. The limit that matters sits on
+# the process's own cgroup (named in /proc/self/cgroup) or on any of its ancestors, not
+# necessarily at the root: JupyterHub, `systemd-run -p MemoryMax=`, CI runners and
+# containers without a cgroup namespace all put it lower down. Both hierarchies are read
+# where they are mounted (/proc/self/mountinfo), so a hybrid system's v1 memory
+# controller is seen beside its v2 tree. Any file that cannot be read or parsed means
+# "no limit from that level", never an error.
+
+# Above this a limit means "none": v1 writes 2**63 less a page, v2 "max".
+_NO_LIMIT = 2**60
+
+
+@dataclass(frozen=True)
+class CgroupLimit:
+    """The memory limit of the cgroup level that leaves the process the least room."""
+
+    limit: int  # bytes
+    usage: int  # bytes charged to that level now (its descendants included)
+    path: str  # the level's directory
+    version: int  # 1 or 2
+
+    @property
+    def room(self) -> int:
+        return max(self.limit - self.usage, 0)
+
+    def explain(self) -> str:
+        return f"{self.limit:,} bytes at {self.path}, {self.usage:,} of them in use"
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except (OSError, ValueError):  # missing, no permission, a directory, not text
+        return None
 
 
 def _read_int(path: Path) -> int | None:
-    try:
-        text = path.read_text().strip()
-    except OSError:
-        return None
+    text = (_read_text(path) or "").strip()
     return int(text) if text.isdigit() else None  # cgroup v2 writes "max" for no limit
 
 
-def cgroup_room(root: str | os.PathLike = "/sys/fs/cgroup") -> int | None:
-    """Bytes the cgroup still allows (limit minus usage), or None without a limit.
+def _unescape(field: str) -> str:
+    # mountinfo writes space, tab, newline and backslash as octal escapes (\040 ...)
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
-    psutil reports the machine's memory, not the container's, so read the cgroup ourselves.
+
+def _cgroup_mounts(mountinfo: Path):
+    """(fstype, super options, root, mount point) of each cgroup mount."""
+    for line in (_read_text(mountinfo) or "").splitlines():
+        fields = line.split(" ")
+        if "-" not in fields[6:]:  # the optional fields end with a lone "-"
+            continue
+        dash = fields.index("-", 6)
+        if len(fields) < dash + 4:
+            continue
+        fstype, options = fields[dash + 1], fields[dash + 3].split(",")
+        if fstype in ("cgroup", "cgroup2"):
+            yield fstype, options, _unescape(fields[3]), Path(_unescape(fields[4]))
+
+
+def _levels(mount_root: str, mount_point: Path, cgroup: str) -> list[Path] | None:
+    """The directories of `cgroup` and its ancestors visible under a mount, leaf first;
+    None if the mount does not show it.
+
+    The mount shows the hierarchy from `mount_root` down (a container's bind-mounted
+    subtree shows its own cgroup as the top); a namespace shows a cgroup beyond its
+    root with "..".
     """
-    root = Path(root)
-    for limit_file, usage_file in (
-        ("memory.max", "memory.current"),  # cgroup v2
-        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"),  # v1
-    ):
-        limit = _read_int(root / limit_file)
-        # cgroup v1 writes a huge number (about 2**63) for "no limit"
-        if limit is not None and limit < 2**60:
-            usage = _read_int(root / usage_file) or 0
-            return max(limit - usage, 0)
+    parts = [p for p in cgroup.split("/") if p]
+    top = [p for p in mount_root.split("/") if p]
+    if ".." in parts or parts[:len(top)] != top:
+        return None
+    below = parts[len(top):]
+    return [mount_point.joinpath(*below[:i]) for i in range(len(below), -1, -1)]
+
+
+def _tightest(levels, limit_file: str, usage_file: str, version: int) -> CgroupLimit | None:
+    """The level with the least room. Every level's usage counts its descendants, so the
+    room left is the smallest of limit minus usage: an ancestor with a higher limit can
+    leave less room than the lowest limit when its other children use much."""
+    found = None
+    for level in levels:
+        limit = _read_int(level / limit_file)
+        if limit is None or limit >= _NO_LIMIT:
+            continue
+        usage = _read_int(level / usage_file) or 0  # unreadable usage: the limit is still real
+        candidate = CgroupLimit(limit, usage, str(level), version)
+        if found is None or candidate.room < found.room:
+            found = candidate
+    return found
+
+
+def _v1_hierarchical(leaf: Path) -> CgroupLimit | None:
+    """v1's lowest limit of the cgroup and its ancestors, memory.stat's
+    hierarchical_memory_limit, which also sees ancestors above a bind-mounted subtree.
+    Their usage is out of sight; the cgroup's own is a lower bound of it."""
+    for line in (_read_text(leaf / "memory.stat") or "").splitlines():
+        key, _, value = line.partition(" ")
+        if key == "hierarchical_memory_limit" and value.strip().isdigit():
+            limit = int(value)
+            if limit >= _NO_LIMIT:
+                return None
+            usage = _read_int(leaf / "memory.usage_in_bytes") or 0
+            return CgroupLimit(limit, usage, f"{leaf} with its ancestors", 1)
     return None
+
+
+def cgroup_limit(proc_cgroup: str | os.PathLike = "/proc/self/cgroup",
+                 mountinfo: str | os.PathLike = "/proc/self/mountinfo") -> CgroupLimit | None:
+    """The memory limit of the process's cgroup or an ancestor, cgroup v2 or v1, that
+    leaves the least room; None where no level sets one (or not on Linux)."""
+    paths = {}  # "v2" or "memory": the process's cgroup in that hierarchy
+    for line in (_read_text(Path(proc_cgroup)) or "").splitlines():
+        fields = line.split(":", 2)
+        if len(fields) != 3 or not fields[2].startswith("/"):
+            continue
+        if fields[0] == "0" and fields[1] == "":
+            paths.setdefault("v2", fields[2])
+        elif "memory" in fields[1].split(","):
+            paths.setdefault("memory", fields[2])
+    chosen, shown = {}, set()  # kind: the levels to read; kinds whose cgroup a mount shows
+    for fstype, options, root, point in _cgroup_mounts(Path(mountinfo)):
+        kind = "v2" if fstype == "cgroup2" else "memory" if "memory" in options else None
+        if kind not in paths or kind in shown:
+            continue
+        # A hierarchy may be mounted more than once: the first mount that shows the
+        # cgroup counts. If none does, the top of the first is the nearest level in
+        # sight (in a container, the container's own cgroup).
+        levels = _levels(root, point, paths[kind])
+        if levels is not None and levels[0].is_dir():
+            chosen[kind] = levels
+            shown.add(kind)
+        else:
+            chosen.setdefault(kind, [point])
+    found = []
+    for kind, levels in chosen.items():
+        if kind == "v2":
+            found.append(_tightest(levels, "memory.max", "memory.current", 2))
+        else:
+            # ancestors' limits bind only in a hierarchical v1 tree (always, since Linux 5.11)
+            if _read_int(levels[0] / "memory.use_hierarchy") == 0:
+                levels = levels[:1]
+            found += [_tightest(levels, "memory.limit_in_bytes", "memory.usage_in_bytes", 1),
+                      _v1_hierarchical(levels[0])]
+    found = [limit for limit in found if limit is not None]
+    return min(found, key=lambda limit: limit.room, default=None)
+
+
+def cgroup_room(proc_cgroup: str | os.PathLike = "/proc/self/cgroup",
+                mountinfo: str | os.PathLike = "/proc/self/mountinfo") -> int | None:
+    """Bytes the process's cgroup still allows (limit minus usage), or None without a limit."""
+    limit = cgroup_limit(proc_cgroup, mountinfo)
+    return None if limit is None else limit.room
+
+
+# --- RAM and resident memory ------------------------------------------------------
+
+
+def _available_and_cgroup() -> tuple[int, CgroupLimit | None]:
+    """The RAM available now, and the cgroup limit when its room is less."""
+    import psutil
+
+    available = psutil.virtual_memory().available
+    group = cgroup_limit()
+    if group is not None and group.room < available:
+        return group.room, group
+    return available, None
 
 
 def available_memory() -> int:
     """RAM this process could take now: the OS's figure, capped by the cgroup's room."""
-    import psutil
-
-    available = psutil.virtual_memory().available
-    room = cgroup_room()
-    return available if room is None else min(available, room)
+    return _available_and_cgroup()[0]
 
 
 def current_rss() -> int:
@@ -227,14 +365,19 @@ def process_limit(threads: int | None = None) -> ProcessLimit | None:
 
 
 def explain_default_budget(threads: int | None = None) -> tuple[int, str]:
-    """The budget without --max-ram and what set it, e.g. 'half of the available RAM'.
+    """The budget without --max-ram and what set it, e.g. 'half of the available RAM' or
+    'half of the available RAM, capped by the cgroup (1.0 GiB limit, 980.2 MiB free)'.
 
     The share applies to the RAM, which other processes need too; the room under the
     process's own limits is the process's alone, so all of it may be used.
     """
     share = ("half" if DEFAULT_SHARE_OF_AVAILABLE == 0.5
              else f"{DEFAULT_SHARE_OF_AVAILABLE:.0%}")
-    budget, source = int(available_memory() * DEFAULT_SHARE_OF_AVAILABLE), f"{share} of the available RAM"
+    available, group = _available_and_cgroup()
+    budget, source = int(available * DEFAULT_SHARE_OF_AVAILABLE), f"{share} of the available RAM"
+    if group is not None:  # the cgroup's room is shared with its other processes: the share too
+        source += (f", capped by the cgroup ({format_size(group.limit)} limit, "
+                   f"{format_size(group.room)} free)")
     limit = process_limit(threads)
     if limit is not None and limit.ceiling < budget:
         if limit.ceiling <= limit.rss:
@@ -250,19 +393,31 @@ def default_budget(threads: int | None = None) -> int:
 
 def resolve_budget(max_ram: str | None, threads: int | None = None) -> int:
     """The budget in bytes: --max-ram, or the default. A --max-ram that the process's
-    limits (ulimit -v, -d) would break with a MemoryError half-way is refused."""
+    limits (ulimit -v, -d) would break with a MemoryError half-way, or that its cgroup's
+    memory limit would break with the OOM killer, is refused."""
     if max_ram is None:
         return default_budget(threads)
     try:
         budget = parse_size(max_ram)
     except ValueError as err:
         raise LowmemError(str(err)) from None
+    ceilings = []  # (the largest resident set allowed, what allows it)
     limit = process_limit(threads)
-    if limit is not None and budget > limit.ceiling:
-        most = max(limit.ceiling, 0)
-        raise LowmemError(f"--max-ram {budget:,} bytes cannot be kept under the process's limits: "
-                          f"{limit.explain()}, which leaves room for at most {most:,} bytes "
-                          f"({format_size(most)}) of resident memory")
+    if limit is not None:
+        ceilings.append((limit.ceiling, f"the process's limits: {limit.explain()}"))
+    group = cgroup_limit()
+    if group is not None:
+        # what the process holds is in the cgroup's usage already, so its resident set
+        # may grow to that plus the room (never past the limit, should it be charged elsewhere)
+        ceiling = min(current_rss() + group.room, group.limit)
+        ceilings.append((ceiling, f"the cgroup's memory limit: {group.explain()}"))
+    # the tightest first, so that the most named is a --max-ram that is accepted
+    for ceiling, what in sorted(ceilings, key=lambda found: found[0]):
+        if budget > ceiling:
+            most = max(ceiling, 0)
+            raise LowmemError(f"--max-ram {budget:,} bytes cannot be kept under {what}, which "
+                              f"leaves room for at most {most:,} bytes ({format_size(most)}) "
+                              "of resident memory")
     return budget
 
 

@@ -109,6 +109,13 @@ def _data_options(data_dir, image_size, test_split, strict, say):
                        report=say)
 
 
+def _finite(ctx, param, value):
+    """A float option that is a number (FloatRange lets nan through)."""
+    if value is not None and not np.isfinite(value):
+        raise click.BadParameter(f"{value} is not a number")
+    return value
+
+
 def _image_size(text):
     """--image-size as (H, W): 'N' or 'HxW'; None without it."""
     if text is None:
@@ -180,7 +187,7 @@ class _StopRequest:
               "[default: from the config, 20]")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Images per update (at most the "
               "number of training images). [default: from the config, 100]")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True, max=1e6),
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True, max=1e6), callback=_finite,
               help="Learning rate. [default: from the config, 0.001]")
 @click.option("--optimizer", type=click.Choice(list(OPTIMIZERS)), help="[default: from the config, adam]")
 @click.option("--seed", type=int, default=0, help="Seed of the initial weights and the shuffling.")

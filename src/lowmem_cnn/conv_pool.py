@@ -195,7 +195,7 @@ class ConvolutionPooling(Layer):
         pad = self.conv.pad
         return (h + 2 * pad, w + 2 * pad, c)
 
-    # --- parameters and reports, as the convolution's -----------------------------
+    # --- parameters and reports, as the convolution's (see also book_layout.py) -----------------------------
 
     @property
     def W(self):
@@ -212,15 +212,6 @@ class ConvolutionPooling(Layer):
     @b.setter
     def b(self, value):
         self.conv.b = value
-
-    def from_book(self, name, array):
-        return self.conv.from_book(name, array)
-
-    def to_book(self, name, array):
-        return self.conv.to_book(name, array)
-
-    def book_shape(self, name):
-        return self.conv.book_shape(name)
 
     def book_columns_bytes(self, n) -> int:
         return self.conv.book_columns_bytes(n) + self.pool.book_columns_bytes(n)

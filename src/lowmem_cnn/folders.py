@@ -1,4 +1,5 @@
-"""Folders of your own pictures as a data set: the same shape as the IDX data of data.py.
+"""Folders of your own pictures as a data set: the same shape as the IDX data of data.py
+(a datasets.Dataset whose splits' images are datasets.ImageRows).
 
 Layouts (class names are folder names, sorted):
 - `ROOT/train/<class>/...` and `ROOT/test/<class>/...`: the split is given. A class in
@@ -12,12 +13,12 @@ with ".") are ignored, and so are files outside class folders (a README in ROOT)
 
 Decoding once: the first open decodes every picture (imaging.image_row: gray or RGB,
 shorter side scaled to the target, centre-cropped to H x W) and streams the rows into
-a cache file in the user cache; later opens read rows from it with pread, as data.py
-reads IDX files. The decoding pass holds one picture at a time, however many there
-are; what grows with their number is the listing (the relative paths as one blob, a
-label and a status byte: about 50 bytes a file, twice that while it is sorted). A file
-that is not a usable picture is skipped with a warning that names it (an error with
-strict=True).
+a cache file in the user cache; later opens read rows from it with pread, as IDX files
+are read (datasets.ImageRows). The decoding pass holds one picture at a time, however
+many there are; what grows with their number is the listing (the relative paths as one
+blob, a label and a status byte: about 50 bytes a file, twice that while it is sorted).
+A file that is not a usable picture is skipped with a warning that names it (an error
+with strict=True).
 
 Cache file (`cache_dir()/folders/<folder>-<key>.rows`), little-endian:
     0   magic b"LMCNNIMG", u32 format version (1), u32 channels, u32 height, u32 width
@@ -49,7 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lowmem_cnn.data import Dataset, NoBar, RowFile, Split, cache_dir
+from lowmem_cnn.datasets import Dataset, ImageRows, NoBar, Split, cache_dir
 from lowmem_cnn.errors import LowmemError
 from lowmem_cnn.files import atomic_write
 from lowmem_cnn.imaging import DEFAULT_MAX_DECODE_BYTES, ImageRefused, image_row, is_color
@@ -342,69 +343,19 @@ def _remove_older(directory: Path, folder: str, keep: Path):
                 pass
 
 
-# --- reading rows -------------------------------------------------------------------------
-
-
-class FolderImages:
-    """uint8 rows of one split, read from the cache file with pread: the same interface
-    as data.ImageFile (read, read_range, empty, row_bytes, rows, cols, path, len), plus
-    `channels`."""
-
-
-    pixels = True  # 0..255, divided by 255 on the way in (see Network.to_input)
-
-    def __init__(self, path: Path, channels: int, rows: int, cols: int, cache_rows: np.ndarray):
-        self.path = Path(path)
-        self.channels, self.rows, self.cols = channels, rows, cols
-        self.row_bytes = channels * rows * cols
-        self._cache_rows = cache_rows  # int64: the cache row of each of this split's rows
-        self._file = RowFile(self.path)
-
-    def __len__(self):
-        return len(self._cache_rows)
-
-    def __del__(self):
-        if getattr(self, "_file", None) is not None:
-            try:
-                self._file.close()
-            except OSError:
-                pass
-
-    def empty(self, n: int) -> np.ndarray:
-        return np.empty((n, self.row_bytes), np.uint8)
-
-    def read(self, indices: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """The rows at `indices` (any order)."""
-        indices = np.asarray(indices)
-        out = self.empty(len(indices)) if out is None else out
-        for row, r in zip(out, self._cache_rows[indices].tolist(), strict=False):  # out may be longer
-            self._pread(row, HEADER_BYTES + r * self.row_bytes)
-        return out[: len(indices)]
-
-    def read_range(self, start: int, stop: int) -> np.ndarray:
-        """Rows start..stop-1; each run of consecutive cache rows is one read."""
-        out = self.empty(stop - start)
-        rows = self._cache_rows[start:stop]
-        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-        for first, last in zip(np.r_[0, breaks].tolist(), np.r_[breaks, len(rows)].tolist(),
-                               strict=True):
-            self._pread(out[first:last], HEADER_BYTES + int(rows[first]) * self.row_bytes)
-        return out
-
-    def _pread(self, out: np.ndarray, offset: int):
-        self._file.read_into(out, offset)
+# --- the data set ---------------------------------------------------------------------
 
 
 @dataclass
 class FolderSplit(Split):
-    """A data.Split (images, labels) that also names the file of each row."""
+    """A datasets.Split (images, labels) that also names the file of each row."""
 
     files: FileNames | None = field(default=None, kw_only=True)
 
 
 @dataclass(kw_only=True)
 class FolderDataset(Dataset):
-    """A data.Dataset (train, test, source, is_mnist, describe()) from a folder of
+    """A datasets.Dataset (train, test, source, is_mnist, describe()) from a folder of
     pictures, with its class names and what was skipped."""
 
     classes: list[str]
@@ -525,7 +476,7 @@ def open_folder(root: Path, image_size=28, channels: int | None = None,
     splits = {}
     for name, entries in zip(("train", "test"),
                              _split_entries(listing, cache.decoded, test_fraction, seed), strict=True):
-        images = FolderImages(path, cache.channels, *size, cache_row[entries])
+        images = ImageRows(path, (cache.channels, *size), HEADER_BYTES, file_rows=cache_row[entries])
         splits[name] = FolderSplit(images, listing.labels[entries],
                                    files=FileNames(listing.blob, listing.starts, entries))
     drawn = listing.layout == "one folder"

@@ -89,16 +89,6 @@ class Layer:
     def describe(self) -> str:
         raise NotImplementedError
 
-    # The book's layout of the parameters (see book_layout.py): the same by default.
-    def from_book(self, name, array):
-        return array
-
-    def to_book(self, name, array):
-        return array
-
-    def book_shape(self, name):
-        return {**self.param_shapes, **self.state_shapes}[name]
-
     def book_columns_bytes(self, n) -> int:
         """What the book's whole-batch im2col allocates for n images (float64)."""
         return 0
@@ -294,22 +284,6 @@ class Convolution(Layer):
 
     def book_columns_bytes(self, n) -> int:
         return n * self.rows_per_image * self.width * 8
-
-    # The book stores W as (F, C, FH, FW); columns here are in (FH, FW, C) order.
-    def from_book(self, name, array):
-        if name == "W":
-            return array.transpose(2, 3, 1, 0).reshape(self.width, self.filters)
-        return array
-
-    def to_book(self, name, array):
-        if name == "W":
-            c = self.in_shape[2]
-            return array.reshape(self.size, self.size, c, self.filters).transpose(3, 2, 0, 1)
-        return array
-
-    def book_shape(self, name):
-        c = self.in_shape[2]
-        return (self.filters, c, self.size, self.size) if name == "W" else (self.filters,)
 
     def describe(self):
         return f"conv {self.filters}x{self.size}x{self.size} stride {self.stride} pad {self.pad}"
@@ -509,25 +483,6 @@ class Affine(Layer):
         # gradient takes its array (the layers before hand over contiguous outputs).
         grad = np.dot(dout, self.W.T, out=x if x.flags.c_contiguous else None)
         return grad.reshape(dout.shape[0], *self.in_shape)
-
-    # The book flattens maps in (C, H, W) order; they are (H, W, C) here.
-    def _book_order(self):
-        if len(self.in_shape) == 3:
-            h, w, c = self.in_shape
-            return np.arange(self.inputs).reshape(c, h, w).transpose(1, 2, 0).ravel()
-        return None
-
-    def from_book(self, name, array):
-        order = self._book_order()
-        return array[order] if name == "W" and order is not None else array
-
-    def to_book(self, name, array):
-        order = self._book_order()
-        if name == "W" and order is not None:
-            book = np.empty_like(array)
-            book[order] = array
-            return book
-        return array
 
     def describe(self):
         return f"affine {self.inputs}->{self.units}"

@@ -11,11 +11,11 @@ thread order at the end, so the result does not depend on timing.
 
 from __future__ import annotations
 
-import math
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from lowmem_cnn import book_layout
 from lowmem_cnn.config import NetworkConfig
 from lowmem_cnn.conv_pool import ConvolutionPooling
 from lowmem_cnn.errors import LowmemError
@@ -157,22 +157,21 @@ class Network:
         return first
 
     def expected_book_shapes(self) -> dict:
-        return {key: layer.book_shape(name) for key, layer, name in self._all_names()}
+        return {key: book_layout.book_shape(layer, name) for key, layer, name in self._all_names()}
 
     def load_book_params(self, params: dict):
         """Take checked arrays in the book's layout (see params.check_params)."""
         for key, layer, name in self._all_names():
-            array = np.asarray(params[key], dtype=self.dtype)
-            setattr(layer, name, np.ascontiguousarray(layer.from_book(name, array)))
+            setattr(layer, name, book_layout.from_book(layer, name, params[key], self.dtype))
         self._grads = None
 
     def book_params(self) -> dict:
-        return {key: np.ascontiguousarray(layer.to_book(name, getattr(layer, name)))
+        return {key: book_layout.to_book(layer, name, getattr(layer, name))
                 for key, layer, name in self._all_names()}
 
     def param_bytes(self) -> int:
         """Bytes of the parameters and the kept statistics."""
-        return sum(math.prod(layer.book_shape(name)) for _, layer, name in self._all_names()
+        return sum(book_layout.size(layer, name) for _, layer, name in self._all_names()
                    ) * self.dtype.itemsize
 
     # --- running ----------------------------------------------------------------

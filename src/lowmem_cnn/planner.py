@@ -218,6 +218,19 @@ def check_parameters_fit(network, budget: int, optimizer_copies: int | None = No
         raise _too_small(budget, minimum, held)
 
 
+def check_book_parameters_fit(network, budget: int):
+    """Refuse a budget that cannot hold the book's classes' parameters: the float64
+    dict in the book's layout, the engine's copy, and the drawing of the largest."""
+    from lowmem_cnn.budget import current_rss
+
+    count = network.param_bytes() // network.dtype.itemsize
+    largest = max(math.prod(shape) for shape in network.expected_book_shapes().values())
+    held = current_rss()
+    need = held + count * (VALUE_BYTES + network.dtype.itemsize) + largest * VALUE_BYTES
+    if need > budget:
+        raise BudgetError(need, budget, f"the parameters of this {network.config.name} alone", held)
+
+
 def make_plan(network, budget: int, baseline: int, train: bool, batch_size: int,
               fixed: int, evaluations: bool = True) -> Plan:
     """The plan of the fastest thread count, up to the threads the network was built for
