@@ -466,10 +466,12 @@ class Affine(Layer):
         # gradient: the product is added to the gradient while in cache, and its buffer
         # stays small
         rows = max(1, GRADIENT_SLICE_BYTES // (self.units * dout.dtype.itemsize))
-        part = ctx.ws.array(self, "dW", (min(rows, self.inputs), self.units), dout.dtype)
+        overwrites = not ctx.dry and grads.overwrites("W")
+        if not overwrites:  # (a thread's first micro-batch of an update needs no slices)
+            part = ctx.ws.array(self, "dW", (min(rows, self.inputs), self.units), dout.dtype)
         if ctx.dry:
             return x.reshape(dout.shape[0], *self.in_shape) if self.need_input_grad else None
-        if grads.overwrites("W"):
+        if overwrites:
             np.dot(x.T, dout, out=grads["W"])
             grads.written("W")
         else:

@@ -11,6 +11,8 @@ asked for their arrays (`ctx.dry`). What it recorded is what a real Workspace ho
 after the same call (the planner counts it as held for the whole run).
 """
 
+from __future__ import annotations
+
 import math
 from dataclasses import dataclass, field
 
@@ -84,7 +86,7 @@ class Context:
     ws: Workspace = field(default_factory=Workspace)
     train: bool = False
     tiles: dict = field(default_factory=dict)  # id(layer) -> tile size
-    dropout_rng: np.random.Generator | None = None
+    dropout_rng: np.random.Generator | None = None  # (a string: numpy.random is not imported)
     batch_images: int = 0
 
     @property
