@@ -7,14 +7,18 @@ other did not. Here the two take turns every --segment batches, in the order
 lowmem-cnn, PyTorch, PyTorch, lowmem-cnn (so that a drift in speed falls on both
 alike), for --rounds rounds: the ratio of their total times compares the same minutes.
 
-lowmem-cnn trains as `lowmem-cnn train` does (training.training_run: the plan for
---max-ram, the next batch read from the IDX file while one is computed, the config's
-optimizer); PyTorch as scripts/torch_baseline.py does (the data in memory as tensors),
-in a child process that waits between its segments (torch_baseline.py --serve). Only
-the batches are timed: no evaluation, no process start.
+lowmem-cnn trains as `lowmem-cnn train --config CONFIG` does (training.training_run:
+the plan for --max-ram, the next batch read from the IDX file while one is computed,
+and the config's whole [training] table: optimizer, rate, batch, and for a recipe such
+as photos its augmentation, weight decay and learning-rate schedule over its epochs);
+PyTorch as `scripts/torch_baseline.py --recipe CONFIG` does (the data in memory as
+tensors, the same recipe), in a child process that waits between its segments (with
+--serve). Only the batches are timed: no evaluation, no process start.
 
     python scripts/bench_interleaved.py --torch-python TORCHVENV/bin/python \\
         --config deep_convnet --max-ram 2G --segment 50 --rounds 8 --data-dir DIR
+    python scripts/bench_interleaved.py --torch-python TORCHVENV/bin/python \\
+        --config photos --max-ram 2G --data-dir /usr/share/datasets/fashion-mnist
 """
 
 import argparse
@@ -32,27 +36,46 @@ sys.path.insert(0, str(HERE.parent / "src"))
 import numpy as np  # noqa: E402
 
 from lowmem_cnn import default_threads  # noqa: E402
+from lowmem_cnn.augment import Augmentation  # noqa: E402
 from lowmem_cnn.budget import map_large_arrays, parse_size  # noqa: E402
 from lowmem_cnn.config import load_config  # noqa: E402
 from lowmem_cnn.data import open_directory  # noqa: E402
 from lowmem_cnn.model import Network  # noqa: E402
+from lowmem_cnn.planner import check_parameters_fit  # noqa: E402
 from lowmem_cnn.training import training_run  # noqa: E402
 
 
 class LowmemRun:
-    """A lowmem-cnn training run, advanced a number of updates at a time."""
+    """A lowmem-cnn training run, advanced a number of updates at a time: the run
+    `lowmem-cnn train --config CONFIG --max-ram BUDGET --data-dir DIR` makes (its
+    Settings from the config's [training] table, as cli.train fills them, made into a
+    run as training._build does), without the evaluations between epochs."""
 
-    def __init__(self, config_name, budget, data_dir):
+    def __init__(self, config_name, budget, data_dir, epochs=None, limit=None):
+        """`epochs`, `limit`: as train's --epochs and --limit (default: the config's, all)."""
         config = load_config(config_name)
         training = config.training
         network = Network(config.network, np.float32, default_threads())
-        self.run = training_run(network, training.optimizer, training.lr, budget, 1,
-                                training.batch_size)
+        self.run = training_run(network, training.optimizer, training.lr, budget,
+                                epochs or training.epochs, training.batch_size, seed=0, limit=limit,
+                                weight_decay=training.weight_decay,
+                                augmentation=Augmentation.parse(training.augment),
+                                lr_schedule=training.lr_schedule, warmup=training.warmup)
+        check_parameters_fit(network, budget, self.run.optimizer.state_copies)
         network.init_params(self.run.rng)
         self.run.plan_without_data()
         data = open_directory(Path(data_dir))
         self.plan = self.run.use_data(data.train, data.test)
         self.described = f"{self.plan.threads} threads x {self.plan.micro_batch} images"
+        recipe = [f"{training.optimizer} lr {training.lr}, batches of {self.run.batch_size}"]
+        if training.lr_schedule != "constant":
+            recipe.append(f"{training.lr_schedule} schedule over {self.run.epochs} epochs"
+                          + (f" after {training.warmup:g} warm-up" if training.warmup else ""))
+        if training.weight_decay:
+            recipe.append(f"weight decay {training.weight_decay:g}")
+        if Augmentation.parse(training.augment):
+            recipe.append(f"augmented ({Augmentation.parse(training.augment)})")
+        self.recipe = ", ".join(recipe)
         self.steps = self.run.loop.steps(self.plan)
 
     def train(self, batches: int) -> float:
@@ -70,7 +93,7 @@ class TorchChild:
 
     def __init__(self, python, config_name, data_dir):
         self.child = subprocess.Popen(
-            [python, str(HERE / "torch_baseline.py"), data_dir, "--config", config_name, "--serve"],
+            [python, str(HERE / "torch_baseline.py"), data_dir, "--recipe", config_name, "--serve"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         if self.child.stdout.readline().strip() != "ready":
             sys.exit("torch_baseline.py --serve did not start")
@@ -101,8 +124,8 @@ def main():
     theirs.train(5)
     times = {"lowmem-cnn": [], "PyTorch": []}
     n = options.segment
-    print(f"{options.config}, lowmem-cnn --max-ram {options.max_ram} ({ours.described}); "
-          f"ms per batch, each round")
+    print(f"{options.config} ({ours.recipe}), lowmem-cnn --max-ram {options.max_ram} "
+          f"({ours.described}); ms per batch, each round")
     for r in range(options.rounds):
         for name, side in (("lowmem-cnn", ours), ("PyTorch", theirs), ("PyTorch", theirs),
                            ("lowmem-cnn", ours)):

@@ -1,16 +1,23 @@
 """Folders of pictures through the commands: the data decides the network's input and
 classes, the classes travel with the parameter file, and runs resume on them."""
 
+import importlib.util
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from test_folders import make_folder
 
-from conftest import run_lowmem
+from conftest import ROOT, run_lowmem
 from lowmem_cnn.params import meta_path
+
+_spec = importlib.util.spec_from_file_location("make_photo_folder", ROOT / "scripts" / "make_photo_folder.py")
+make_photo_folder = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(make_photo_folder)
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -51,7 +58,9 @@ def test_tinted_rgb_jpegs_train_and_their_names_travel_with_the_parameters(tmp_p
     summary = json.loads(trained.stdout.splitlines()[-1])
     assert summary["test_accuracy"] > 0.3  # 10 classes: chance is 0.1
     meta = json.loads(meta_path(out).read_text())
-    assert meta == {"classes": sorted(WORDS), "input_shape": [3, 24, 24], "config": "simple_convnet"}
+    assert meta["classes"] == sorted(WORDS) and meta["input_shape"] == [3, 24, 24]
+    assert meta["layers"][-1] == {"type": "affine", "units": 10}  # the network itself, no config name
+    assert "config" not in meta
     # eval reads the folder as the parameters were trained, and names the classes
     evaluated = run_lowmem("eval", out, "--data-dir", root, "--json", cwd=tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr
@@ -101,3 +110,46 @@ def test_bad_folders_through_the_commands(tmp_path, mnist_dir):
     assert not (tmp_path / "params.pkl").exists()
     bad = run_lowmem("train", "--data-dir", root, "--image-size", "0x5", cwd=tmp_path)
     assert bad.returncode == 2 and "--image-size" in bad.stderr
+
+
+def test_every_decodable_picture_of_a_photo_folder_is_used(tmp_path):
+    """Issue 19: of a folder of every format and the usual junk, every decodable picture
+    is used (the JPEGs whose crop box came out negative among them), the count is said,
+    system files are not mentioned, and the rest is one warning line."""
+    root = tmp_path / "PetImages"
+    counts = make_photo_folder.write_folder(root, classes=2, per_class=8, min_side=40, max_side=160,
+                                            seed=1)
+    assert counts == {"decodable": 38, "system": 12, "not_pictures": 2, "damaged": 2}
+    args = ["train", "--data-dir", root, "--test-split", "0.2", "--image-size", "48", "--epochs", "1",
+            "--max-ram", "256M", "--json"]
+    trained = run_lowmem(*args, "--out", tmp_path / "p.pkl", cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    data = next(line for line in trained.stderr.splitlines() if line.startswith("data: "))
+    found = re.search(r"(\d+) train, (\d+) test images of 3x48x48", data)
+    assert found and int(found[1]) + int(found[2]) == 38, data
+    assert "38 of 42 files used (not used: 2 damaged or unreadable pictures, 2 files that are not " \
+           "pictures)" in data
+    assert json.loads(trained.stdout.splitlines()[-1])["train_images"] == int(found[1])
+    warned = [line for line in trained.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warned) == 1, trained.stderr
+    assert warned[0].startswith(f"warning: {root}: 4 of its 42 files not used: 2 damaged or unreadable "
+                                "pictures (")
+    assert "11702.jpg" in warned[0] and "666.jpg" in warned[0]
+    assert "; 2 files that are not pictures (Cat/readme.txt, Dog/readme.txt); the full list" in warned[0]
+    for system in ("Thumbs.db", "desktop.ini", ".DS_Store", "._", "MACOSX", "thumbnails"):
+        assert system not in trained.stderr
+    listed = Path(warned[0].rsplit("with reasons: ", 1)[1]).read_text(encoding="utf-8").splitlines()
+    assert sorted(line.split("\t")[:2] for line in listed[1:]) == [
+        ["damaged", "Cat/666.jpg"], ["damaged", "Dog/11702.jpg"], ["not a picture", "Cat/readme.txt"],
+        ["not a picture", "Dog/readme.txt"]]
+
+    # --strict refuses on a damaged picture, in one line; not on junk that is no picture
+    strict = run_lowmem(*args, "--strict", "--out", tmp_path / "s.pkl", cwd=tmp_path)
+    assert strict.returncode == 1 and "Traceback" not in strict.stderr
+    error = strict.stderr.strip().splitlines()[-1]
+    assert error.startswith("Error: ") and ("666.jpg" in error or "11702.jpg" in error), error
+    (root / "Cat" / "666.jpg").unlink()
+    (root / "Dog" / "11702.jpg").unlink()
+    clean = run_lowmem(*args, "--strict", "--out", tmp_path / "c.pkl", cwd=tmp_path)
+    assert clean.returncode == 0, clean.stderr
+    assert "38 of 40 files used (not used: 2 files that are not pictures)" in clean.stderr

@@ -295,21 +295,92 @@ def test_bad_folders_are_one_line_errors(tmp_path):
     one_line_error(lambda: open_folder(root), root, "no test pictures")
 
 
-def test_unreadable_file_skipped_with_a_warning_or_strict_error(tmp_path, mnist_dir):
+def test_system_files_ignored_junk_and_damage_in_one_line(tmp_path, mnist_dir):
     root = make_folder(mnist_dir, tmp_path / "png", limit=30)
-    (root / "train" / "4" / "notes.png").write_text("not a picture")
-    (root / "train" / "4" / ".DS_Store").write_bytes(b"\0\0\1")  # hidden: ignored silently
-    with pytest.warns(SkippedFilesWarning, match="train/4/notes.png"):
+    four = root / "train" / "4"
+    # what systems leave: never listed, never counted, never named
+    for name in ("Thumbs.db", "desktop.ini", "DESKTOP.INI", ".DS_Store", "._00009.png", "Icon\r"):
+        (four / name).write_bytes(b"\0\0\1 not a picture")
+    tiny_png(four / ".thumbnails" / "small.png")
+    tiny_png(root / "train" / "__MACOSX" / "x.png")  # not a class
+    tiny_png(root / "test" / ".trash" / "x.png")
+    # junk to report: not a picture, and three damaged pictures
+    (four / "readme.txt").write_text("where these came from")
+    (four / "notes.png").write_text("not a picture, named as one")
+    (root / "test" / "1" / "666.jpg").write_bytes(b"")
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "whole.jpg", quality=95)
+    whole = (tmp_path / "whole.jpg").read_bytes()
+    (root / "test" / "2" / "cut.jpg").write_bytes(whole[: len(whole) // 2])  # its header whole
+
+    with pytest.warns(SkippedFilesWarning) as caught:
         data = open_folder(root)
-    assert len(data.train) == 30 and data.skipped == [("train/4/notes.png",
-                                                       "not an image Pillow can read")]
-    assert "1 file skipped" in data.describe()
-    with pytest.warns(SkippedFilesWarning, match="notes.png"):  # read from the cache: said again
-        again = open_folder(root)
-    assert not again.decoded_now
-    one_line_error(lambda: open_folder(root, strict=True), root / "train" / "4" / "notes.png", "strict")
-    (root / "train" / "4" / "notes.png").unlink()
-    assert quiet(root, strict=True)[0].skipped == []
+    assert len(caught) == 1
+    line = str(caught[0].message)
+    assert data.classes == [str(k) for k in range(10)] and len(data.train) == len(data.test) == 30
+    assert data.listed == 64
+    reasons = {rel: reason for rel, reason, _ in data.skipped}
+    assert {rel: kind for rel, _, kind in data.skipped} == {
+        "test/1/666.jpg": "damaged", "test/2/cut.jpg": "damaged", "train/4/notes.png": "damaged",
+        "train/4/readme.txt": "not a picture"}
+    assert reasons["test/1/666.jpg"] == "an empty file"
+    assert reasons["test/2/cut.jpg"].startswith("damaged or truncated image")
+    assert reasons["train/4/readme.txt"] == reasons["train/4/notes.png"] == "not an image Pillow can read"
+    assert "\n" not in line and line.startswith(f"{root}: 4 of its 64 files not used: "
+                                                 "3 damaged or unreadable pictures (")
+    assert "; 1 file that is not a picture (train/4/readme.txt); the full list, with reasons: " in line
+    for system in ("Thumbs", "desktop", "DESKTOP", "DS_Store", "._", "Icon", "thumbnails", "MACOSX",
+                   "trash"):
+        assert system not in line
+    assert line.endswith(str(data.skipped_list)) and data.skipped_list.parent == data.cache_path.parent
+    listed = data.skipped_list.read_text().splitlines()
+    assert sorted(tuple(row.split("\t")) for row in listed[1:]) == sorted(
+        (kind, rel, reason) for rel, reason, kind in data.skipped)
+    assert "60 of 64 files used (not used: 3 damaged or unreadable pictures, 1 file that is not a " \
+           "picture)" in data.describe()
+
+    # read from the cache: said again, the same way; the list is written again if gone
+    data.skipped_list.unlink()
+    again, said = quiet(root)
+    assert not again.decoded_now and said == [line] and again.skipped_list.is_file()
+    # strict refuses on a damaged picture, from the cache or decoding (another size), never on
+    # a file that is not a picture or a system file
+    damaged = ("666.jpg", "cut.jpg", "notes.png")
+    for size in (28, 20):
+        message = one_line_error(lambda size=size: open_folder(root, image_size=size, strict=True),
+                                 "strict")
+        assert any(name in message for name in damaged), message
+    for name in ("test/1/666.jpg", "test/2/cut.jpg", "train/4/notes.png"):
+        (root / name).unlink()
+    strict, said = quiet(root, strict=True)
+    assert strict.skipped == [("train/4/readme.txt", "not an image Pillow can read", "not a picture")]
+    assert len(said) == 1 and "1 of its 61 files not used: 1 file that is not a picture" in said[0]
+    (four / "readme.txt").unlink()
+    clean, said = quiet(root, strict=True)
+    assert clean.skipped == [] and said == [] and clean.skipped_list is None
+    assert "60 of 60 files used; decoded now" in clean.describe()
+    # a rebuild removes the older cache files and lists of the folder
+    names = sorted(p.name for p in clean.cache_path.parent.iterdir())
+    assert clean.cache_path.name in names and not any(n.endswith(".skipped.txt") for n in names)
+
+
+def test_hidden_attribute_on_windows(monkeypatch):
+    """Windows hides files by an attribute (its Thumbs.db and desktop.ini carry it)."""
+    import stat
+    from types import SimpleNamespace
+
+    class Entry:
+        def __init__(self, name, attributes):
+            self.name, self._attributes = name, attributes
+
+        def stat(self, follow_symlinks=True):
+            return SimpleNamespace(st_file_attributes=self._attributes)
+
+    monkeypatch.setattr(folders, "_WINDOWS", True)
+    assert folders._ignored(Entry("IMG_0001.JPG", stat.FILE_ATTRIBUTE_HIDDEN | stat.FILE_ATTRIBUTE_ARCHIVE))
+    assert not folders._ignored(Entry("IMG_0001.JPG", stat.FILE_ATTRIBUTE_ARCHIVE))
+    monkeypatch.setattr(folders, "_WINDOWS", False)
+    assert not folders._ignored(Entry("IMG_0001.JPG", stat.FILE_ATTRIBUTE_HIDDEN))
 
 
 # --- hostile and huge pictures ----------------------------------------------------------------
@@ -338,8 +409,11 @@ def test_decompression_bomb_and_too_large_pictures(tmp_path, mnist_dir, book_par
     said = []
     data = open_folder(root, warn=said.append, max_decode_bytes=4 * 2**20)
     assert len(data.train) == 20 and len(data.test) == 20
-    assert len(said) == 1 and "train/2/bomb.png (refused as a possible decompression bomb" in said[0]
-    assert "test/5/big.png (3000x3000 pixels" in said[0]
+    assert len(said) == 1 and "2 pictures too large for the memory budget (" in said[0]
+    reasons = dict((rel, reason) for rel, reason, _ in data.skipped)
+    assert "refused as a possible decompression bomb" in reasons["train/2/bomb.png"]
+    assert "3000x3000 pixels" in reasons["test/5/big.png"]
+    assert "train/2/bomb.png" in said[0] and "test/5/big.png" in said[0]
     one_line_error(lambda: open_folder(root, strict=True, max_decode_bytes=4 * 2**20),
                    "bomb.png", "strict")
     # a larger budget decodes the picture skipped as too large (the bomb stays out)

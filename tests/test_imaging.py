@@ -1,14 +1,17 @@
 """Decoding pictures within a byte budget (imaging.py)."""
 
+import io
 import json
 import textwrap
 
 import numpy as np
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from conftest import need_module, run_python
 from lowmem_cnn.data import open_directory
-from lowmem_cnn.imaging import ImageRefused, is_color, mnist_style
+from lowmem_cnn.imaging import ImageRefused, _cover_box, image_row, is_color, mnist_style
 from lowmem_cnn.planner import chosen_plan
 
 need_module("PIL")
@@ -101,3 +104,83 @@ def test_decode_estimate_is_above_the_measured_peak(tmp_path):
         assert done.returncode == 0, done.stderr
         result = json.loads(done.stdout)
         assert result["measured"] < result["estimate"], (name, result)
+
+
+# --- the crop box of a folder's pictures ------------------------------------------------------
+
+sides = st.integers(1, 5000)
+# (H, W): squares the CLI is given, and HxW targets wider, taller and far from square
+targets = st.one_of(st.sampled_from([(28, 28), (48, 48), (64, 64), (128, 128), (224, 224), (24, 32),
+                                     (32, 24), (1, 1), (1, 300), (300, 1)]),
+                    st.tuples(st.integers(1, 512), st.integers(1, 512)))
+
+
+def old_cover_box(size, out_size):
+    """The box as computed before issue 19 (floats only, no clamp)."""
+    (w, h), (out_w, out_h) = size, out_size
+    scale = max(out_w / w, out_h / h)
+    crop_w, crop_h = out_w / scale, out_h / scale
+    if (crop_w, crop_h) == (w, h):
+        return (0, 0, w, h)
+    left, top = (w - crop_w) / 2, (h - crop_h) / 2
+    return (left, top, left + crop_w, top + crop_h)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(sides, sides, targets)
+@example(159, 94, (48, 48))  # a 317x187 JPEG drawn at half scale: the box's top was -7e-15
+@example(188, 451, (48, 48))  # left was -1.4e-14
+@example(1, 5000, (128, 128))
+@example(5000, 1, (24, 32))
+def test_cover_box_lies_inside_the_picture(w, h, target):
+    out_h, out_w = target
+    left, top, right, bottom = _cover_box((w, h), (out_w, out_h))
+    assert 0 <= left < right <= w and 0 <= top < bottom <= h
+    crop_w, crop_h = right - left, bottom - top
+    # it covers: one side is the whole picture's, the box has the target's shape, centred
+    assert crop_w == pytest.approx(w, rel=1e-9) or crop_h == pytest.approx(h, rel=1e-9)
+    assert crop_w * out_h == pytest.approx(crop_h * out_w, rel=1e-9)
+    assert left == pytest.approx(w - right, abs=1e-9 * w)
+    assert top == pytest.approx(h - bottom, abs=1e-9 * h)
+    # a box that worked before is the same to the bit (parameter files trained on a folder
+    # see the same rows)
+    old = old_cover_box((w, h), (out_w, out_h))
+    if 0 <= old[0] and 0 <= old[1] and old[2] <= w and old[3] <= h:
+        assert (left, top, right, bottom) == old
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 700), st.integers(1, 700), targets)
+@example(159, 94, (48, 48))
+@example(188, 451, (48, 48))
+def test_pillow_takes_the_box_and_gives_the_target_size(w, h, target):
+    from PIL import Image
+
+    out_h, out_w = target
+    box = _cover_box((w, h), (out_w, out_h))
+    small = Image.new("RGB", (w, h)).resize((out_w, out_h), Image.Resampling.LANCZOS, box=box,
+                                            reducing_gap=3.0)
+    assert small.size == (out_w, out_h)
+
+
+# The JPEGs of the issue's folder that were skipped ("box offset can't be negative"), and
+# other awkward sizes: thin, one pixel, far from the target's shape.
+AWKWARD = [(317, 187), (188, 451), (494, 375), (373, 388), (262, 187), (1, 1), (1, 499), (499, 1),
+           (4999, 3), (3, 4999), (47, 49), (48, 48), (97, 95)]
+
+
+@pytest.mark.parametrize("target", [(48, 48), (64, 64), (24, 32), (32, 24), (28, 28)])
+def test_awkward_sizes_decode_to_the_target_size(target):
+    rng = np.random.default_rng(19)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: the box is taken in the stored frame
+    for w, h in AWKWARD:
+        pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        files = {"jpg": {"quality": 90}, "png": {}, "turned.jpg": {"exif": exif}}
+        for name, options in files.items():
+            data = io.BytesIO()
+            Image.fromarray(pixels).save(data, "JPEG" if name.endswith("jpg") else "PNG", **options)
+            for channels in (1, 3):
+                data.seek(0)
+                row = image_row(data, target, channels)
+                assert row.shape == (channels * target[0] * target[1],), (w, h, name)

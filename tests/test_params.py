@@ -190,7 +190,7 @@ def test_file_far_larger_than_the_parameters_is_refused_unread(network, tmp_path
 def test_disk_full_on_save_keeps_the_old_file(network, tmp_path, monkeypatch):
     path = tmp_path / "p.pkl"
     save_params(path, network)
-    before = path.read_bytes()
+    before = {name: (tmp_path / name).read_bytes() for name in ("p.pkl", "p.pkl.json")}
     network.init_params(np.random.default_rng(5))
 
     def full(fd):
@@ -199,8 +199,9 @@ def test_disk_full_on_save_keeps_the_old_file(network, tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(LowmemError, match="cannot write parameter file .*No space left"):
         save_params(path, network)
-    assert path.read_bytes() == before
-    assert os.listdir(tmp_path) == ["p.pkl"]  # no temporary file left behind
+    # the parameter file and its description, both as they were
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    assert sorted(os.listdir(tmp_path)) == ["p.pkl", "p.pkl.json"]  # no temporary file left behind
 
 
 def test_unwritable_directory_on_save(network, tmp_path):

@@ -27,7 +27,6 @@ Where the book's code has a quirk, these follow its intent:
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -291,9 +290,6 @@ class _BookNetwork:
             np.copyto(grads[key].reshape(view.shape), view)
         return grads
 
-    def _param_count(self) -> int:
-        return self.network.param_bytes() // self.network.dtype.itemsize
-
     # --- computing --------------------------------------------------------------------
 
     def _noise_key(self, train: bool):
@@ -385,27 +381,37 @@ class _BookNetwork:
         return self._book_grads(self.network.grads(plan))
 
     def save_params(self, file_name="params.pkl"):
-        """Write `params` as the book does (a pickled dict of arrays), atomically."""
-        from lowmem_cnn.files import atomic_write
+        """Write `params` as the book does (a pickled dict of arrays), atomically, and
+        beside it FILE.json, the network's description, as `lowmem-cnn train` does: the
+        command line then evaluates the file without being told the network."""
+        from lowmem_cnn.params import write_params
 
         params = {key: np.ascontiguousarray(self._param(key))
                   for key in self.network.expected_book_shapes()}
-        with atomic_write(Path(file_name), "parameter file") as f:
-            pickle.dump(params, f, protocol=4)
+        write_params(Path(file_name), params, self.network.config, self.network.dtype)
 
     def load_params(self, file_name="params.pkl"):
         """Read a parameter file (the book's or ours) into `params`. Read with
-        lowmem_cnn.params' restricted unpickler: a file that asks to run anything, or
-        whose keys, shapes or values do not fit, is refused with LowmemError."""
-        from lowmem_cnn.params import check_params, read_params
+        lowmem_cnn.params' restricted unpickler, and its description, if any, as the
+        command line reads it: a file that asks to run anything, whose keys, shapes or
+        values do not fit, or whose description is not its own, is refused with
+        LowmemError."""
+        from lowmem_cnn.params import param_file_limit, read_checked
 
         expected = self.network.expected_book_shapes()
-        limit = 2 * self._param_count() * 8 + (1 << 20)  # as params.load_params
-        loaded = read_params(Path(file_name), limit)
-        check_params(file_name, loaded, expected)
+        loaded = read_checked(Path(file_name), expected, param_file_limit(self.network))
         for key in expected:  # the book puts the file's arrays in params
             self.params[key] = loaded[key]
         self.sync_to_engine()
+
+    def save_onnx(self, file_name="model.onnx", softmax=False):
+        """Write the network, with `params` as they are now, as an ONNX model (float32;
+        input [N, C, H, W] as `predict` takes it; `softmax`: probabilities, not scores),
+        atomically. Needs the onnx extra (pip install 'lowmem-cnn[onnx]')."""
+        from lowmem_cnn.export import save_onnx
+
+        self.sync_to_engine()
+        save_onnx(self.network, Path(file_name), softmax=softmax)
 
 
 class SimpleConvNet(_BookNetwork):

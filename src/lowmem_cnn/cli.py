@@ -12,6 +12,7 @@ import click
 import numpy as np
 
 from lowmem_cnn import __version__, default_threads
+from lowmem_cnn.augment import Augmentation
 from lowmem_cnn.budget import format_size, map_large_arrays, peak_rss, resolve_budget
 from lowmem_cnn.config import DEFAULT_CONFIG, load_config
 from lowmem_cnn.data import NoBar
@@ -59,11 +60,13 @@ def _common(command):
                      help="A folder of <class>/ only: the share of each class's pictures kept "
                           "for testing, drawn the same way every run."),
         click.option("--strict", is_flag=True,
-                     help="A file in a folder that is not a usable picture is an error (by "
-                          "default it is skipped with a warning)."),
+                     help="A damaged picture in a folder, or one too large for the budget, is "
+                          "an error (by default it is skipped and counted in one warning line; "
+                          "files that are not pictures are only counted, system files ignored)."),
         click.option("--config", "config_name",
-                     help="Network config: a name in configs/ or a .toml path.  [default: "
-                          f"{DEFAULT_CONFIG}, or the one a parameter file was trained with]"),
+                     help="Network config: a name in configs/ or a .toml path.  [default: a "
+                          "parameter file's network, as PARAMS.json beside it describes it, else "
+                          f"the shipped config of its parameters; else {DEFAULT_CONFIG}]"),
         click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32",
                      show_default=True, help="Float type of the arithmetic (float64: the book's)."),
         click.option("--threads", type=click.IntRange(min=1), default=default_threads(),
@@ -204,10 +207,32 @@ class _StopRequest:
               help="Continue the run in the checkpoint where it stopped, with its settings.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
               help="Also draw accuracy and loss per epoch into this PNG (needs the plot extra).")
+@click.option("--augment", metavar="LIST",
+              help="Change the training pictures a little each time: flip (mirror left to "
+                   "right), crop:P (pad P pixels, crop back: moves by up to P), e.g. "
+                   "flip,crop:4; none.  [default: from the config, none]")
+@click.option("--weight-decay", type=click.FloatRange(min=0), callback=_finite, metavar="LAMBDA",
+              help="The book's L2 weight decay: LAMBDA/2 * sum of W^2 added to the loss (the "
+                   "weights, not biases or gamma/beta).  [default: from the config, 0]")
+@click.option("--lr-schedule", type=click.Choice(["constant", "cosine", "step"]),
+              help="constant; cosine: down to 0 along half a cosine after --warmup; step: "
+                   "/10 at half and three quarters of the epochs.  [default: from the config, "
+                   "constant]")
+@click.option("--warmup", type=click.FloatRange(min=0), callback=_finite, metavar="EPOCHS",
+              help="With --lr-schedule cosine: epochs of a linear rise first.  [default: from "
+                   "the config, 0]")
+@click.option("--val-split", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="Hold out this share of the training images (chosen by --seed, the same "
+                   "every run) and measure validation accuracy after each epoch.")
+@click.option("--keep", type=click.Choice(["last", "best"]), default="last",
+              help="Save the last epoch's parameters, or those of the epoch with the best "
+                   "validation accuracy (needs --val-split).")
+@click.option("--patience", type=click.IntRange(min=1), metavar="N",
+              help="Stop after N epochs without a better validation accuracy (needs --val-split).")
 @_common
 def train(epochs, batch_size, lr, optimizer, seed, out, limit, checkpoint_path, checkpoint_every,
-          resume, plot, max_ram, data_dir, image_size, test_split, strict, config_name, dtype,
-          threads, as_json):
+          resume, plot, augment, weight_decay, lr_schedule, warmup, val_split, keep, patience,
+          max_ram, data_dir, image_size, test_split, strict, config_name, dtype, threads, as_json):
     """Train the network on the training images; report test accuracy after each epoch.
 
     Ctrl-C or SIGTERM: the current update finishes, a checkpoint is written, and
@@ -235,7 +260,12 @@ def train(epochs, batch_size, lr, optimizer, seed, out, limit, checkpoint_path, 
             config=config_name, dtype=dtype, epochs=epochs or defaults.epochs,
             batch_size=batch_size or defaults.batch_size, lr=lr or defaults.lr,
             optimizer=optimizer or defaults.optimizer, seed=seed, limit=limit, out=str(out),
-            max_ram=_budget(max_ram, threads, say), threads=threads)
+            max_ram=_budget(max_ram, threads, say), threads=threads,
+            augment=str(Augmentation.parse(defaults.augment if augment is None else augment)),
+            weight_decay=defaults.weight_decay if weight_decay is None else weight_decay,
+            lr_schedule=lr_schedule or defaults.lr_schedule,
+            warmup=defaults.warmup if warmup is None else warmup, val_split=val_split or 0.0,
+            keep=keep, patience=patience)
         run, _ = training.start(settings, checkpointing, data, say, picture)
     # Ctrl-C or SIGTERM from here on asks the run to stop after its current update
     stop = _StopRequest()
@@ -243,7 +273,7 @@ def train(epochs, batch_size, lr, optimizer, seed, out, limit, checkpoint_path, 
     _describe_plan(run.network, run.plan, say)
     say(f"{'resuming' if resume else 'training'} {run.network.config.name} ({settings.dtype}) on "
         f"{loop.count:,} images: {settings.epochs} epochs, batches of {loop.batch_size}, "
-        f"{settings.optimizer} lr {settings.lr}"
+        f"{settings.optimizer} lr {settings.lr}" + _recipe(settings, run)
         + (f"; from epoch {loop.epochs_done + 1}, update {loop.position}" if resume else ""))
     report = _TrainReport(loop.count, settings.epochs, say)
     out = Path(settings.out)
@@ -265,11 +295,21 @@ def train(epochs, batch_size, lr, optimizer, seed, out, limit, checkpoint_path, 
 
         plot_curves(history, plot)  # the run's arrays are released (run.finish)
         say(f"learning curves drawn in {plot}")
+    if len(history) < settings.epochs:
+        say(f"stopped after epoch {len(history)}: no better validation accuracy for "
+            f"{settings.patience} epochs")
+    best = run.best
+    if best:
+        kept = "kept" if settings.keep == "best" else "not kept (--keep last)"
+        say(f"best validation accuracy {best['val_accuracy']:.4f} at epoch {best['epoch']}: its "
+            f"parameters are {kept}")
     peak = peak_rss()
     say(f"saved {out}; peak RSS {peak:,} bytes ({format_size(peak)})")
     if as_json:
         click.echo(json.dumps({
             "epochs": settings.epochs,
+            "best": best,
+            "kept": "best" if settings.keep == "best" and best else "last",
             "train_accuracy": history[-1]["train_accuracy"],
             "test_accuracy": history[-1]["test_accuracy"],
             "seconds_per_epoch": [h["seconds"] for h in history],
@@ -280,6 +320,21 @@ def train(epochs, batch_size, lr, optimizer, seed, out, limit, checkpoint_path, 
             "train_images": loop.count,
             "checkpoint": str(checkpointing.path),
         }))
+
+
+def _recipe(settings, run) -> str:
+    """What the run does besides the book's plain training, for its first line."""
+    parts = []
+    if settings.lr_schedule != "constant":
+        parts.append(f"{settings.lr_schedule} schedule"
+                     + (f" after {settings.warmup:g} warm-up epochs" if settings.warmup else ""))
+    if settings.weight_decay:
+        parts.append(f"weight decay {settings.weight_decay:g}")
+    if settings.augment != "none":
+        parts.append(f"augmented ({settings.augment})")
+    if run.validation is not None:
+        parts.append(f"{len(run.validation):,} images held out for validation")
+    return "".join(f", {part}" for part in parts)
 
 
 class _TrainReport:
@@ -299,9 +354,10 @@ class _TrainReport:
 
     def epoch_ends(self, h):
         self.close()
+        validation = (f"  validation {h['val_accuracy']:.4f}" if "val_accuracy" in h else "")
         self.say(f"epoch {h['epoch']:>3}: loss {h['loss']:.4f}  train accuracy "
-                 f"{h['train_accuracy']:.4f} (first {h['train_sample']:,})  test accuracy "
-                 f"{h['test_accuracy']:.4f}  {h['seconds']:.1f} s "
+                 f"{h['train_accuracy']:.4f} (first {h['train_sample']:,}){validation}  test "
+                 f"accuracy {h['test_accuracy']:.4f}  {h['seconds']:.1f} s "
                  f"({self.images / h['seconds']:,.0f} img/s)")
 
     def close(self):
@@ -439,8 +495,9 @@ def profile_memory(batch_size, train, plot, max_ram, data_dir, image_size, test_
 @click.argument("params", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--config", "config_name",
-              help="Network config: a name in configs/ or a .toml path.  [default: "
-                   f"{DEFAULT_CONFIG}, or the one the parameter file was trained with]")
+              help="Network config: a name in configs/ or a .toml path.  [default: the "
+                   "parameter file's network, as PARAMS.json beside it describes it, else the "
+                   "shipped config of its parameters]")
 @click.option("--max-ram", metavar="SIZE", help=BUDGET_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON line per image.")
 @_user_errors
@@ -488,6 +545,30 @@ def _print_prediction(path, p, names, as_json):
     else:
         click.echo(f"{path}: {names[best]} ({p[best]:.3f})   "
                    + " ".join(f"{name}:{v:.3f}" for name, v in zip(names, p, strict=True)))
+
+
+@main.command("export")
+@click.argument("params", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--config", "config_name",
+              help="Network config: a name in configs/ or a .toml path.  [default: "
+                   f"{DEFAULT_CONFIG}, or the one the parameter file was trained with]")
+@click.option("--softmax", is_flag=True,
+              help="End the model with a softmax: it gives probabilities, not scores.")
+@_user_errors
+def export_command(params, out, config_name, softmax):
+    """Write the network of a parameter file to OUT as an ONNX model, for onnxruntime
+    and the tools that read ONNX (needs the onnx extra).
+
+    The input is float32 [N, C, H, W]: pixels / 255. The model's metadata holds the
+    class names, the input shape and the preprocessing; see the README."""
+    from lowmem_cnn.export import export_params
+
+    done = export_params(params, out, config_name, softmax)
+    c, h, w = done.input_shape
+    click.echo(f"wrote {done.path} ({done.bytes:,} bytes, ONNX opset {done.opset}): input float32 "
+               f"[N, {c}, {h}, {w}] (pixels / 255), output {done.output} of {len(done.classes)} "
+               f"classes ({', '.join(done.classes)})")
 
 
 if __name__ == "__main__":

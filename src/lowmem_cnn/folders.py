@@ -8,8 +8,11 @@ Layouts (class names are folder names, sorted):
   round(n * test_fraction) (at most n - 1) whose draw (the SHA-256 of the seed and
   the file's relative path) is smallest are the test ones: the same every run, and a
   file added or removed moves at most one other file to the other side.
-Files may be in subfolders of a class folder. Hidden files and folders (names starting
-with ".") are ignored, and so are files outside class folders (a README in ROOT).
+Files may be in subfolders of a class folder. Files outside class folders (a README in
+ROOT) are ignored, and so are, without a word, what systems leave in folders: hidden
+files and folders (names starting with ".", such as .DS_Store and macOS's ._* files;
+on Windows, the hidden attribute too) and SYSTEM_NAMES (Thumbs.db, desktop.ini,
+__MACOSX, ...).
 
 Decoding once: the first open decodes every picture (imaging.image_row: gray or RGB,
 shorter side scaled to the target, centre-cropped to H x W) and streams the rows into
@@ -17,31 +20,39 @@ a cache file in the user cache; later opens read rows from it with pread, as IDX
 are read (datasets.ImageRows). The decoding pass holds one picture at a time, however
 many there are; what grows with their number is the listing (the relative paths as one
 blob, a label and a status byte: about 50 bytes a file, twice that while it is sorted).
-A file that is not a usable picture is skipped with a warning that names it (an error
-with strict=True).
+Every other file is tried as a picture, whatever its name (Pillow knows a format by its
+content). One that cannot be used is skipped, as one of three kinds: a damaged picture
+(a file Pillow recognises but cannot decode, or one named as a picture that it does
+not recognise: a 0-byte cat.jpg), a picture too large for the budget, or a file that
+is not a picture (readme.txt). One warning line counts them and names the first few;
+the full list, with the reasons, is written next to the cache file. strict=True makes
+the first damaged or too large picture an error; a file that is not a picture never is.
 
 Cache file (`cache_dir()/folders/<folder>-<key>.rows`), little-endian:
-    0   magic b"LMCNNIMG", u32 format version (1), u32 channels, u32 height, u32 width
+    0   magic b"LMCNNIMG", u32 format version (2), u32 channels, u32 height, u32 width
     24  u64 files in the listing, u64 rows (pictures decoded)
     40  u64 offset and u64 length of the JSON trailer; zeros up to byte 64
     64  rows: C*H*W uint8 values each, channel by channel (all of channel 0's H x W
         values row by row, then channel 1's, ...): what Network.to_input takes
     then one label byte per row, one status byte per listed file (1: decoded, in
         listing order, 0: skipped), and the JSON trailer: the classes, and each skipped
-        file, why, and for one too large to decode the bytes it needed (a run with a
-        larger budget decodes it)
+        file, why, for one too large to decode the bytes it needed (a run with a
+        larger budget decodes it), and its kind
 The listing is the files in order of part (train, test; or the one folder), then of
 the SHA-256 of their relative path: a fixed shuffle, so that the first N rows of a
 split mix the classes. The key is the SHA-256 of the format version, the input shape
 asked for (H, W, channels or "auto") and every file's relative path, size and mtime
 (in the order the folder is walked: sorted names, folder by folder): a file added,
 removed or touched makes another key, and the folder is decoded again.
-One cache file is kept per folder and shape; a rebuild removes the older ones.
+One cache file is kept per folder and shape; a rebuild removes the older ones. Beside it,
+`<folder>-<key>.skipped.txt` lists the files not used: one line each, kind, relative
+path and reason separated by tabs.
 """
 
 import hashlib
 import json
 import os
+import stat
 import struct
 import warnings
 from array import array
@@ -55,14 +66,33 @@ from lowmem_cnn.errors import LowmemError
 from lowmem_cnn.files import atomic_write
 from lowmem_cnn.imaging import DEFAULT_MAX_DECODE_BYTES, ImageRefused, image_row, is_color
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the trailer says the kind of each skipped file
 MAGIC = b"LMCNNIMG"
 HEADER = struct.Struct("<8sIIIIQQQQ")
 HEADER_BYTES = 64
 TEST_FRACTION = 0.2
 MAX_CLASSES = 256  # labels are one byte
-# Skipped files named in a warning; the rest are counted.
-NAMED_SKIPS = 10
+# Skipped files the warning names, of each kind; the rest are counted (all are in the
+# list file).
+NAMED_SKIPS = 3
+# What systems leave in folders of pictures (lower case): ignored without a word, as
+# are names starting with "." (.DS_Store, AppleDouble ._* files, .git).
+SYSTEM_NAMES = frozenset({"thumbs.db", "ehthumbs.db", "ehthumbs_vista.db", "desktop.ini",
+                          "icon\r", "__macosx", "$recycle.bin", "system volume information"})
+# Picture formats' extensions (lower case), Pillow's and the ones it may lack (HEIC,
+# camera raw). A file Pillow does not recognise is a damaged picture with one of these
+# (a 0-byte 666.jpg), else a file that is not a picture (readme.txt).
+PICTURE_EXTENSIONS = frozenset(
+    ".jpg .jpeg .jpe .jfif .png .apng .gif .bmp .dib .tif .tiff .webp .ppm .pgm .pbm .pnm "
+    ".tga .ico .pcx .psd .jp2 .j2k .jpx .heic .heif .avif .jxl .dng .cr2 .cr3 .nef .arw "
+    ".orf .rw2 .raf".split())
+# The kinds of skipped files, in the order the warning names them, with their words
+# (one, many); strict refuses the first two.
+KINDS = {"damaged": ("damaged or unreadable picture", "damaged or unreadable pictures"),
+         "too large": ("picture too large for the memory budget",
+                       "pictures too large for the memory budget"),
+         "not a picture": ("file that is not a picture", "files that are not pictures")}
+_WINDOWS = os.name == "nt"
 
 
 class SkippedFilesWarning(UserWarning):
@@ -128,8 +158,21 @@ def _ints(values: np.ndarray, chunk: int = 4096):
         yield from values[start : start + chunk].tolist()
 
 
+def _ignored(entry) -> bool:
+    """Whether a directory entry is one that systems leave: hidden, or a SYSTEM_NAME."""
+    if entry.name.startswith(".") or entry.name.lower() in SYSTEM_NAMES:
+        return True
+    if _WINDOWS:  # hidden there is an attribute, which scandir has read already
+        try:
+            return bool(entry.stat(follow_symlinks=False).st_file_attributes
+                        & stat.FILE_ATTRIBUTE_HIDDEN)
+        except (OSError, AttributeError):
+            return False
+    return False
+
+
 def _visible(entries):
-    return sorted((e for e in entries if not e.name.startswith(".")), key=lambda e: e.name)
+    return sorted((e for e in entries if not _ignored(e)), key=lambda e: e.name)
 
 
 def _scan(directory: Path):
@@ -223,7 +266,7 @@ def _list_folder(root: Path) -> _Listing:
 class _Cache:
     channels: int
     decoded: np.ndarray  # bool per listed file
-    skipped: list  # [relative path, reason, bytes needed or None]
+    skipped: list  # [relative path, reason, bytes needed or None, kind (see KINDS)]
 
 
 def _read_cache(path: Path, listing: _Listing, size, max_decode_bytes) -> _Cache | None:
@@ -248,13 +291,14 @@ def _read_cache(path: Path, listing: _Listing, size, max_decode_bytes) -> _Cache
             trailer = json.loads(f.read(t_len))
     except (OSError, ValueError, struct.error):
         return None
-    if (decoded.sum() != rows or not np.array_equal(labels, listing.labels[decoded])
-            or trailer.get("classes") != listing.classes):
-        return None
     skipped = trailer.get("skipped", [])
+    if (decoded.sum() != rows or not np.array_equal(labels, listing.labels[decoded])
+            or trailer.get("classes") != listing.classes or len(skipped) != entries - rows
+            or not all(isinstance(s, list) and len(s) == 4 and s[3] in KINDS for s in skipped)):
+        return None
     # A picture skipped as too large for a smaller budget is decoded this time.
     if any(need is not None and (max_decode_bytes is None or need <= max_decode_bytes)
-           for _, _, need in skipped):
+           for _, _, need, _ in skipped):
         return None
     return _Cache(channels, decoded, skipped)
 
@@ -270,6 +314,16 @@ def _choose_channels(listing: _Listing, progress) -> int:
         return 1
     finally:
         bar.close()
+
+
+STRICT = "strict: every picture must be usable"
+
+
+def _kind(rel: str, err: ImageRefused) -> str:
+    """Which of KINDS a file refused by imaging is (see the module notes)."""
+    if err.kind == "unidentified":
+        return "damaged" if os.path.splitext(rel)[1].lower() in PICTURE_EXTENSIONS else "not a picture"
+    return err.kind
 
 
 def _decode_all(listing, path, size, channels, strict, max_decode_bytes, progress) -> _Cache:
@@ -288,10 +342,10 @@ def _decode_all(listing, path, size, channels, strict, max_decode_bytes, progres
                 try:
                     row = image_row(listing.file(i), (height, width), channels, max_decode_bytes)
                 except ImageRefused as err:
-                    if strict:
-                        raise LowmemError(f"{err} (strict: every file must be a usable picture)"
-                                          ) from None
-                    skipped.append([rel, err.reason, err.needed])
+                    kind = _kind(rel, err)
+                    if strict and kind != "not a picture":
+                        raise LowmemError(f"{err} ({STRICT})") from None
+                    skipped.append([rel, err.reason, err.needed, kind])
                 else:
                     f.write(row.data)
                     labels.append(int(listing.labels[i]))
@@ -335,8 +389,8 @@ def _cache_path(listing: _Listing, size, channels) -> tuple[Path, str]:
 
 
 def _remove_older(directory: Path, folder: str, keep: Path):
-    for old in directory.glob(f"{folder}-*.rows"):
-        if old != keep:
+    for old in [*directory.glob(f"{folder}-*.rows"), *directory.glob(f"{folder}-*.skipped.txt")]:
+        if old not in (keep, _list_path(keep)):
             try:
                 old.unlink()
             except OSError:
@@ -362,9 +416,11 @@ class FolderDataset(Dataset):
     channels: int
     image_size: tuple[int, int]  # (H, W)
     layout: str  # "train/test" or "one folder"
-    skipped: list  # [(relative path, reason)] of files that are not usable pictures
+    listed: int  # files in the class folders (system files left out)
+    skipped: list  # [(relative path, reason, kind)] of the files not used (see KINDS)
     decoded_now: bool  # this open decoded the pictures (else it read the cache)
     cache_path: Path
+    skipped_list: Path | None = None  # where the skipped files are listed, if any
     test_fraction: float | None = None  # for a drawn split
     seed: int | None = None
 
@@ -379,12 +435,13 @@ class FolderDataset(Dataset):
                                                  if len(self.classes) > 10 else "")
         split = ("train/ and test/" if self.layout == "train/test" else
                  f"test {self.test_fraction:g} drawn with seed {self.seed}")
-        skipped = (f"; {len(self.skipped):,} file{'s' if len(self.skipped) != 1 else ''} skipped "
-                   "(not usable pictures)" if self.skipped else "")
+        used = len(self.train) + len(self.test)
+        unused = f" (not used: {_counted_kinds(self.skipped)})" if self.skipped else ""
         cached = "decoded now into the cache" if self.decoded_now else "read from the cache"
         return (f"{self.source} (image folder, {split}): {len(self.train):,} train, "
                 f"{len(self.test):,} test images of {c}x{h}x{w} ({'RGB' if c == 3 else 'gray'}), "
-                f"{len(self.classes)} classes ({names}){skipped}; {cached}")
+                f"{len(self.classes)} classes ({names}); {used:,} of {self.listed:,} files used"
+                f"{unused}; {cached}")
 
 
 def _warn(message):
@@ -423,11 +480,48 @@ def _split_entries(listing: _Listing, decoded: np.ndarray, test_fraction: float,
     return np.flatnonzero(decoded & ~in_test), np.flatnonzero(in_test)
 
 
-def _skip_message(root: Path, skipped: list) -> str:
-    named = "; ".join(f"{rel} ({reason})" for rel, reason, _ in skipped[:NAMED_SKIPS])
-    more = f"; and {len(skipped) - NAMED_SKIPS:,} more" if len(skipped) > NAMED_SKIPS else ""
-    return (f"{root}: skipped {len(skipped):,} file{'s' if len(skipped) != 1 else ''} that "
-            f"{'are' if len(skipped) != 1 else 'is'} not usable pictures: {named}{more}")
+def _counted(n: int, kind: str) -> str:
+    return f"{n:,} {KINDS[kind][n != 1]}"
+
+
+def _counted_kinds(skipped) -> str:
+    """'2 damaged or unreadable pictures, 1 file that is not a picture'"""
+    counts = [(kind, sum(s[-1] == kind for s in skipped)) for kind in KINDS]
+    return ", ".join(_counted(n, kind) for kind, n in counts if n)
+
+
+def _shown(rel: str) -> str:
+    # a file name may hold a line break; the warning stays one line
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in rel)
+
+
+def _skip_message(root: Path, skipped: list, listed: int, where: str) -> str:
+    """One line: how many files were not used, of which kinds, the first few names."""
+    parts = []
+    for kind in KINDS:
+        names = [rel for rel, _, _, k in skipped if k == kind]
+        if names:
+            more = f", and {len(names) - NAMED_SKIPS:,} more" if len(names) > NAMED_SKIPS else ""
+            parts.append(f"{_counted(len(names), kind)} "
+                         f"({', '.join(map(_shown, names[:NAMED_SKIPS]))}{more})")
+    return f"{root}: {len(skipped):,} of its {listed:,} files not used: {'; '.join(parts)}; {where}"
+
+
+def _list_path(cache_path: Path) -> Path:
+    return cache_path.with_name(cache_path.stem + ".skipped.txt")
+
+
+def _write_list(path: Path, root: Path, size, skipped: list) -> str:
+    """Write the skipped files' list at `path`; say where it is (or why it is not)."""
+    lines = [f"# files of {root} not used for pictures of {size[0]}x{size[1]}: "
+             "kind, file, reason (tab-separated)\n"]
+    lines += [f"{kind}\t{_shown(rel)}\t{_shown(reason)}\n" for rel, reason, _, kind in skipped]
+    try:
+        with atomic_write(path, "list of skipped files") as f:
+            f.write("".join(lines).encode("utf-8", "surrogateescape"))
+    except LowmemError as err:
+        return f"the full list could not be written ({err})"
+    return f"the full list, with reasons: {path}"
 
 
 def open_folder(root: Path, image_size=28, channels: int | None = None,
@@ -467,11 +561,18 @@ def open_folder(root: Path, image_size=28, channels: int | None = None,
                               ) from None
         cache = _decode_all(listing, path, size, channels, strict, max_decode_bytes, progress)
         _remove_older(path.parent, folder, path)
-    elif strict and cache.skipped:
-        rel, reason, _ = cache.skipped[0]
-        raise LowmemError(f"{root / rel}: {reason} (strict: every file must be a usable picture)")
+    elif strict:
+        refused = next((s for s in cache.skipped if s[3] != "not a picture"), None)
+        if refused:
+            raise LowmemError(f"{root / refused[0]}: {refused[1]} ({STRICT})")
+    skipped_list = None
     if cache.skipped:
-        (warn or _warn)(_skip_message(root, cache.skipped))
+        skipped_list = _list_path(path)
+        if decoded_now or not skipped_list.is_file():
+            where = _write_list(skipped_list, root, size, cache.skipped)
+        else:
+            where = f"the full list, with reasons: {skipped_list}"
+        (warn or _warn)(_skip_message(root, cache.skipped, len(listing), where))
     cache_row = np.cumsum(cache.decoded) - 1  # the cache row of each decoded file
     splits = {}
     for name, entries in zip(("train", "test"),
@@ -482,10 +583,10 @@ def open_folder(root: Path, image_size=28, channels: int | None = None,
     drawn = listing.layout == "one folder"
     return FolderDataset(
         splits["train"], splits["test"], source or str(root), False, classes=listing.classes,
-        channels=cache.channels, image_size=size, layout=listing.layout,
-        skipped=[(rel, reason) for rel, reason, _ in cache.skipped], decoded_now=decoded_now,
-        cache_path=path, test_fraction=test_fraction if drawn else None,
-        seed=seed if drawn else None)
+        channels=cache.channels, image_size=size, layout=listing.layout, listed=len(listing),
+        skipped=[(rel, reason, kind) for rel, reason, _, kind in cache.skipped],
+        decoded_now=decoded_now, cache_path=path, skipped_list=skipped_list,
+        test_fraction=test_fraction if drawn else None, seed=seed if drawn else None)
 
 
 def is_image_folder(directory: Path) -> bool:
@@ -494,4 +595,5 @@ def is_image_folder(directory: Path) -> bool:
     directory = Path(directory)
     if not directory.is_dir() or any(directory.glob("*-idx[13]-ubyte*")):
         return False
-    return any(entry.is_dir() and not entry.name.startswith(".") for entry in directory.iterdir())
+    with os.scandir(directory) as entries:
+        return any(entry.is_dir() and not _ignored(entry) for entry in entries)

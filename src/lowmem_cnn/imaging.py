@@ -18,6 +18,7 @@ only inside functions.
 """
 
 import math
+import os
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -52,11 +53,15 @@ _ORIENTATION_TAG = 0x0112
 class ImageRefused(LowmemError):
     """A file that is not a picture that can be decoded within the budget: not an image,
     damaged, a decompression bomb, or too large. `needed` is the estimated decode size
-    in bytes when the picture was refused for its size (else None)."""
+    in bytes when the picture was refused for its size (else None). `kind` says which:
+    "unidentified" (Pillow knows no format with this content: not a picture, or one
+    damaged beyond recognition), "too large" (for the budget, or a decompression bomb)
+    or "damaged" (a picture that cannot be read, decoded or converted)."""
 
-    def __init__(self, path, reason: str, needed: int | None = None):
+    def __init__(self, path, reason: str, needed: int | None = None, kind: str | None = None):
         super().__init__(f"{path}: {reason}")
         self.path, self.reason, self.needed = path, reason, needed
+        self.kind = kind or ("too large" if needed is not None else "damaged")
 
 
 def _image_module():
@@ -84,15 +89,25 @@ def open_image(path: Path):
         except IsADirectoryError:
             raise ImageRefused(path, "a directory, not an image file") from None
         except Image.DecompressionBombError as err:
-            raise ImageRefused(path, f"refused as a possible decompression bomb ({err})") from None
+            raise ImageRefused(path, f"refused as a possible decompression bomb ({err})",
+                               kind="too large") from None
         except OSError as err:  # UnidentifiedImageError is an OSError
             if getattr(err, "strerror", None):
                 raise ImageRefused(path, f"cannot read ({err.strerror})") from None
-            raise ImageRefused(path, "not an image Pillow can read") from None
+            reason = "an empty file" if _is_empty(path) else "not an image Pillow can read"
+            raise ImageRefused(path, reason, kind="unidentified") from None
         except Exception as err:  # noqa: BLE001 - a hostile header can make a plugin raise anything
-            raise ImageRefused(path, f"not an image Pillow can read ({type(err).__name__})") from None
+            raise ImageRefused(path, f"not an image Pillow can read ({type(err).__name__})",
+                               kind="unidentified") from None
         with picture:
             yield picture
+
+
+def _is_empty(path) -> bool:
+    try:
+        return os.stat(path).st_size == 0
+    except (OSError, TypeError):  # gone, or a file object rather than a path
+        return False
 
 
 def _storage(mode: str) -> int:
@@ -245,7 +260,11 @@ def _cover_box(size, out_size):
     if (crop_w, crop_h) == (w, h):
         return (0, 0, w, h)
     left, top = (w - crop_w) / 2, (h - crop_h) / 2
-    return (left, top, left + crop_w, top + crop_h)
+    # out_w / (out_w / w) need not come back as w: the box could stick out of the
+    # picture by a rounding error (a 317x187 JPEG drawn at 159x94 for 48x48: top -7e-15),
+    # which Pillow refuses. Clamping changes only such boxes, which failed before: a box
+    # that worked is the same to the bit, and so are the rows decoded with it.
+    return (max(left, 0.0), max(top, 0.0), min(left + crop_w, w), min(top + crop_h, h))
 
 
 def image_row(path: Path, size: tuple[int, int], channels: int,

@@ -35,8 +35,12 @@ class Optimizer:
     #: names of the per-parameter state arrays, each the parameter's shape
     slots: tuple = ()
 
-    def __init__(self, lr: float):
+    def __init__(self, lr: float, weight_decay: float = 0.0, decayed=()):
         self.lr = float(lr)  # a NumPy float64 would send float32 arithmetic through float64
+        self._lr = self.lr  # the rate of the update under way (see update)
+        # the book's L2 term: lambda/2 * sum of W^2 in the loss, lambda * W in the
+        # gradient, for the parameters named in `decayed` (the weights)
+        self.weight_decay, self.decayed = float(weight_decay), frozenset(decayed)
         self.state: dict[str, np.ndarray] = {}
         self.steps = 0
         self._scratch = []  # one chunk-sized buffer per thread
@@ -45,10 +49,11 @@ class Optimizer:
     def state_copies(self) -> int:
         return len(self.slots)
 
-    def update(self, params: dict, grads, pool=None, pieces: int = 1):
+    def update(self, params: dict, grads, pool=None, pieces: int = 1, lr: float | None = None):
         """`grads`: one dict of gradients like `params`, or a list of them (one per
-        thread) to add up."""
+        thread) to add up. `lr`: this update's rate (a schedule's), else the optimizer's."""
         grad_sets = [grads] if isinstance(grads, dict) else list(grads)
+        self._lr = self.lr if lr is None else float(lr)
         self.steps += 1
         self._start_step()
         pieces = pieces if pool is not None else 1
@@ -62,17 +67,21 @@ class Optimizer:
                     self.state[name + key] = np.zeros_like(param)
             flat = [a.reshape(-1) for a in (param, *(self.state[name + key] for name in self.slots))]
             sums = [grads_[key].reshape(-1) for grads_ in grad_sets]
+            decay = self.weight_decay if key in self.decayed else 0.0
             for lo in range(0, param.size, CHUNK):
                 jobs.append(([a[lo : lo + CHUNK] for a in sums],
-                             [a[lo : lo + CHUNK] for a in flat]))
+                             [a[lo : lo + CHUNK] for a in flat], decay))
         run_shared(pool, pieces, self._run, jobs)
 
     def _run(self, job, thread):
-        sums, (param, *state) = job
+        sums, (param, *state), decay = job
         scratch = self._scratch[thread]
         grad = sums[0]
         for other in sums[1:]:
             grad += other
+        if decay:
+            np.multiply(param, decay, out=scratch[: param.size])
+            grad += scratch[: param.size]
         self._step(param, grad, scratch[: param.size], *state)
         if self.steps % FLUSH_EVERY == 0:
             for array in state:
@@ -88,20 +97,20 @@ class Optimizer:
 
 class SGD(Optimizer):
     def _step(self, param, grad, scratch):
-        grad *= self.lr
+        grad *= self._lr
         param -= grad
 
 
 class Momentum(Optimizer):
     slots = ("v",)
 
-    def __init__(self, lr, momentum=0.9):
-        super().__init__(lr)
+    def __init__(self, lr, momentum=0.9, **common):
+        super().__init__(lr, **common)
         self.momentum = float(momentum)
 
     def _step(self, param, grad, scratch, v):
         v *= self.momentum
-        grad *= self.lr
+        grad *= self._lr
         v -= grad
         param += v
 
@@ -111,7 +120,7 @@ class Nesterov(Momentum):
 
     def _step(self, param, grad, scratch, v):
         v *= self.momentum
-        grad *= self.lr
+        grad *= self._lr
         v -= grad
         np.multiply(v, self.momentum * self.momentum, out=scratch)
         param += scratch
@@ -132,15 +141,15 @@ class AdaGrad(Optimizer):
         np.sqrt(h, out=scratch)
         scratch += 1e-7
         np.divide(grad, scratch, out=scratch)
-        scratch *= self.lr
+        scratch *= self._lr
         param -= scratch
 
 
 class RMSprop(AdaGrad):
     """AdaGrad with a decaying sum: h = d h + (1 - d) g^2."""
 
-    def __init__(self, lr, decay_rate=0.99):
-        super().__init__(lr)
+    def __init__(self, lr, decay_rate=0.99, **common):
+        super().__init__(lr, **common)
         self.decay_rate = float(decay_rate)
 
     def _step(self, param, grad, scratch, h):
@@ -154,14 +163,14 @@ class RMSprop(AdaGrad):
 class Adam(Optimizer):
     slots = ("m", "v")
 
-    def __init__(self, lr, beta1=0.9, beta2=0.999):
-        super().__init__(lr)
+    def __init__(self, lr, beta1=0.9, beta2=0.999, **common):
+        super().__init__(lr, **common)
         self.beta1, self.beta2 = float(beta1), float(beta2)
 
     def _start_step(self):
         t = self.steps
         # a Python float: a NumPy float64 would make float32 arithmetic go through float64
-        self._lr_t = float(self.lr * np.sqrt(1.0 - self.beta2**t) / (1.0 - self.beta1**t))
+        self._lr_t = float(self._lr * np.sqrt(1.0 - self.beta2**t) / (1.0 - self.beta1**t))
 
     def _step(self, param, grad, scratch, m, v):
         # m += (1 - beta1) (g - m);  v += (1 - beta2) (g^2 - v)
@@ -184,11 +193,13 @@ OPTIMIZERS = {"sgd": SGD, "momentum": Momentum, "nesterov": Nesterov, "adagrad":
               "rmsprop": RMSprop, "adam": Adam}
 
 
-def make_optimizer(name: str, lr: float, **options) -> Optimizer:
+def make_optimizer(name: str, lr: float, weight_decay: float = 0.0, decayed=(),
+                   **options) -> Optimizer:
     """The optimizer called `name` (the book's names, any case: SGD, Adam, ...), checked:
     LowmemError for an unknown name, a learning rate that is not a positive finite
-    number, or `options` it does not take (its own settings, by the book's names:
-    momentum, decay_rate, beta1, beta2)."""
+    number, a negative weight decay, or `options` it does not take (its own settings, by
+    the book's names: momentum, decay_rate, beta1, beta2). `weight_decay` applies to
+    the parameters named in `decayed`."""
     cls = OPTIMIZERS.get(str(name).lower())
     if cls is None:
         raise LowmemError(f"optimizer {name!r} is not one of "
@@ -196,7 +207,9 @@ def make_optimizer(name: str, lr: float, **options) -> Optimizer:
     if isinstance(lr, bool) or not isinstance(lr, (int, float, np.number)) or not np.isfinite(lr) \
             or lr <= 0:
         raise LowmemError(f"learning rate {lr!r} is not a positive finite number")
+    if not np.isfinite(weight_decay) or weight_decay < 0:
+        raise LowmemError(f"weight decay {weight_decay!r} is not a finite number >= 0")
     try:
-        return cls(lr, **options)
+        return cls(lr, weight_decay=weight_decay, decayed=decayed, **options)
     except TypeError:
         raise LowmemError(f"the settings {options!r} do not fit {cls.__name__}") from None

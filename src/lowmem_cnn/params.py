@@ -1,17 +1,24 @@
-"""Parameter files in the book's format: a pickled dict of NumPy arrays (W1, b1, ...).
+"""Parameter files in the book's format: a pickled dict of NumPy arrays (W1, b1, ...),
+and beside each, PATH.json, the description of its network (write_params).
 
 A pickle can run code when it is loaded, so files are read with an unpickler that
-resolves only the few names a pickled float array needs and refuses every other.
+resolves only the few names a pickled float array needs and refuses every other. The
+description travels with the pickle, so it is untrusted input too (read_description).
 """
 
+import hashlib
 import io
 import json
+import os
 import pickle
+import re
+import stat
 import struct
 from pathlib import Path
 
 import numpy as np
 
+from lowmem_cnn.config import DEFAULT_CONFIG, canonical_layers, shown, shown_name
 from lowmem_cnn.errors import LowmemError
 from lowmem_cnn.files import atomic_write
 
@@ -67,6 +74,11 @@ def read_params(path: Path, max_bytes: int) -> dict:
     `max_bytes` bounds the file's size (a parameter file is about the size of its
     arrays), so that a huge file cannot break the memory budget.
     """
+    return _read_pickle(path, max_bytes)[0]
+
+
+def _read_pickle(path: Path, max_bytes: int) -> tuple[dict, str]:
+    """(read_params, the SHA-256 of the file's bytes: what its description names)."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -89,81 +101,390 @@ def read_params(path: Path, max_bytes: int) -> dict:
                           f"({type(err).__name__}: {err})") from None
     if not isinstance(params, dict):
         raise LowmemError(f"{path}: holds a {type(params).__name__}, not a dict of arrays")
-    return params
+    return params, hashlib.sha256(data).hexdigest()
+
+
+def _key_problem(params: dict, expected_shapes: dict, listing: bool = True) -> str | None:
+    """What keeps the file's keys and array shapes from being the network's, if anything
+    (`listing`: say the network's keys)."""
+    keys = f" (this network has {', '.join(expected_shapes)})" if listing else ""
+    missing = [k for k in expected_shapes if k not in params]
+    if missing:
+        return f"missing {', '.join(missing)}{keys}"
+    extra = [shown_name(k) for k in params if k not in expected_shapes]
+    if extra:
+        return f"unexpected {', '.join(extra[:5])}{keys}"
+    for key, shape in expected_shapes.items():
+        value = params[key]
+        if isinstance(value, np.ndarray) and value.shape != tuple(shape):
+            return f"{key} has shape {value.shape}, expected {tuple(shape)}"
+    return None
+
+
+def _check_arrays(path, params: dict):
+    for key, value in params.items():
+        if not isinstance(value, np.ndarray):
+            raise LowmemError(f"{path}: {shown_name(key)} is a {type(value).__name__}, not an array")
 
 
 def check_params(path, params: dict, expected_shapes: dict):
     """Keys, shapes, dtypes and values fit the network; a clear error otherwise."""
-    missing = [k for k in expected_shapes if k not in params]
-    if missing:
-        raise LowmemError(f"{path}: missing {', '.join(missing)} (this network has "
-                          f"{', '.join(expected_shapes)})")
-    extra = [str(k) for k in params if k not in expected_shapes]
-    if extra:
-        raise LowmemError(f"{path}: unexpected {', '.join(extra)} (this network has "
-                          f"{', '.join(expected_shapes)})")
-    for key, shape in expected_shapes.items():
+    problem = _key_problem(params, expected_shapes)
+    if problem:
+        raise LowmemError(f"{path}: {problem}")
+    _check_arrays(path, params)
+    for key in expected_shapes:
         value = params[key]
-        if not isinstance(value, np.ndarray):
-            raise LowmemError(f"{path}: {key} is a {type(value).__name__}, not an array")
-        if value.shape != tuple(shape):
-            raise LowmemError(f"{path}: {key} has shape {value.shape}, expected {tuple(shape)}")
         if value.dtype.kind != "f":
             raise LowmemError(f"{path}: {key} has dtype {value.dtype}, expected floats")
         if not np.isfinite(value).all():
             raise LowmemError(f"{path}: {key} holds NaN or infinity")
 
 
+def param_file_limit(network) -> int:
+    """The largest parameter file `network`'s parameters can make: float64 of every
+    parameter, twice over, plus room for the pickle's own framing."""
+    return 2 * network.param_bytes() * 8 // network.dtype.itemsize + (1 << 20)
+
+
 def load_params(path, network):
     """Read, check and load a parameter file into `network`."""
-    # float64 of every parameter, plus room for the pickle's own framing
-    limit = 2 * network.param_bytes() * 8 // network.dtype.itemsize + (1 << 20)
-    params = read_params(path, limit)
-    check_params(path, params, network.expected_book_shapes())
-    network.load_book_params(params)
+    network.load_book_params(read_checked(path, network.expected_book_shapes(),
+                                          param_file_limit(network)))
 
 
-def save_params(path, network, config: str | None = None):
-    """Write the network's parameters in the book's format, atomically; for a network
-    of named classes (trained on an image folder), their names, the input shape and
-    the config (`config`) in a file beside it, PATH.json (see read_meta)."""
+def read_checked(path, expected_shapes: dict, max_bytes: int) -> dict:
+    """The arrays of a parameter file, checked against the shapes of the network they are
+    for and, when it has a description beside it, against that: it must have been written
+    with these very bytes, and its network must have these parameters. The one reader of
+    the CLI's commands and of the book's load_params."""
+    params, digest = _read_pickle(path, max_bytes)
+    found = _description(path)
+    if found is not None:
+        description, config = found
+        where = meta_path(path)
+        if description.get("sha256") not in (None, digest):
+            raise LowmemError(f"{where}: describes another version of {Path(path).name} (its "
+                              f"SHA-256 differs): the two files are out of step; copy them "
+                              f"together, or remove {where.name} and give --config")
+        if config is not None:
+            _check_described_shapes(path, config, params)
+    check_params(path, params, expected_shapes)
+    return params
+
+
+def _check_described_shapes(path, config, params: dict):
+    from lowmem_cnn.model import Network
+
+    where = meta_path(path)
+    for key, shape in Network(config).expected_book_shapes().items():
+        value = params.get(key)
+        have = getattr(value, "shape", None)
+        if have != tuple(shape):
+            said = "no " + key if value is None else f"{key} of shape {have}"
+            raise LowmemError(f"{where}: its input shape and layers make {key} {tuple(shape)}, but "
+                              f"{Path(path).name} has {said}")
+
+
+# --- writing: the pickle and its description, together --------------------------------
+
+
+class _Hashing:
+    """A file that also hashes what is written to it (pickle streams the arrays through)."""
+
+    def __init__(self, f):
+        self.f, self.sha256 = f, hashlib.sha256()
+
+    def write(self, data):
+        self.sha256.update(data)
+        return self.f.write(data)
+
+
+def save_params(path, network):
+    """Write the network's parameters in the book's format, and its description beside
+    them (see write_params)."""
+    write_params(path, network.book_params(), network.config, network.dtype)
+
+
+def write_params(path, params: dict, config, dtype):
+    """Write `params` (the book's layout) as the book does, a pickled dict of arrays, and
+    beside it PATH.json: the network `config` describes, its dtype and the pickle's
+    SHA-256, so that the two files alone say how to use the parameters.
+
+    Two files cannot be replaced in one step, so the order is chosen: both temporary
+    files are written and fsynced, then the description is renamed into place, then the
+    pickle. A failure while writing leaves both old files; a crash between the two
+    renames leaves the new description beside the old pickle, which every reader refuses
+    (the SHA-256 differs), never a new pickle taken for what an old description says.
+    """
+    from lowmem_cnn.config import describe_network
+
     path = Path(path)
     with atomic_write(path, "parameter file") as f:
-        pickle.dump(network.book_params(), f, protocol=4)
-    names = network.config.class_names
-    if names is None:
-        meta_path(path).unlink(missing_ok=True)  # a stale one would describe another network
-        return
-    meta = {"classes": list(names), "input_shape": list(network.config.input_shape), "config": config}
-    with atomic_write(meta_path(path), "parameter file's classes") as f:
-        f.write(json.dumps(meta, indent=1).encode())
+        hashing = _Hashing(f)
+        pickle.dump(params, hashing, protocol=4)
+        f.flush()
+        os.fsync(f.fileno())  # now, not after the description is in place
+        description = {"version": DESCRIPTION_VERSION, **describe_network(config),
+                       "dtype": np.dtype(dtype).name, "sha256": hashing.sha256.hexdigest()}
+        with atomic_write(meta_path(path), "parameter file's description") as g:
+            g.write(json.dumps(description, indent=1).encode())
+
+
+# --- reading the description: untrusted, like the pickle --------------------------------
+
+# A description is a few kilobytes; one of a network with 256 classes of long names, 200.
+DESCRIPTION_LIMIT = 1 << 20
+# The format nests three deep (the layers); json.loads recurses once per bracket.
+DESCRIPTION_NESTING = 8
+DESCRIPTION_VERSION = 1
+_FIELDS = ("version", "name", "input_shape", "layers", "classes", "dtype", "sha256")
+# What an earlier lowmem-cnn wrote beside a network trained on a folder: its config by name.
+_EARLIER_FIELDS = ("classes", "input_shape", "config")
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+_BRACKET = re.compile(r"[\[\]{}]")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def meta_path(path) -> Path:
-    """Where the class names of a parameter file are: PATH.json. The pickle itself stays
+    """Where the description of a parameter file is: PATH.json. The pickle itself stays
     the book's format, which the book's load_params reads."""
     path = Path(path)
     return path.with_name(path.name + ".json")
 
 
-def read_meta(path) -> dict | None:
-    """{"classes", "input_shape", "config"} written beside a parameter file by
-    save_params, or None (the book's files, and networks of MNIST's digits)."""
+def read_description(path) -> dict | None:
+    """The description beside the parameter file `path` (write_params), every field
+    checked, or None when there is none (the book's files). Read as untrusted input: at
+    most DESCRIPTION_LIMIT bytes of a regular file, nesting bounded before parsing, no
+    path in it ever opened. Anything else is a LowmemError that names the file."""
+    found = _description(path)
+    return None if found is None else found[0]
+
+
+def _description(path) -> tuple[dict, object] | None:
+    """(the checked description, the NetworkConfig it says, or None for an earlier
+    lowmem-cnn's, which names a config), or None."""
+    from lowmem_cnn.config import network_from_description, shipped_configs
+    from lowmem_cnn.model import Network
+
     where = meta_path(path)
-    try:
-        meta = json.loads(where.read_text())
-    except FileNotFoundError:
+    data = _read_small_regular_file(where, DESCRIPTION_LIMIT)
+    if data is None:
         return None
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise LowmemError(f"{where}: cannot read the parameter file's classes ({err})") from None
-    classes, shape = meta.get("classes") if isinstance(meta, dict) else None, None
-    if isinstance(meta, dict):
-        shape = meta.get("input_shape")
-    if (not isinstance(classes, list) or not 2 <= len(classes) <= 256
-            or not all(isinstance(name, str) for name in classes)
-            or not isinstance(shape, list) or len(shape) != 3
-            or not all(isinstance(v, int) and v > 0 for v in shape)
-            or not isinstance(meta.get("config"), (str, type(None)))):
-        raise LowmemError(f"{where}: not a lowmem-cnn description of classes "
-                          "(classes: 2 to 256 names, input_shape: [C, H, W], config)")
-    return meta
+    description = _parse_json(where, data)
+    what = f"{where}: not a usable description of {Path(path).name}"
+    if not isinstance(description, dict):
+        raise LowmemError(f"{what}: not a JSON object")
+    if "version" not in description and set(description) == set(_EARLIER_FIELDS):
+        config = description["config"]
+        if config is not None and config not in shipped_configs():  # never opened: a path
+            raise LowmemError(f"{what}: it names the config {shown(config)}, which is not one "
+                              "that comes with lowmem-cnn and is not read; give --config")
+        try:  # its classes and input shape are checked as a description's
+            network_from_description({"name": "network", "input_shape": description["input_shape"],
+                                      "layers": [{"type": "relu"}], "classes": description["classes"]})
+        except ValueError as err:
+            raise LowmemError(f"{what}: {err}") from None
+        if description["classes"] is None:
+            raise LowmemError(f"{what}: it names no classes")
+        return description, None
+    version = description.get("version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > DESCRIPTION_VERSION:
+        raise LowmemError(f"{what}: it is of format {version}, from a newer lowmem-cnn")
+    try:
+        unknown = [shown_name(key) for key in description if key not in _FIELDS]
+        if unknown:
+            raise ValueError(f"unknown field {', '.join(unknown[:3])} (it has {', '.join(_FIELDS)})")
+        missing = [key for key in _FIELDS if key not in description]
+        if missing:
+            raise ValueError(f"missing {', '.join(missing)}")
+        if version != DESCRIPTION_VERSION or isinstance(version, bool):
+            raise ValueError(f"version {shown(version)} is not {DESCRIPTION_VERSION}")
+        if description["dtype"] not in ("float32", "float64"):
+            raise ValueError(f"dtype {shown(description['dtype'])} is not float32 or float64")
+        sha256 = description["sha256"]
+        if not isinstance(sha256, str) or not _SHA256.fullmatch(sha256):
+            raise ValueError(f"sha256 {shown(sha256)} is not 64 hexadecimal digits")
+        config = network_from_description(description)
+    except ValueError as err:
+        raise LowmemError(f"{what}: {err}") from None
+    try:  # the layers fit the input shape, and the classes the scores
+        network = Network(config)
+    except LowmemError as err:
+        raise LowmemError(f"{what}: {err}") from None
+    if config.class_names is not None and len(config.class_names) != network.classes:
+        raise LowmemError(f"{what}: it names {len(config.class_names)} classes for "
+                          f"{network.classes} scores")
+    return description, config
+
+
+def _read_small_regular_file(path: Path, limit: int) -> bytes | None:
+    """The bytes of a regular file of at most `limit` bytes, or None if there is none.
+    A FIFO, a device (/dev/zero) or a link to one is refused before a byte is read: the
+    open does not wait for a writer (O_NONBLOCK) and its kind is checked on the open file."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) \
+        | getattr(os, "O_CLOEXEC", 0)
+    try:
+        kind = os.stat(path).st_mode
+        if not stat.S_ISREG(kind):  # not even opened
+            raise LowmemError(f"{path}: not a regular file, so not a parameter file's description")
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        if os.path.lexists(path):
+            raise LowmemError(f"{path}: a link to nothing, not a parameter file's "
+                              "description") from None
+        return None
+    except OSError as err:
+        raise LowmemError(f"{path}: cannot read ({err.strerror})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):  # replaced since the stat
+            raise LowmemError(f"{path}: not a regular file, so not a parameter file's description")
+        if st.st_size > limit:
+            raise LowmemError(f"{path}: {st.st_size:,} bytes, more than a parameter file's "
+                              f"description ever holds ({limit:,})")
+        chunks, size = [], 0
+        while size <= limit:  # a file that grows while read is still cut off
+            chunk = os.read(fd, limit + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > limit:
+            raise LowmemError(f"{path}: more than the {limit:,} bytes a parameter file's "
+                              "description ever holds")
+        return b"".join(chunks)
+    except OSError as err:
+        raise LowmemError(f"{path}: cannot read ({err.strerror})") from None
+    finally:
+        os.close(fd)
+
+
+def _nesting(text: str, most: int) -> int:
+    """How deep the brackets of a JSON text nest (strings aside), counted up to `most` + 1:
+    json.loads recurses once per level, so 100,000 of them end in RecursionError."""
+    depth = deepest = 0
+    for bracket in _BRACKET.finditer(_STRING.sub("", text)):
+        depth += 1 if bracket.group() in "[{" else -1
+        if depth > deepest:
+            deepest = depth
+            if deepest > most:
+                break
+    return deepest
+
+
+def _refuse_constant(name):
+    raise ValueError(f"{name} is not a number JSON has")
+
+
+def _unique_keys(pairs):
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError("a field is given twice")
+    return dict(pairs)
+
+
+def _parse_json(where: Path, data: bytes):
+    what = f"{where}: not a parameter file's description"
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise LowmemError(f"{what}: not UTF-8 text (byte {err.start})") from None
+    if _nesting(text, DESCRIPTION_NESTING) > DESCRIPTION_NESTING:
+        raise LowmemError(f"{what}: it nests deeper than {DESCRIPTION_NESTING} levels")
+    try:
+        return json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
+    except (ValueError, RecursionError) as err:  # JSONDecodeError is a ValueError
+        raise LowmemError(f"{what}: not valid JSON ({shown(str(err), 80)})") from None
+
+
+# --- the network of a parameter file ----------------------------------------------------
+
+
+def network_for(path, config_name=None) -> tuple:
+    """The network the parameter file `path` was trained as, and its description (None
+    without one): (NetworkConfig, description). The shared start of eval, predict,
+    profile-memory and export (through session.network_config).
+
+    With a description, it says the network; `config_name`, if given, must be the same
+    network. Without one (the book's files): the config named, else the shipped config
+    whose parameter names and shapes are exactly the file's, else a one-line error
+    naming the closest."""
+    from lowmem_cnn.config import load_config
+
+    found = _description(path)
+    if found is None:
+        if config_name:
+            return load_config(config_name).network, None
+        return _shipped_match(Path(path)), None
+    description, config = found
+    if config is None:  # an earlier lowmem-cnn's description: a shipped config by name
+        config = (load_config(config_name) if config_name
+                  else load_config(description["config"] or DEFAULT_CONFIG, shipped_only=True))
+        config = config.network.for_data(description["input_shape"], description["classes"])
+        return config, description
+    if config_name:
+        given = load_config(config_name).network
+        if config.class_names is not None:
+            given = given.for_data(config.input_shape, config.class_names)
+        if (tuple(given.input_shape), canonical_layers(given.layers)) != \
+                (tuple(config.input_shape), canonical_layers(config.layers)):
+            raise LowmemError(f"{path}: it was trained as another network than --config "
+                              f"{config_name} ({meta_path(path).name} describes it); leave "
+                              "out --config")
+    _check_fits_file(Path(path), config)
+    return config, description
+
+
+def _check_fits_file(path: Path, config):
+    """A description whose network has more values than the parameter file has bytes for
+    is refused before the network's memory is planned (a float is 2 bytes at least)."""
+    from lowmem_cnn.model import Network
+
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return  # reading the parameter file will say
+    values = Network(config).param_bytes() // np.dtype(np.float32).itemsize
+    if 2 * values > size:
+        raise LowmemError(f"{meta_path(path)}: describes a network of {values:,} parameters, "
+                          f"more than {path.name}'s {size:,} bytes hold")
+
+
+def _shipped_match(path: Path):
+    """The shipped config whose parameter names and shapes are exactly the file's."""
+    from lowmem_cnn.config import load_config, shipped_configs
+    from lowmem_cnn.model import Network
+
+    shipped = {}
+    for name in shipped_configs():
+        network = Network(load_config(name, shipped_only=True).network)
+        shipped[name] = (network.config, network.expected_book_shapes(), param_file_limit(network))
+    how = (f"nothing beside it says how it was built (no {meta_path(path).name}); give the "
+           "config it was trained with: --config NAME or --config FILE.toml")
+    limit = max(limit for _, _, limit in shipped.values())
+    try:
+        if path.stat().st_size > limit:
+            raise LowmemError(f"{path}: larger than the parameters of every shipped config; {how}")
+    except OSError:
+        pass  # reading it will say
+    params = read_params(path, limit)
+    _check_arrays(path, params)
+    matches = [name for name, (_, shapes, _) in shipped.items()
+               if _key_problem(params, shapes) is None]
+    if len(matches) == 1:
+        return shipped[matches[0]][0]
+    if matches:
+        raise LowmemError(f"{path}: the shipped configs {', '.join(matches)} all have its "
+                          f"parameters; {how}")
+    # closest: the most parameters of the same name and shape
+    common = {name: sum(key in params and params[key].shape == tuple(shape)
+                        for key, shape in shapes.items())
+              for name, (_, shapes, _) in shipped.items()}
+    best = max(common.values())
+    closest = [name for name, n in common.items() if n == best]
+    difference = _key_problem(params, shipped[closest[0]][1], listing=False)
+    also = f"; as close: {', '.join(closest[1:])}" if len(closest) > 1 else ""
+    raise LowmemError(f"{path}: no shipped config has its parameters (closest: {closest[0]}, "
+                      f"against which {difference}{also}); {how}")

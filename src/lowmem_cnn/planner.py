@@ -107,6 +107,7 @@ class Work:
     optimizer_copies: int = 0  # train: the optimizer's state, in copies of the parameters
     evaluations: bool = False  # train: the evaluations between epochs (reads EVAL_READ images)
     saves: bool = False  # train: the parameters are pickled at the end
+    keeps_best: bool = False  # train: a copy of the parameters of the best epoch
     outputs: int = 0  # scores rows the caller keeps
     loss: int = 0  # images whose loss is taken at once (in float64)
     compared: int = 0  # images whose predicted and true labels are compared at once
@@ -135,6 +136,8 @@ def work_bytes(network, work: Work) -> int:
         held += work.index * VALUE_BYTES
         if work.evaluations:
             held += EVAL_READ * network.input_size
+        if work.keeps_best:
+            held += network.param_bytes()
         if work.saves:  # the bytes pickle makes of the largest array
             held += max(math.prod(shape) for shape in network.expected_book_shapes().values()) * s
     if work.opening:

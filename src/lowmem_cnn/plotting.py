@@ -32,12 +32,14 @@ def _save(fig, path):
 
 
 def plot_curves(history: list, path):
-    """Train and test accuracy, and loss, per epoch."""
+    """Train, test (and validation) accuracy, and loss, per epoch."""
     plt = _pyplot()
     epochs = [h["epoch"] for h in history]
     fig, (accuracy, loss) = plt.subplots(1, 2, figsize=(10, 4))
     accuracy.plot(epochs, [h["train_accuracy"] for h in history], "o-", label="train (sample)")
     accuracy.plot(epochs, [h["test_accuracy"] for h in history], "s-", label="test")
+    if all("val_accuracy" in h for h in history):
+        accuracy.plot(epochs, [h["val_accuracy"] for h in history], "^-", label="validation")
     accuracy.set_xlabel("epoch")
     accuracy.set_ylabel("accuracy")
     accuracy.legend()

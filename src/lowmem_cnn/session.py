@@ -3,8 +3,9 @@ the parameter file, under a budget, and its memory plan. (train stands on
 training.TrainingRun.)
 
 With a folder of pictures the data comes first: its pictures' size and colour and its
-classes make the network's input and scores. A parameter file trained on a folder
-says them too (params.read_meta), and a folder must then have its classes.
+classes make the network's input and scores. A parameter file says its network in the
+description beside it (params.network_for); one trained on a folder says its classes
+and input there too, and a folder must then have its classes.
 """
 
 import numpy as np
@@ -16,15 +17,17 @@ from lowmem_cnn.model import Network
 
 
 def network_config(config_name, params=None):
-    """The config named (else the one recorded beside `params`, else the default),
-    made for the classes and input recorded beside `params` if any: (config, meta)."""
-    from lowmem_cnn.params import read_meta
+    """The network of the parameter file `params` as its description says it (else the
+    config named, else the shipped config of its parameters: params.network_for), or
+    without `params` the config named (else the default): (config, meta). `meta` is the
+    description of a network trained on named classes (its "classes" and "input_shape"
+    among them), None for MNIST-style digits."""
+    if not params:
+        return load_config(config_name or DEFAULT_CONFIG).network, None
+    from lowmem_cnn.params import network_for
 
-    meta = read_meta(params) if params else None
-    config = load_config(config_name or (meta or {}).get("config") or DEFAULT_CONFIG).network
-    if meta:
-        config = config.for_data(meta["input_shape"], meta["classes"])
-    return config, meta
+    config, description = network_for(params, config_name)
+    return config, (description if description and description.get("classes") else None)
 
 
 class Session:

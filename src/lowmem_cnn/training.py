@@ -18,8 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from lowmem_cnn.augment import NO_AUGMENTATION, Augmentation
 from lowmem_cnn.errors import LowmemError
 from lowmem_cnn.planner import EVAL_READ, MNIST_TRAIN_IMAGES, Work
+from lowmem_cnn.schedule import Schedule
 
 # Train accuracy after each epoch is measured on this many training images (the first ones).
 TRAIN_SAMPLE = 10_000
@@ -108,11 +110,19 @@ class EpochLoop:
     """
 
     def __init__(self, network, optimizer, split, batch_size: int, rng: np.random.Generator,
-                 count: int | None = None, seed: int = 0):
+                 count: int | None = None, seed: int = 0, indices: np.ndarray | None = None,
+                 augmentation: Augmentation = NO_AUGMENTATION, schedule: Schedule | None = None):
+        """`indices`: the images of `split` to train on (default: the first `count`);
+        `schedule`: the rate of each update (default: the optimizer's)."""
         self.network, self.optimizer, self.split = network, optimizer, split
         self.rng = rng
-        self.seed = seed  # with the epoch and update, seeds the dropout masks
-        self.count = len(split) if count is None else min(count, len(split))
+        self.seed = seed  # with the epoch and update, seeds the dropout masks and augmentation
+        self.indices = indices
+        if indices is not None:
+            self.count = len(indices)
+        else:
+            self.count = len(split) if count is None else min(count, len(split))
+        self.augmentation, self.schedule = augmentation, schedule
         # a batch larger than the data is the whole data: one update an epoch
         self.batch_size = min(batch_size, self.count)
         # two batch buffers: the next batch is read while this one is computed
@@ -132,13 +142,21 @@ class EpochLoop:
         """The images and labels of update `position` of the epoch under way."""
         indices = self.order[position * self.batch_size : (position + 1) * self.batch_size]
         images = self.split.images.read(indices, self._buffers[position % 2])
+        images_ = self.split.images
+        self.augmentation.apply(images, (images_.channels, images_.rows, images_.cols),
+                                (self.seed, self.epochs_done, position))
         return images, self.split.labels[indices]
+
+    def _new_order(self) -> np.ndarray:
+        if self.indices is None:
+            return self.rng.permutation(self.count)
+        return self.indices[self.rng.permutation(self.count)]
 
     def steps(self, plan):
         """Run the rest of the epoch under way (or a new one) as `plan` says, yielding
         (loss, images) after each update."""
         if self.order is None:
-            self.order = self.rng.permutation(self.count)
+            self.order = self._new_order()
             self.position, self.loss_sum, self.seconds = 0, 0.0, 0.0
         updates = self.updates_per_epoch
         pending = None
@@ -154,8 +172,10 @@ class EpochLoop:
                 loss = self.network.accumulate_gradient(
                     images, labels, plan, (self.seed, self.epochs_done, self.position),
                     self.split.images.pixels)
+                loss += self._decay_loss()
+                lr = self.schedule.rate(self.epochs_done, self.position) if self.schedule else None
                 self.optimizer.update(self.network.params(), self.network.thread_grads(plan),
-                                      self.network.pool, plan.threads)
+                                      self.network.pool, plan.threads, lr)
                 self.loss_sum += loss * len(labels)
                 self.position += 1
                 self.seconds += time.perf_counter() - began
@@ -163,6 +183,15 @@ class EpochLoop:
         finally:
             if pending is not None:  # stopped early: let the read finish before the buffer is reused
                 pending.result()
+
+    def _decay_loss(self) -> float:
+        """The book's weight-decay term of the loss: lambda/2 * the sum of W^2."""
+        decay = self.optimizer.weight_decay
+        if not decay:
+            return 0.0
+        params = self.network.params()
+        return 0.5 * decay * sum(float(np.vdot(params[key], params[key]))
+                                 for key in self.optimizer.decayed)
 
     def finish_epoch(self) -> tuple[float, float]:
         """(mean loss, seconds) of the epoch just run."""
@@ -221,6 +250,56 @@ class Settings:
     classes: list | None = None
     test_fraction: float | None = None
     strict: bool = False
+    # what helps photos learn (none of it by default: today's arithmetic)
+    augment: str = "none"  # augment.Augmentation, as text: "flip,crop:4"
+    weight_decay: float = 0.0
+    lr_schedule: str = "constant"  # schedule.SCHEDULES
+    warmup: float = 0.0  # epochs
+    val_split: float = 0.0  # the share of the training images held out for validation
+    keep: str = "last"  # or "best": the parameters of the best validation accuracy
+    patience: int | None = None  # stop after this many epochs without a better one
+    # the network trained, as its parameter file's description says it
+    # (config.describe_network): a resumed run is this network whatever its config says now
+    network: dict | None = None
+
+
+class Subset:
+    """Some images of a split, by index: read as a split is (see evaluate)."""
+
+    def __init__(self, split, indices: np.ndarray):
+        self.images = _SubsetImages(split.images, indices)
+        self.labels = split.labels[indices]
+
+    def __len__(self):
+        return len(self.labels)
+
+
+class _SubsetImages:
+    def __init__(self, images, indices):
+        self._images, self._indices = images, indices
+        self.pixels, self.path = images.pixels, images.path
+        self.channels, self.rows, self.cols = images.channels, images.rows, images.cols
+
+    def __len__(self):
+        return len(self._indices)
+
+    def read(self, indices, out=None):
+        return self._images.read(self._indices[indices], out)
+
+    def read_range(self, start, stop):
+        return self._images.read(self._indices[start:stop])
+
+
+# Mixed into the seed of the Generator that chooses the validation images.
+VALIDATION_KEY = 0x76616C
+
+
+def held_out(count: int, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training, validation) indices of `count` images, `share` of them held out,
+    chosen by `seed` (the same every run), each in increasing order."""
+    chosen = np.random.default_rng([VALIDATION_KEY, seed]).permutation(count)
+    n = min(count - 1, max(1, round(count * share)))
+    return np.sort(chosen[n:]), np.sort(chosen[:n])
 
 
 @dataclass
@@ -250,8 +329,22 @@ class TrainingRun:
                  seed: int = 0, limit: int | None = None, test_count: int | None = None,
                  train_sample: int = TRAIN_SAMPLE, checkpointing: Checkpointing | None = None,
                  recorded_plan: dict | None = None, settings: Settings | None = None,
-                 locks: list | None = None):
+                 locks: list | None = None, augmentation: Augmentation = NO_AUGMENTATION,
+                 lr_schedule: str = "constant", warmup: float = 0.0, val_split: float = 0.0,
+                 keep_best: bool = False, patience: int | None = None):
+        """`val_split`: the share of the training images held out to measure each epoch
+        by; `keep_best`: save the parameters of the epoch that measured best;
+        `patience`: stop after this many epochs without a better one."""
+        if (keep_best or patience) and not val_split:
+            raise LowmemError("keeping the best epoch, or stopping when the epochs stop "
+                              "improving, needs a share of the training images held out "
+                              "for validation")
         self.network, self.optimizer, self.budget = network, optimizer, budget
+        self.augmentation, self.lr_schedule, self.warmup = augmentation, lr_schedule, warmup
+        self.val_split, self.keep_best, self.patience = val_split, keep_best, patience
+        self.validation = self.training_sample = None  # Subsets, with a validation split
+        self.best: dict | None = None  # {"epoch", "val_accuracy"} of the best epoch so far
+        self._best_arrays: dict = {}  # its parameters and statistics, with keep_best
         self.epochs, self.batch_size, self.seed, self.limit = epochs, batch_size, seed, limit
         self.test_count, self.train_sample = test_count, train_sample
         self.checkpointing, self.recorded_plan = checkpointing, recorded_plan
@@ -274,9 +367,9 @@ class TrainingRun:
         opened = self.loop is not None
         count = self.loop.count if opened else (self.limit or MNIST_TRAIN_IMAGES)
         return Work("train", min(self.batch_size, count), read_buffers=0 if opened else 2,
-                    index=count, opening=not opened,
+                    index=2 * count if self.val_split else count, opening=not opened,
                     optimizer_copies=self.optimizer.state_copies, evaluations=True, saves=True,
-                    picture=picture, recorded=self.recorded_plan)
+                    keeps_best=self.keep_best, picture=picture, recorded=self.recorded_plan)
 
     def _plan(self, picture: str | None = None):
         from lowmem_cnn.planner import plan_work
@@ -293,8 +386,18 @@ class TrainingRun:
         """Train on `train_split` (its first `limit` images), evaluate on `test_split`;
         plan with the real batch buffers."""
         check_image_shape(self.network, train_split, test_split)
+        count = min(self.limit or len(train_split), len(train_split))
+        indices = None
+        if self.val_split:
+            indices, held = held_out(count, self.val_split, self.seed)
+            self.validation = Subset(train_split, held)
+            self.training_sample = Subset(train_split, indices)
+            count = len(indices)
+        batch = min(self.batch_size, count)
+        schedule = Schedule(self.lr_schedule, self.optimizer.lr, self.epochs, -(-count // batch),
+                            self.warmup)
         self.loop = EpochLoop(self.network, self.optimizer, train_split, self.batch_size, self.rng,
-                              self.limit, self.seed)
+                              self.limit, self.seed, indices, self.augmentation, schedule)
         self.batch_size = self.loop.batch_size  # at most the number of training images
         self.test = test_split
         if self.settings is not None:
@@ -310,7 +413,8 @@ class TrainingRun:
         p = self.plan
         meta.update(run=asdict(self.settings), history=self.history, finished=finished,
                     plan={"micro_batch": p.micro_batch, "eval_micro_batch": p.eval_micro_batch,
-                          "tiles": list(p.tiles), "threads": p.threads})
+                          "tiles": list(p.tiles), "threads": p.threads}, best=self.best)
+        arrays.update({f"best/{key}": value for key, value in self._best_arrays.items()})
         return meta, arrays
 
     def save_checkpoint(self, finished: bool = False):
@@ -337,8 +441,16 @@ class TrainingRun:
         if recorded.get("data") and recorded["data"] != self.settings.data:
             raise LowmemError(f"{self.checkpointing.path}: the run was started on other data "
                               f"(fingerprint {recorded['data']}, this data's is {self.settings.data})")
+        for key, value in {**self.network.params(), **self.network.state()}.items():
+            kept = arrays.get(f"param/{key}", arrays.get(f"state/{key}"))
+            if kept is None or kept.shape != value.shape:  # a checkpoint from before `network`
+                raise LowmemError(f"{self.checkpointing.path}: the run trained another network "
+                                  f"than {self.settings.config} describes now ({key})")
         self.loop.restore(meta, arrays)
         self.history = list(meta["history"])
+        self.best = meta.get("best")
+        self._best_arrays = {key.removeprefix("best/"): value for key, value in arrays.items()
+                             if key.startswith("best/")}
 
     # --- running ------------------------------------------------------------------------
 
@@ -355,7 +467,7 @@ class TrainingRun:
         written and Stopped is raised.
         """
         loop = self.loop
-        while loop.epochs_done < self.epochs:
+        while loop.epochs_done < self.epochs and not self.out_of_patience():
             epoch = loop.epochs_done + 1
             if on_epoch_start:
                 on_epoch_start(epoch, min(loop.position * loop.batch_size, loop.count))
@@ -376,15 +488,37 @@ class TrainingRun:
     def _end_epoch(self, epoch: int) -> dict:
         loss, seconds = self.loop.finish_epoch()
         test = evaluate(self.network, self.test, self.plan, EVAL_READ, count=self.test_count)
-        sample = evaluate(self.network, self.loop.split, self.plan, EVAL_READ,
-                          count=min(self.train_sample, self.loop.count))
+        sample = evaluate(self.network, self.training_sample or self.loop.split, self.plan,
+                          EVAL_READ, count=min(self.train_sample, self.loop.count))
         record = {"epoch": epoch, "loss": loss, "seconds": seconds,
                   "train_accuracy": sample.accuracy, "test_accuracy": test.accuracy,
                   "train_sample": sample.n, "test_sample": test.n}
+        if self.validation is not None:
+            validation = evaluate(self.network, self.validation, self.plan, EVAL_READ)
+            record.update(val_accuracy=validation.accuracy, val_sample=validation.n)
+            if self.best is None or validation.accuracy > self.best["val_accuracy"]:
+                self.best = {"epoch": epoch, "val_accuracy": validation.accuracy}
+                if self.keep_best:
+                    self._keep_best()
         self.history.append(record)
         if self.checkpointing is not None:
             self.save_checkpoint()
         return record
+
+    def _keep_best(self):
+        """A copy of the parameters and statistics as they are (the plan counts it)."""
+        arrays = {f"param/{k}": v for k, v in self.network.params().items()}
+        arrays.update({f"state/{k}": v for k, v in self.network.state().items()})
+        for key, value in arrays.items():
+            if key in self._best_arrays:
+                np.copyto(self._best_arrays[key], value)
+            else:
+                self._best_arrays[key] = value.copy()
+
+    def out_of_patience(self) -> bool:
+        """Whether `patience` epochs have passed since the best one."""
+        return bool(self.patience and self.best
+                    and self.loop.epochs_done - self.best["epoch"] >= self.patience)
 
     def _stop(self):
         if self.checkpointing is None:
@@ -404,9 +538,13 @@ class TrainingRun:
         """
         from lowmem_cnn.params import save_params
 
+        if self.keep_best and self._best_arrays:  # the best epoch's, not the last's
+            for kind, arrays in (("param", self.network.params()), ("state", self.network.state())):
+                for key, value in arrays.items():
+                    np.copyto(value, self._best_arrays[f"{kind}/{key}"])
         self.release_memory()
         if out is not None:
-            save_params(out, self.network, self.settings.config if self.settings else None)
+            save_params(out, self.network)
         if self.checkpointing is not None:
             self.save_checkpoint(finished=True)  # the parameters, no optimizer state
 
@@ -522,31 +660,51 @@ def resume(checkpointing: Checkpointing, max_ram: int | None, data, report=lambd
 
 
 def training_run(network, optimizer: str, lr: float, budget: int, epochs: int, batch_size: int,
-                 optimizer_options: dict | None = None, **options) -> TrainingRun:
+                 optimizer_options: dict | None = None, weight_decay: float = 0.0,
+                 **options) -> TrainingRun:
     """A training run on `network`, the one way both faces make one (`lowmem-cnn train`,
     through start and resume, and lowmem_cnn.book.Trainer): the optimizer is made by
-    name and checked (optimizers.make_optimizer). `options`: TrainingRun's."""
+    name and checked (optimizers.make_optimizer); `weight_decay` applies to the weights
+    (W1, W2, ...: not the biases, nor batch normalization's gamma and beta).
+    `options`: TrainingRun's."""
     from lowmem_cnn.optimizers import make_optimizer
 
-    optimizer = make_optimizer(optimizer, lr, **(optimizer_options or {}))
+    weights = [key for key, _, name in network.param_names() if name == "W"]
+    optimizer = make_optimizer(optimizer, lr, weight_decay, weights, **(optimizer_options or {}))
     return TrainingRun(network, optimizer, budget, epochs, batch_size, **options)
 
 
 def _build(settings, checkpointing, open_data, report, locks, picture, meta=None, arrays=None):
-    from lowmem_cnn.config import load_config
+    from lowmem_cnn.config import describe_network, load_config, network_from_description
     from lowmem_cnn.model import Network
     from lowmem_cnn.planner import check_parameters_fit
 
-    config = load_config(settings.config).network
-    if settings.classes is not None:
-        config = config.for_data(settings.input_shape, settings.classes)
+    if settings.network is not None:  # resumed: the network the run began with
+        try:  # (its initial weights are not described: the checkpoint has the weights)
+            config = network_from_description(settings.network)
+        except ValueError as err:
+            raise LowmemError(f"{checkpointing.path}: its network: {err}") from None
+    else:
+        config = load_config(settings.config).network
+        if settings.classes is not None:
+            config = config.for_data(settings.input_shape, settings.classes)
+        settings.network = describe_network(config)
     network = Network(config, np.dtype(settings.dtype), settings.threads)
     run = training_run(network, settings.optimizer, settings.lr, settings.max_ram, settings.epochs,
                        settings.batch_size, seed=settings.seed, limit=settings.limit,
                        checkpointing=checkpointing, recorded_plan=meta["plan"] if meta else None,
-                       settings=settings, locks=locks)
+                       settings=settings, locks=locks, weight_decay=settings.weight_decay,
+                       augmentation=Augmentation.parse(settings.augment),
+                       lr_schedule=settings.lr_schedule, warmup=settings.warmup,
+                       val_split=settings.val_split, keep_best=settings.keep == "best",
+                       patience=settings.patience)
     # before any parameter exists (the optimizer's state copies them)
     check_parameters_fit(network, settings.max_ram, run.optimizer.state_copies)
+    try:  # what the parameter file will say, refused now rather than after training
+        network_from_description(settings.network)
+    except ValueError as err:
+        raise LowmemError(f"{config.name}: cannot be described beside its parameter file: "
+                          f"{err}") from None
     network.init_params(run.rng)
     run.plan_without_data(picture)
     data = open_data(run)
