@@ -164,6 +164,10 @@ def test_the_recipe_resumes_bitwise(mnist_dir, tmp_path):
     assert child.returncode == 128 + signal.SIGINT, child.stderr
     resumed = summary(run_lowmem("train", "--resume", "--json", "--data-dir", mnist_dir, cwd=stopped))
     assert (stopped / "params.pkl").read_bytes() == (whole / "params.pkl").read_bytes()
+    # the description says how they were trained: the recipe's defaults, the best epoch
+    training = json.loads((stopped / "params.pkl.json").read_text())["training"]
+    assert training == {"augment": "flip,crop:2", "weight_decay": 0.0001, "lr_schedule": "cosine",
+                        "warmup": 1, "val_split": 0.1, "epoch": reference["best"]["epoch"]}
 
     def without_seconds(history):
         return [{k: v for k, v in h.items() if k != "seconds"} for h in history]

@@ -52,7 +52,8 @@ def test_a_custom_config_evaluates_from_another_folder_with_the_toml_gone(tmp_pa
     toml = trained_in / "mine.toml"
     toml.write_text(SIMPLE_TOML.read_text().replace("filters = 30", "filters = 8"))
     trained = run_lowmem("train", "--config", "mine.toml", "--epochs", "1", "--limit", "2000",
-                         "--out", "m.pkl", "--max-ram", "512M", "--json", cwd=trained_in)
+                         "--out", "m.pkl", "--max-ram", "512M", "--json", "--data-dir", mnist_dir,
+                         cwd=trained_in)
     assert trained.returncode == 0, trained.stderr
     accuracy = last_json(trained)["test_accuracy"]
     assert accuracy > 0.3  # ten classes: chance is 0.1
@@ -67,12 +68,13 @@ def test_a_custom_config_evaluates_from_another_folder_with_the_toml_gone(tmp_pa
     for name in ("m.pkl", "m.pkl.json"):
         (shared_to / name).write_bytes((trained_in / name).read_bytes())
     toml.unlink()
-    evaluated = run_lowmem("eval", "m.pkl", "--max-ram", "512M", "--json", cwd=shared_to)
+    evaluated = run_lowmem("eval", "m.pkl", "--max-ram", "512M", "--json", "--data-dir", mnist_dir,
+                           cwd=shared_to)
     assert evaluated.returncode == 0, evaluated.stderr
     assert last_json(evaluated)["accuracy"] == pytest.approx(accuracy)
     # the same file without its description: no shipped config has 8 filters, and it says so
     (shared_to / "m.pkl.json").unlink()
-    refused = run_lowmem("eval", "m.pkl", "--max-ram", "512M", cwd=shared_to)
+    refused = run_lowmem("eval", "m.pkl", "--max-ram", "512M", "--data-dir", mnist_dir, cwd=shared_to)
     line = one_error_line(refused, "m.pkl")
     assert "closest: simple_convnet" in line and "(8, 1, 5, 5)" in line and "--config" in line
 
@@ -81,7 +83,7 @@ def test_the_books_deep_convnet_file_needs_no_config(tmp_path, mnist_dir, deep_p
     assert not meta_path(deep_params).exists()  # matched against the shipped configs
     before = snapshot(deep_params.parent)
     done = run_lowmem("eval", deep_params, "--batch-size", "10000", "--max-ram", "512M", "--json",
-                      cwd=tmp_path)
+                      "--data-dir", mnist_dir, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert (last_json(done)["correct"], last_json(done)["n"]) == (9797, 10000)
     assert snapshot(deep_params.parent) == before  # nothing written beside the book's files
@@ -354,6 +356,32 @@ HOSTILE.update({
     "an input shape of fractions": (edited(lambda d: d.update(input_shape=[1.0, 28, 28])),
                                     "input_shape"),
 })
+
+
+TRAINING = {"augment": "flip,crop:2", "weight_decay": 0.0001, "lr_schedule": "cosine", "warmup": 1,
+            "val_split": 0.1, "epoch": 3}
+HOSTILE.update({
+    "a training record that is a list": (edited(lambda d: d.update(training=[1])),
+                                         "training is not an object"),
+    "a training record with an extra field": (
+        edited(lambda d: d.update(training={**TRAINING, "path": "/etc/passwd"})),
+        "training is not an object"),
+    "an unknown augmentation": (edited(lambda d: d.update(training={**TRAINING, "augment": "rm -rf"})),
+                                "augment 'rm -rf' is not one"),
+    "an unknown schedule": (edited(lambda d: d.update(training={**TRAINING, "lr_schedule": 7})),
+                            "lr_schedule 7"),
+    "a weight decay as text": (edited(lambda d: d.update(training={**TRAINING, "weight_decay": "0"})),
+                               "weight_decay '0'"),
+    "a validation share above 1": (edited(lambda d: d.update(training={**TRAINING, "val_split": 2})),
+                                   "val_split 2"),
+    "an epoch of 0": (edited(lambda d: d.update(training={**TRAINING, "epoch": 0})), "epoch 0"),
+})
+
+
+def test_how_the_parameters_were_trained_is_recorded_and_read(tmp_path, book_params):
+    path = tmp_path / "t.pkl"
+    write_params(path, read_params(book_params, 10**8), load_config().network, np.float32, TRAINING)
+    assert read_description(path)["training"] == TRAINING
 
 
 @pytest.mark.parametrize("case", sorted(HOSTILE))

@@ -200,13 +200,19 @@ class _Hashing:
         return self.f.write(data)
 
 
-def save_params(path, network):
+def save_params(path, network, training: dict | None = None):
     """Write the network's parameters in the book's format, and its description beside
-    them (see write_params)."""
-    write_params(path, network.book_params(), network.config, network.dtype)
+    them (see write_params); `training`: how they were trained (see TRAINING_FIELDS)."""
+    write_params(path, network.book_params(), network.config, network.dtype, training)
 
 
-def write_params(path, params: dict, config, dtype):
+# How a network was trained, recorded in its description for the reader (never used to
+# build or run it): the run's augmentation, weight decay, schedule, validation share, and
+# the epoch whose parameters these are.
+TRAINING_FIELDS = ("augment", "weight_decay", "lr_schedule", "warmup", "val_split", "epoch")
+
+
+def write_params(path, params: dict, config, dtype, training: dict | None = None):
     """Write `params` (the book's layout) as the book does, a pickled dict of arrays, and
     beside it PATH.json: the network `config` describes, its dtype and the pickle's
     SHA-256, so that the two files alone say how to use the parameters.
@@ -227,6 +233,8 @@ def write_params(path, params: dict, config, dtype):
         os.fsync(f.fileno())  # now, not after the description is in place
         description = {"version": DESCRIPTION_VERSION, **describe_network(config),
                        "dtype": np.dtype(dtype).name, "sha256": hashing.sha256.hexdigest()}
+        if training is not None:
+            description["training"] = {key: training[key] for key in TRAINING_FIELDS}
         with atomic_write(meta_path(path), "parameter file's description") as g:
             g.write(json.dumps(description, indent=1).encode())
 
@@ -293,7 +301,8 @@ def _description(path) -> tuple[dict, object] | None:
     if isinstance(version, int) and not isinstance(version, bool) and version > DESCRIPTION_VERSION:
         raise LowmemError(f"{what}: it is of format {version}, from a newer lowmem-cnn")
     try:
-        unknown = [shown_name(key) for key in description if key not in _FIELDS]
+        unknown = [shown_name(key) for key in description
+                   if key not in _FIELDS and key != "training"]
         if unknown:
             raise ValueError(f"unknown field {', '.join(unknown[:3])} (it has {', '.join(_FIELDS)})")
         missing = [key for key in _FIELDS if key not in description]
@@ -306,6 +315,8 @@ def _description(path) -> tuple[dict, object] | None:
         sha256 = description["sha256"]
         if not isinstance(sha256, str) or not _SHA256.fullmatch(sha256):
             raise ValueError(f"sha256 {shown(sha256)} is not 64 hexadecimal digits")
+        if "training" in description:
+            _check_training(description["training"])
         config = network_from_description(description)
     except ValueError as err:
         raise LowmemError(f"{what}: {err}") from None
@@ -317,6 +328,36 @@ def _description(path) -> tuple[dict, object] | None:
         raise LowmemError(f"{what}: it names {len(config.class_names)} classes for "
                           f"{network.classes} scores")
     return description, config
+
+
+def _check_training(training):
+    """The optional record of how the parameters were trained (TRAINING_FIELDS)."""
+    from lowmem_cnn.augment import Augmentation
+    from lowmem_cnn.schedule import SCHEDULES
+
+    def number(value, low, high=float("inf")):
+        return (isinstance(value, (int, float)) and not isinstance(value, bool)
+                and low <= value <= high)
+
+    if not isinstance(training, dict) or set(training) != set(TRAINING_FIELDS):
+        raise ValueError(f"training is not an object of {', '.join(TRAINING_FIELDS)}")
+    augment = training["augment"]
+    if not isinstance(augment, str) or len(augment) > 100:
+        raise ValueError(f"training's augment {shown(augment)} is not a short text")
+    try:
+        Augmentation.parse(augment)
+    except LowmemError:
+        raise ValueError(f"training's augment {shown(augment)} is not one this lowmem-cnn knows") from None
+    if training["lr_schedule"] not in SCHEDULES:
+        raise ValueError(f"training's lr_schedule {shown(training['lr_schedule'])} is not one of "
+                         f"{', '.join(SCHEDULES)}")
+    for key, low, high in (("weight_decay", 0, 1e6), ("warmup", 0, 1e6), ("val_split", 0, 1)):
+        if not number(training[key], low, high):
+            raise ValueError(f"training's {key} {shown(training[key])} is not a number from "
+                             f"{low} to {high:g}")
+    epoch = training["epoch"]
+    if not (isinstance(epoch, int) and not isinstance(epoch, bool) and 1 <= epoch <= 10**6):
+        raise ValueError(f"training's epoch {shown(epoch)} is not a whole number from 1")
 
 
 def _read_small_regular_file(path: Path, limit: int) -> bytes | None:

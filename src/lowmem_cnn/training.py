@@ -544,9 +544,18 @@ class TrainingRun:
                     np.copyto(value, self._best_arrays[f"{kind}/{key}"])
         self.release_memory()
         if out is not None:
-            save_params(out, self.network)
+            save_params(out, self.network, self._training_record())
         if self.checkpointing is not None:
             self.save_checkpoint(finished=True)  # the parameters, no optimizer state
+
+    def _training_record(self) -> dict | None:
+        """How the saved parameters were trained (params.TRAINING_FIELDS)."""
+        s = self.settings
+        if s is None:
+            return None
+        kept = self.best["epoch"] if self.keep_best and self.best else len(self.history)
+        return {"augment": s.augment, "weight_decay": s.weight_decay, "lr_schedule": s.lr_schedule,
+                "warmup": s.warmup, "val_split": s.val_split, "epoch": max(kept, 1)}
 
     def release_memory(self):
         """Give back the optimizer state and the network's workspaces (e.g. before drawing)."""
