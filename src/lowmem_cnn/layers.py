@@ -544,7 +544,12 @@ class BatchNormalization(Layer):
 
         mean = E[x], var = E[(x - mean)^2], xn = (x - mean) / sqrt(var + eps),
         out = gamma xn + beta
-        dx = (dxn - E[dxn] - xn E[dxn xn]) / sqrt(var + eps), with dxn = gamma dout
+        dx = gamma / sqrt(var + eps) * (dout - E[dout] - xn E[dout xn])
+
+    Sums over the rows are products with ones (column_sums: 0.10 ms against sum(axis=0)'s
+    0.76 ms for 28x28x16 maps of 50 images), and the backward takes 4 passes over the
+    values besides its two sums (it took 9 before: BN was a third of a micro-batch of
+    configs/photos.toml).
     """
 
     numbered = False
@@ -572,37 +577,40 @@ class BatchNormalization(Layer):
                 rows *= scale
                 rows += self.beta - self.running_mean * scale
             return rows.reshape(x.shape), None
-        xn = ctx.ws.array(self, "xn", rows.shape, x.dtype)
+        xc = ctx.ws.array(self, "xc", rows.shape, x.dtype)  # x - mean, kept for backward
+        ones = ctx.ws.array(self, "ones", (len(rows),), x.dtype)
         if ctx.dry:
-            return x, (xn, None, None, None)
-        mean = rows.mean(axis=0)
-        np.subtract(rows, mean, out=xn)
-        var = np.einsum("ij,ij->j", xn, xn) / len(rows)
+            return x, (xc, None, None, None)
+        n = len(rows)
+        mean = column_sums(rows, ones) / n
+        np.subtract(rows, mean, out=xc)
+        var = np.einsum("ij,ij->j", xc, xc) / n
         std = np.sqrt(var + self.EPS)
-        xn /= std
-        np.multiply(xn, self.gamma, out=rows)  # the output takes the input's array
+        np.multiply(xc, self.gamma / std, out=rows)  # the output takes the input's array
         rows += self.beta
-        return rows.reshape(x.shape), (xn, std, mean, var)
+        return rows.reshape(x.shape), (xc, std, mean, var)
 
     def backward(self, dout, saved, grads, ctx):
-        xn, std, mean, var = saved
+        xc, std, mean, var = saved
+        ones = ctx.ws.array(self, "ones", (len(xc),), xc.dtype)
         if ctx.dry:
             return dout
-        rows = dout.reshape(xn.shape)
+        rows = dout.reshape(xc.shape)
         n = len(rows)
         # the statistics, weighted by the micro-batch's share of the mini-batch
         share = (len(dout) / ctx.batch_images) if ctx.batch_images else 1.0
         grads.add("running_mean", mean * share)
         grads.add("running_var", var * share)
-        grads.add("beta", rows.sum(axis=0))
-        grads.add("gamma", np.einsum("ij,ij->j", xn, rows))
-        rows *= self.gamma  # dxn, in the gradient's array
-        mean_dxn = rows.mean(axis=0)
-        mean_dxn_xn = np.einsum("ij,ij->j", rows, xn) / n
-        rows -= mean_dxn
-        xn *= mean_dxn_xn  # xn is not read again
-        rows -= xn
-        rows /= std
+        dbeta = column_sums(rows, ones)
+        dgamma = np.einsum("ij,ij->j", xc, rows) / std  # sum of dout * xn
+        grads.add("beta", dbeta)
+        grads.add("gamma", dgamma)
+        # dx = gamma / std * (dout - E[dout] - xn E[dout xn]), xn = xc / std; in the
+        # gradient's array, with the kept xc (not read again) as scratch
+        xc *= dgamma / (n * std)
+        xc += dbeta / n
+        rows -= xc
+        rows *= self.gamma / std
         return rows.reshape(dout.shape)
 
     def update_state(self, statistics: dict):
