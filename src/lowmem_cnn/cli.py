@@ -19,6 +19,7 @@ from lowmem_cnn.data import NoBar
 from lowmem_cnn.errors import LowmemError
 from lowmem_cnn.model import Network
 from lowmem_cnn.optimizers import OPTIMIZERS
+from lowmem_cnn.schedule import SCHEDULES
 from lowmem_cnn.training import CHECKPOINT_SECONDS
 
 # predict decodes and runs this many pictures at a time.
@@ -214,7 +215,7 @@ class _StopRequest:
 @click.option("--weight-decay", type=click.FloatRange(min=0), callback=_finite, metavar="LAMBDA",
               help="The book's L2 weight decay: LAMBDA/2 * sum of W^2 added to the loss (the "
                    "weights, not biases or gamma/beta).  [default: from the config, 0]")
-@click.option("--lr-schedule", type=click.Choice(["constant", "cosine", "step"]),
+@click.option("--lr-schedule", type=click.Choice(SCHEDULES),
               help="constant; cosine: down to 0 along half a cosine after --warmup; step: "
                    "/10 at half and three quarters of the epochs.  [default: from the config, "
                    "constant]")

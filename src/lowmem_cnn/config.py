@@ -7,6 +7,7 @@ from pathlib import Path
 
 from lowmem_cnn.augment import Augmentation
 from lowmem_cnn.errors import LowmemError
+from lowmem_cnn.layers import FRACTIONS, LAYER_TYPES, REQUIRED, SAME_AS_SIZE
 from lowmem_cnn.optimizers import OPTIMIZERS
 from lowmem_cnn.schedule import SCHEDULES
 
@@ -115,18 +116,8 @@ def load_config(name_or_path: str = DEFAULT_CONFIG, shipped_only: bool = False) 
 
 # --- a network described as data: beside a parameter file (params.py), in a checkpoint ----
 
-# The settings of each layer type (layers.LAYER_TYPES), with their defaults: REQUIRED has
-# none, and SAME_AS_SIZE (a pooling's stride) is the layer's size.
-REQUIRED, SAME_AS_SIZE = object(), object()
-LAYER_SETTINGS = {
-    "conv": {"filters": REQUIRED, "size": REQUIRED, "stride": 1, "pad": 0},
-    "relu": {},
-    "pool": {"size": REQUIRED, "stride": SAME_AS_SIZE},
-    "affine": {"units": REQUIRED},
-    "dropout": {"ratio": REQUIRED},
-    "batchnorm": {"momentum": 0.9},
-}
-FRACTIONS = ("ratio", "momentum")  # numbers in [0, 1); every other setting is a whole number
+# The settings of each layer type, with their defaults, as the layer classes declare them.
+LAYER_SETTINGS = {name: cls.settings for name, cls in LAYER_TYPES.items()}
 # Bounds on a description, which may come from a downloaded file: far beyond any network
 # this tool can train, and small enough that nothing made from them is absurd.
 MAX_LAYERS = 256

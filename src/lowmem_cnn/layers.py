@@ -65,6 +65,12 @@ class Gradients(dict):
             self[name] += value
 
 
+# A setting a config must give; a pooling's stride, which is its size unless given.
+REQUIRED, SAME_AS_SIZE = object(), object()
+# Settings that are numbers in [0, 1); every other setting is a whole number.
+FRACTIONS = ("ratio", "momentum")
+
+
 class Layer:
     """What every layer is. `param_shapes`: its trained parameters by name (set on the
     layer as attributes); `state_shapes`: values it keeps with them that are not
@@ -79,6 +85,21 @@ class Layer:
     numbered = True
     need_input_grad = True  # the first layer's input gradient is never needed
     draws_noise = False  # uses ctx.dropout_rng in training
+    # what a config's [[network.layers]] table gives it: the constructor's arguments by
+    # name, with their defaults (REQUIRED: none); config.py checks and describes them
+    settings: dict = {}
+
+    @classmethod
+    def from_spec(cls, spec: dict, in_shape):
+        """The layer of one [[network.layers]] table (KeyError: a required setting is
+        missing)."""
+        arguments = {}
+        for key, default in cls.settings.items():
+            value = spec.get(key, spec.get("size") if default is SAME_AS_SIZE else default)
+            if value is REQUIRED or value is None:
+                raise KeyError(key)
+            arguments[key] = float(value) if key in FRACTIONS else int(value)
+        return cls(in_shape, **arguments)
 
     def forward(self, x, ctx: Context):
         raise NotImplementedError
@@ -124,6 +145,8 @@ class Convolution(Layer):
     pads above size - 1.
     """
 
+    settings = {"filters": REQUIRED, "size": REQUIRED, "stride": 1, "pad": 0}
+
     def __init__(self, in_shape, filters: int, size: int, stride: int = 1, pad: int = 0):
         self.geometry = g = ConvGeometry(tuple(in_shape), filters, size, stride, pad)
         self.in_shape, self.out_shape = g.in_shape, g.out_shape
@@ -131,11 +154,6 @@ class Convolution(Layer):
         self.width = g.width  # columns of the column matrix
         self.rows_per_image = g.rows_per_image
         self.param_shapes = {"W": (self.width, filters), "b": (filters,)}
-
-    @classmethod
-    def from_spec(cls, spec, in_shape):
-        return cls(in_shape, int(spec["filters"]), int(spec["size"]), int(spec.get("stride", 1)),
-                   int(spec.get("pad", 0)))
 
     def _array(self, ws, name, shape, dtype, train=True):
         """Scratch arrays are shared by all the convolutions of a thread (see _SHARED);
@@ -332,10 +350,6 @@ class ReLU(Layer):
     def __init__(self, in_shape):
         self.in_shape = self.out_shape = tuple(in_shape)
 
-    @classmethod
-    def from_spec(cls, spec, in_shape):
-        return cls(in_shape)
-
     def forward(self, x, ctx):
         mask = ctx.ws.array(self, "mask", x.shape, bool) if ctx.train else None
         if ctx.dry:
@@ -362,6 +376,8 @@ class MaxPooling(Layer):
     poolings, forward and backward, 50 images, one thread: 6.25 -> 4.61 ms).
     """
 
+    settings = {"size": REQUIRED, "stride": SAME_AS_SIZE}
+
     def __init__(self, in_shape, size: int, stride: int):
         h, w, c = in_shape
         if size > h or size > w:
@@ -369,10 +385,6 @@ class MaxPooling(Layer):
         self.in_shape = (h, w, c)
         self.size, self.stride = size, stride
         self.out_shape = ((h - size) // stride + 1, (w - size) // stride + 1, c)
-
-    @classmethod
-    def from_spec(cls, spec, in_shape):
-        return cls(in_shape, int(spec["size"]), int(spec.get("stride", spec["size"])))
 
     def _views(self, x):
         """One strided view per position in the window, each shaped like the output."""
@@ -442,16 +454,14 @@ class MaxPooling(Layer):
 
 
 class Affine(Layer):
+    settings = {"units": REQUIRED}
+
     def __init__(self, in_shape, units: int):
         self.in_shape = tuple(in_shape)
         self.units = units
         self.out_shape = (units,)
         self.inputs = math.prod(self.in_shape)
         self.param_shapes = {"W": (self.inputs, units), "b": (units,)}
-
-    @classmethod
-    def from_spec(cls, spec, in_shape):
-        return cls(in_shape, int(spec["units"]))
 
     def forward(self, x, ctx):
         x = x.reshape(x.shape[0], self.inputs)
@@ -496,25 +506,22 @@ class Dropout(Layer):
 
     draws_noise = True
 
+    settings = {"ratio": REQUIRED}
+
     def __init__(self, in_shape, ratio: float):
         if not 0 <= ratio < 1:
             raise ValueError(f"ratio {ratio} is not in [0, 1)")
         self.in_shape = self.out_shape = tuple(in_shape)
         self.ratio = ratio
 
-    @classmethod
-    def from_spec(cls, spec, in_shape):
-        return cls(in_shape, float(spec["ratio"]))
-
     def forward(self, x, ctx):
         rng = ctx.dropout_rng
+        if rng is None and not ctx.train:  # test time: the book's scaling
+            if not ctx.dry:
+                x *= 1.0 - self.ratio
+            return x, None
         if rng is None and not ctx.dry:
-            if ctx.train:
-                raise ValueError("dropout in training needs the Generator its masks come from")
-            x *= 1.0 - self.ratio
-            return x, None
-        if rng is None and not ctx.train:
-            return x, None
+            raise ValueError("dropout in training needs the Generator its masks come from")
         # the mask, from float64 random numbers (as Generator.random(shape) draws them)
         noise = ctx.ws.array(self, "noise", x.shape, np.float64)
         mask = ctx.ws.array(self, "mask", x.shape, bool)
@@ -555,6 +562,8 @@ class BatchNormalization(Layer):
     numbered = False
     EPS = 1e-6  # the book's 10e-7
 
+    settings = {"momentum": 0.9}
+
     def __init__(self, in_shape, momentum: float = 0.9):
         if not 0 <= momentum < 1:
             raise ValueError(f"momentum {momentum} is not in [0, 1)")
@@ -563,10 +572,6 @@ class BatchNormalization(Layer):
         channels = self.in_shape[-1]
         self.param_shapes = {"gamma": (channels,), "beta": (channels,)}
         self.state_shapes = {"running_mean": (channels,), "running_var": (channels,)}
-
-    @classmethod
-    def from_spec(cls, spec, in_shape):
-        return cls(in_shape, float(spec.get("momentum", 0.9)))
 
     def forward(self, x, ctx):
         channels = self.in_shape[-1]
