@@ -21,6 +21,7 @@ import numpy as np
 from lowmem_cnn.config import DEFAULT_CONFIG, canonical_layers, shown, shown_name
 from lowmem_cnn.errors import LowmemError
 from lowmem_cnn.files import atomic_write
+from lowmem_cnn.reading import parse_json, read_small_regular_file
 
 
 def _dtype(spec, align=False, copy=False):
@@ -246,11 +247,10 @@ DESCRIPTION_LIMIT = 1 << 20
 # The format nests three deep (the layers); json.loads recurses once per bracket.
 DESCRIPTION_NESTING = 8
 DESCRIPTION_VERSION = 1
+_DESCRIPTION = "a parameter file's description"
 _FIELDS = ("version", "name", "input_shape", "layers", "classes", "dtype", "sha256")
 # What an earlier lowmem-cnn wrote beside a network trained on a folder: its config by name.
 _EARLIER_FIELDS = ("classes", "input_shape", "config")
-_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
-_BRACKET = re.compile(r"[\[\]{}]")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -277,10 +277,10 @@ def _description(path) -> tuple[dict, object] | None:
     from lowmem_cnn.model import Network
 
     where = meta_path(path)
-    data = _read_small_regular_file(where, DESCRIPTION_LIMIT)
+    data = read_small_regular_file(where, DESCRIPTION_LIMIT, _DESCRIPTION)
     if data is None:
         return None
-    description = _parse_json(where, data)
+    description = parse_json(where, data, _DESCRIPTION, DESCRIPTION_NESTING)
     what = f"{where}: not a usable description of {Path(path).name}"
     if not isinstance(description, dict):
         raise LowmemError(f"{what}: not a JSON object")
@@ -358,86 +358,6 @@ def _check_training(training):
     epoch = training["epoch"]
     if not (isinstance(epoch, int) and not isinstance(epoch, bool) and 1 <= epoch <= 10**6):
         raise ValueError(f"training's epoch {shown(epoch)} is not a whole number from 1")
-
-
-def _read_small_regular_file(path: Path, limit: int) -> bytes | None:
-    """The bytes of a regular file of at most `limit` bytes, or None if there is none.
-    A FIFO, a device (/dev/zero) or a link to one is refused before a byte is read: the
-    open does not wait for a writer (O_NONBLOCK) and its kind is checked on the open file."""
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) \
-        | getattr(os, "O_CLOEXEC", 0)
-    try:
-        kind = os.stat(path).st_mode
-        if not stat.S_ISREG(kind):  # not even opened
-            raise LowmemError(f"{path}: not a regular file, so not a parameter file's description")
-        fd = os.open(path, flags)
-    except FileNotFoundError:
-        if os.path.lexists(path):
-            raise LowmemError(f"{path}: a link to nothing, not a parameter file's "
-                              "description") from None
-        return None
-    except OSError as err:
-        raise LowmemError(f"{path}: cannot read ({err.strerror})") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):  # replaced since the stat
-            raise LowmemError(f"{path}: not a regular file, so not a parameter file's description")
-        if st.st_size > limit:
-            raise LowmemError(f"{path}: {st.st_size:,} bytes, more than a parameter file's "
-                              f"description ever holds ({limit:,})")
-        chunks, size = [], 0
-        while size <= limit:  # a file that grows while read is still cut off
-            chunk = os.read(fd, limit + 1 - size)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-        if size > limit:
-            raise LowmemError(f"{path}: more than the {limit:,} bytes a parameter file's "
-                              "description ever holds")
-        return b"".join(chunks)
-    except OSError as err:
-        raise LowmemError(f"{path}: cannot read ({err.strerror})") from None
-    finally:
-        os.close(fd)
-
-
-def _nesting(text: str, most: int) -> int:
-    """How deep the brackets of a JSON text nest (strings aside), counted up to `most` + 1:
-    json.loads recurses once per level, so 100,000 of them end in RecursionError."""
-    depth = deepest = 0
-    for bracket in _BRACKET.finditer(_STRING.sub("", text)):
-        depth += 1 if bracket.group() in "[{" else -1
-        if depth > deepest:
-            deepest = depth
-            if deepest > most:
-                break
-    return deepest
-
-
-def _refuse_constant(name):
-    raise ValueError(f"{name} is not a number JSON has")
-
-
-def _unique_keys(pairs):
-    keys = [key for key, _ in pairs]
-    if len(set(keys)) != len(keys):
-        raise ValueError("a field is given twice")
-    return dict(pairs)
-
-
-def _parse_json(where: Path, data: bytes):
-    what = f"{where}: not a parameter file's description"
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise LowmemError(f"{what}: not UTF-8 text (byte {err.start})") from None
-    if _nesting(text, DESCRIPTION_NESTING) > DESCRIPTION_NESTING:
-        raise LowmemError(f"{what}: it nests deeper than {DESCRIPTION_NESTING} levels")
-    try:
-        return json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
-    except (ValueError, RecursionError) as err:  # JSONDecodeError is a ValueError
-        raise LowmemError(f"{what}: not valid JSON ({shown(str(err), 80)})") from None
 
 
 # --- the network of a parameter file ----------------------------------------------------

@@ -1,0 +1,97 @@
+"""Reading files that come from elsewhere: every byte is untrusted until checked.
+
+A small file is read only if it is a regular one and no larger than its kind ever is; a
+JSON text is parsed only once its brackets are known not to nest deeper than its format.
+"""
+
+import json
+import os
+import re
+import stat
+from pathlib import Path
+
+from lowmem_cnn.config import shown
+from lowmem_cnn.errors import LowmemError
+
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def read_small_regular_file(path: Path, limit: int, what: str) -> bytes | None:
+    """The bytes of a regular file of at most `limit` bytes, or None if there is none.
+    A FIFO, a device (/dev/zero) or a link to one is refused before a byte is read: the
+    open does not wait for a writer (O_NONBLOCK) and its kind is checked on the open file.
+    `what` names the kind of file in the errors ("a parameter file's description")."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) \
+        | getattr(os, "O_CLOEXEC", 0)
+    try:
+        kind = os.stat(path).st_mode
+        if not stat.S_ISREG(kind):  # not even opened
+            raise LowmemError(f"{path}: not a regular file, so not {what}")
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        if os.path.lexists(path):
+            raise LowmemError(f"{path}: a link to nothing, not {what}") from None
+        return None
+    except OSError as err:
+        raise LowmemError(f"{path}: cannot read ({err.strerror})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):  # replaced since the stat
+            raise LowmemError(f"{path}: not a regular file, so not {what}")
+        if st.st_size > limit:
+            raise LowmemError(f"{path}: {st.st_size:,} bytes, more than {what} ever holds ({limit:,})")
+        chunks, size = [], 0
+        while size <= limit:  # a file that grows while read is still cut off
+            chunk = os.read(fd, limit + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > limit:
+            raise LowmemError(f"{path}: more than the {limit:,} bytes {what} ever holds")
+        return b"".join(chunks)
+    except OSError as err:
+        raise LowmemError(f"{path}: cannot read ({err.strerror})") from None
+    finally:
+        os.close(fd)
+
+
+def nesting(text: str, most: int) -> int:
+    """How deep the brackets of a JSON text nest (strings aside), counted up to `most` + 1:
+    json.loads recurses once per level, so 100,000 of them end in RecursionError."""
+    depth = deepest = 0
+    for bracket in _BRACKET.finditer(_STRING.sub("", text)):
+        depth += 1 if bracket.group() in "[{" else -1
+        if depth > deepest:
+            deepest = depth
+            if deepest > most:
+                break
+    return deepest
+
+
+def _refuse_constant(name):
+    raise ValueError(f"{name} is not a number JSON has")
+
+
+def _unique_keys(pairs):
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError("a field is given twice")
+    return dict(pairs)
+
+
+def parse_json(where: Path, data: bytes, what: str, most_nesting: int):
+    """The JSON value of `data`: UTF-8, nested at most `most_nesting` deep, no NaN or
+    Infinity, no field given twice; a LowmemError naming `where` otherwise."""
+    refused = f"{where}: not {what}"
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise LowmemError(f"{refused}: not UTF-8 text (byte {err.start})") from None
+    if nesting(text, most_nesting) > most_nesting:
+        raise LowmemError(f"{refused}: it nests deeper than {most_nesting} levels")
+    try:
+        return json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
+    except (ValueError, RecursionError) as err:  # JSONDecodeError is a ValueError
+        raise LowmemError(f"{refused}: not valid JSON ({shown(str(err), 80)})") from None
