@@ -12,7 +12,6 @@ import json
 import os
 import pickle
 import re
-import stat
 import struct
 from pathlib import Path
 
