@@ -164,14 +164,15 @@ class Finished:
     peak_rss: int  # bytes: the command's ru_maxrss from wait4
 
 
-def run_python(*args, cwd=None, timeout=600) -> Finished:
-    """Run `python ARGS` and measure its peak RSS from the OS (Linux: ru_maxrss in KiB)."""
+def run_python(*args, cwd=None, timeout=600, env=None) -> Finished:
+    """Run `python ARGS` (with `env` added to the environment) and measure its peak RSS
+    from the OS (Linux: ru_maxrss in KiB)."""
     with tempfile.TemporaryDirectory() as scratch:
         report = Path(scratch) / "rusage"
         launcher = subprocess.Popen(
             [sys.executable, "-I", "-S", "-c", _LAUNCHER, str(report), *map(str, args)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
-            env=os.environ.copy(), start_new_session=True)
+            env={**os.environ, **(env or {})}, start_new_session=True)
         try:
             stdout, stderr = launcher.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -184,5 +185,5 @@ def run_python(*args, cwd=None, timeout=600) -> Finished:
     return Finished(status, stdout, stderr, kib * 1024)
 
 
-def run_lowmem(*args, cwd=None, timeout=600) -> Finished:
-    return run_python("-m", "lowmem_cnn", *args, cwd=cwd, timeout=timeout)
+def run_lowmem(*args, cwd=None, timeout=600, env=None) -> Finished:
+    return run_python("-m", "lowmem_cnn", *args, cwd=cwd, timeout=timeout, env=env)

@@ -274,13 +274,13 @@ def test_a_lock_file_removed_as_its_holder_let_go_is_not_taken_for_the_lock(tmp_
     assert not target.exists()
     # the stale file can be locked now, but it is no longer the lock, even once another
     # file is at the path
-    assert locks._try_lock(stale) and not locks._still_at(stale, target)
+    assert locks.try_lock(stale) and not locks.still_at(stale, target)
     target.touch()
-    assert not locks._still_at(stale, target)
+    assert not locks.still_at(stale, target)
     os.close(stale)
 
     # a run that locks a file its holder removed meanwhile takes the path's file instead
-    real_try_lock, calls = locks._try_lock, []
+    real_try_lock, calls = locks.try_lock, []
 
     def holder_lets_go_first(fd):
         if not calls:  # as the holder would: remove the file, then unlock it
@@ -289,7 +289,7 @@ def test_a_lock_file_removed_as_its_holder_let_go_is_not_taken_for_the_lock(tmp_
         return real_try_lock(fd)
 
     target.touch()
-    monkeypatch.setattr(locks, "_try_lock", holder_lets_go_first)
+    monkeypatch.setattr(locks, "try_lock", holder_lets_go_first)
     second = locks.RunLock(guarded, "parameter file")
     monkeypatch.undo()
     assert len(calls) == 2  # the removed file locked, then the new one

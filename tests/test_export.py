@@ -3,6 +3,9 @@ the engine's predictions, image for image, and its scores within 1e-4."""
 
 import json
 import pickle
+import signal
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,10 +14,12 @@ from conftest import need_module, run_lowmem, run_python
 from test_cli import error_line
 from test_folder_cli import WORDS, named_folder
 
+import lowmem_cnn
 from lowmem_cnn import layers
 from lowmem_cnn.cli import main
 from lowmem_cnn.config import load_config
 from lowmem_cnn.data import DataOptions
+from lowmem_cnn.errors import LowmemError
 from lowmem_cnn.model import Network
 from lowmem_cnn.params import load_params, save_params
 from lowmem_cnn.planner import chosen_plan
@@ -136,15 +141,15 @@ def evaluated(params, data_dir, cwd, *options) -> dict:
     return json.loads(done.stdout.splitlines()[-1])
 
 
-def compare(ort, model, network, split, ties_allowed=False, count=None):
-    """onnxruntime against the engine on every image of `split` (or the first `count`):
-    the scores within SCORE_TOLERANCE, the predictions image for image (ties_allowed:
-    where the engine's two best scores are closer than twice the tolerance, either is
-    accepted). Returns the predictions."""
+def compare(ort, model, network, split, ties_allowed=False, count=None, run=onnx_run):
+    """onnxruntime (or `run`) against the engine on every image of `split` (or the
+    first `count`): the scores within SCORE_TOLERANCE, the predictions image for image
+    (ties_allowed: where the engine's two best scores are closer than twice the
+    tolerance, either is accepted). Returns the predictions."""
     n = len(split) if count is None else count
     images = split.images.read_range(0, n)
     engine = network.predict_scores(images, chosen_plan(network, 100), split.images.pixels)
-    found = onnx_run(ort, model, images, network.config.input_shape)
+    found = run(ort, model, images, network.config.input_shape)
     assert found.shape == engine.shape
     assert np.abs(found - engine).max() <= SCORE_TOLERANCE
     predicted = found.argmax(axis=1)
@@ -195,22 +200,26 @@ def test_the_books_files_exported_predict_as_eval_does(ort, tmp_path, mnist_dir,
     assert json.loads(meta["classes"]) == [str(k) for k in range(10)]
     assert json.loads(meta["input_shape"]) == [1, 28, 28]
     assert "/ 255" in meta["preprocessing"] and "MNIST" in meta["preprocessing"]
-    assert meta["lowmem_cnn_version"] == __import__("lowmem_cnn").__version__
+    # what a client needs: the input's name, layout and scaling; that the centring is its own
+    assert meta["input"].startswith("'input': float32 [N, 1, 28, 28] (NCHW") and "/ 255" in meta["input"]
+    assert meta["preprocessing"].startswith("not in the graph") and "centred" in meta["preprocessing"]
+    assert meta["opset"] == "9"
+    assert meta["lowmem_cnn_version"] == lowmem_cnn.__version__
 
 
-def test_the_model_is_checked_and_stamped_with_the_capped_opset(ort, tmp_path, book_params,
+def test_the_model_is_checked_and_stamped_with_the_oldest_opset(ort, tmp_path, book_params,
                                                                 mnist_dir):
     import onnx
 
     from lowmem_cnn.data import open_directory
-    from lowmem_cnn.export import ORT_MAX_OPSET
 
     out = tmp_path / "model.onnx"
-    export(book_params, out, "--softmax", cwd=tmp_path)
+    done = export(book_params, out, "--softmax", cwd=tmp_path)
+    assert "ONNX opset 9, IR version 4" in done.stdout
     model = onnx.load(out)
     onnx.checker.check_model(model, full_check=True)
-    assert [(o.domain, o.version) for o in model.opset_import] == \
-        [("", min(onnx.defs.onnx_opset_version(), ORT_MAX_OPSET))]
+    assert [(o.domain, o.version) for o in model.opset_import] == [("", 9)]
+    assert model.ir_version == 4
     assert [n.op_type for n in model.graph.node] == \
         ["Conv", "MaxPool", "Relu", "Flatten", "Gemm", "Relu", "Gemm", "Softmax"]  # conv+pool, then ReLU
     # a dynamic batch: one image and 300 alike
@@ -220,6 +229,86 @@ def test_the_model_is_checked_and_stamped_with_the_capped_opset(ort, tmp_path, b
     for n in (1, 300):
         p = onnx_run(ort, out, images[:n], (1, 28, 28))
         assert p.shape == (n, 10) and np.allclose(p.sum(axis=1), 1, atol=1e-5)
+
+
+SHIPPED_CONFIGS = sorted(p.stem for p in (Path(lowmem_cnn.__file__).parent / "configs").glob("*.toml"))
+
+
+@pytest.mark.parametrize("config", SHIPPED_CONFIGS)
+def test_every_shipped_config_is_stamped_with_opset_9_and_ir_4(ort, tmp_path, config):
+    """The oldest opset its nodes declare, and the lowest IR version of that opset:
+    what onnxruntime 1.16 and OpenCV load (scripts/onnx_clients_check.sh)."""
+    import onnx
+
+    from lowmem_cnn.export import save_onnx
+
+    network = random_network(config)
+    for softmax in (False, True):
+        out = tmp_path / f"{config}.onnx"
+        done = save_onnx(network, out, softmax)
+        model = onnx.load(out)
+        assert (done.opset, done.ir_version) == (9, 4)
+        assert [(o.domain, o.version) for o in model.opset_import] == [("", 9)]
+        assert model.ir_version == 4
+        assert {p.key: p.value for p in model.metadata_props}["opset"] == "9"
+        ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])  # loads
+
+
+# The sha256 of the book's simple file exported with --softmax: the same with onnx 1.14.1,
+# 1.17.0 and 1.23.2 (measured). The file depends on the network, the opset and lowmem-cnn's
+# version only; change this when the exporter or the version changes on purpose.
+SIMPLE_SOFTMAX_SHA256 = "acb198593d06e6fd3d7949dec4bd6e972498e6d086b33d41dda0384dce51d924"
+
+
+def test_the_file_does_not_depend_on_the_installed_onnx(ort, tmp_path, book_params):
+    import hashlib
+
+    import onnx
+
+    out = tmp_path / "model.onnx"
+    export(book_params, out, "--softmax", cwd=tmp_path)
+    model = onnx.load(out)
+    assert (model.producer_name, model.producer_version) == ("lowmem-cnn", lowmem_cnn.__version__)
+    assert onnx.__version__ not in out.read_bytes().decode("latin-1")
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == SIMPLE_SOFTMAX_SHA256
+
+
+def test_opset_chosen_within_the_range_that_works(ort, tmp_path, book_params, mnist_dir):
+    import onnx
+
+    from lowmem_cnn.data import open_directory
+
+    newest = onnx.defs.onnx_opset_version()
+    images = open_directory(mnist_dir).test.images.read_range(0, 200)
+    out = tmp_path / "default.onnx"
+    export(book_params, out, cwd=tmp_path)
+    expected = onnx_run(ort, out, images, (1, 28, 28))
+    for opset, ir_version in ((13, 7), (newest, helper_ir(newest))):
+        out = tmp_path / f"opset{opset}.onnx"
+        done = export(book_params, out, "--opset", str(opset), cwd=tmp_path)
+        assert f"ONNX opset {opset}, IR version {ir_version}" in done.stdout
+        model = onnx.load(out)
+        assert (model.opset_import[0].version, model.ir_version) == (opset, ir_version)
+    # the onnxruntime installed may be older than the onnx: opset 13 it runs
+    found = onnx_run(ort, tmp_path / "opset13.onnx", images, (1, 28, 28))
+    assert np.abs(found - expected).max() <= 1e-6
+    out = tmp_path / "model.onnx"
+    out.write_bytes(b"the previous model")
+    for opset in (8, newest + 1):
+        done = run_lowmem("export", book_params, out, "--opset", str(opset), cwd=tmp_path)
+        assert done.returncode == 1
+        assert error_line(done.stderr).endswith(
+            f"opsets 9 to {newest} (its oldest is 9, the installed onnx's newest {newest})"
+            if opset == 8 else f"knows opsets up to {newest}; choose one up to {newest}, or "
+                               f"upgrade onnx")
+    assert out.read_bytes() == b"the previous model"
+    assert not list(tmp_path.glob(".*.tmp"))  # no temporary left
+
+
+def helper_ir(opset):
+    from onnx import helper
+
+    return helper.find_min_ir_version_for([helper.make_opsetid("", opset)])
 
 
 # --- a folder of RGB pictures with named classes ---------------------------------------
@@ -317,6 +406,61 @@ def test_deep_convnet_bn_exports_within_64_mib(ort, tmp_path, mnist_dir, baselin
     compare(ort, out, network, split, ties_allowed=True, count=2000)
 
 
+# --- PyTorch: onnx2torch makes a torch.nn.Module of the file (docs/onnx.md) -------------
+
+
+def onnx2torch_convert(monkeypatch):
+    """onnx2torch.convert. onnx2torch imports torchvision, for converters of operators
+    these graphs never use (NonMaxSuppression, RoiAlign): where it is missing or does
+    not import (PyPI's beside the CPU wheel of torch on this machine), a stand-in."""
+    pytest.importorskip("torch")
+    try:
+        import torchvision  # noqa: F401
+    except Exception:
+        import types
+
+        ops = types.ModuleType("torchvision.ops")
+        ops.nms = ops.roi_align = ops.box_convert = None
+        vision = types.ModuleType("torchvision")
+        vision.ops = ops
+        monkeypatch.setitem(sys.modules, "torchvision", vision)
+        monkeypatch.setitem(sys.modules, "torchvision.ops", ops)
+    return pytest.importorskip("onnx2torch", reason="pip install --no-deps onnx2torch").convert
+
+
+def torch_run(_, module, images, input_shape, batch=500):
+    import torch
+
+    c, h, w = input_shape
+    parts = []
+    with torch.no_grad():
+        for lo in range(0, len(images), batch):
+            x = images[lo : lo + batch].reshape(-1, c, h, w).astype(np.float32) / np.float32(255)
+            parts.append(module(torch.from_numpy(x)).numpy())
+    return np.concatenate(parts)
+
+
+def test_pytorch_users_pick_the_network_up_with_onnx2torch(tmp_path, mnist_dir, deep_params,
+                                                           monkeypatch):
+    convert = onnx2torch_convert(monkeypatch)
+    need_module("onnx")
+    out = tmp_path / "deep.onnx"
+    export(deep_params, out, "--config", "deep_convnet", cwd=tmp_path)
+    network, split = mnist_session(mnist_dir, "deep_convnet", deep_params)
+    predicted = compare(None, convert(str(out)).eval(), network, split, run=torch_run)
+    report = evaluated(deep_params, mnist_dir, tmp_path, "--config", "deep_convnet")
+    assert int((predicted == split.labels).sum()) == report["correct"]
+    # every layer kind: batch normalization too
+    config = tmp_path / "every_kind.toml"
+    config.write_text(EVERY_KIND)
+    from lowmem_cnn.export import save_onnx
+
+    network = random_network(config)
+    save_onnx(network, tmp_path / "every.onnx")
+    compare(None, convert(str(tmp_path / "every.onnx")).eval(), network, split, ties_allowed=True,
+            count=2000, run=torch_run)
+
+
 # --- the book's classes ---------------------------------------------------------------
 
 
@@ -335,10 +479,13 @@ def test_the_books_classes_save_onnx_with_their_live_params(ort, tmp_path, mnist
         session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
         found = session.run(None, {"input": x.astype(np.float32)})[0]
         assert np.abs(found - network.predict(x)).max() <= SCORE_TOLERANCE
-        network.save_onnx(out, softmax=True)
+        network.save_onnx(out, softmax=True, opset=13)  # as export's --opset
         session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
         assert np.allclose(session.run(None, {"input": x[:5].astype(np.float32)})[0].sum(axis=1), 1,
                            atol=1e-5)
+        assert session.get_modelmeta().custom_metadata_map["opset"] == "13"
+        with pytest.raises(LowmemError, match="can be written at opsets 9 to"):
+            network.save_onnx(out, opset=8)
 
 
 # --- bad input: one line each ---------------------------------------------------------
@@ -360,7 +507,7 @@ def test_an_unwritable_output(ort, tmp_path, book_params):
     for out in (tmp_path / "missing" / "model.onnx", tmp_path / "file" / "model.onnx"):
         done = run_lowmem("export", book_params, out, cwd=tmp_path)
         assert done.returncode == 1
-        assert error_line(done.stderr).startswith(f"Error: cannot write ONNX model {out}")
+        assert str(out) in error_line(done.stderr)  # checked before anything is read
     # an existing model is replaced whole
     out = tmp_path / "model.onnx"
     out.write_bytes(b"old")
@@ -386,7 +533,10 @@ class _Square(layers.Layer):
 
 
 def test_a_layer_with_no_export(ort, tmp_path, monkeypatch):
+    from lowmem_cnn import config as config_module
+
     monkeypatch.setitem(layers.LAYER_TYPES, "square", _Square)
+    monkeypatch.setitem(config_module.LAYER_SETTINGS, "square", {})  # config.py's copy of them
     config = tmp_path / "square.toml"
     config.write_text('[network]\ninput_shape = [1, 28, 28]\n[[network.layers]]\ntype = "square"\n'
                       '[[network.layers]]\ntype = "affine"\nunits = 10\n')
@@ -419,3 +569,38 @@ def test_onnx_is_imported_by_export_only(tmp_path):
             "assert not {'onnx', 'onnxruntime'} & set(sys.modules), 'imported'")
     done = run_python("-c", code, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
+
+
+# --- Ctrl-C: one line, whenever it comes ---------------------------------------------
+
+# Runs `lowmem-cnn ARGS` as `python -m lowmem_cnn` does, and sends itself SIGINT when the
+# module MODULE is first imported: a point the test chooses, not a time.
+INTERRUPTED_AT_IMPORT = """
+import os, runpy, signal, sys
+
+class Interrupt:
+    def find_spec(self, name, path=None, target=None):
+        if name == {module!r}:
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+sys.meta_path.insert(0, Interrupt())
+sys.argv = ["lowmem-cnn", *{args!r}]
+runpy.run_module("lowmem_cnn", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize("module, said", [
+    ("numpy", "lowmem-cnn: stopped by SIGINT while starting"),  # the command line imports
+    ("onnx", "export stopped by SIGINT; {out} is untouched or the whole new model"),  # export's
+])
+def test_ctrl_c_while_importing_is_one_line(ort, tmp_path, book_params, module, said):
+    out = tmp_path / "model.onnx"
+    out.write_bytes(b"the previous model")
+    code = INTERRUPTED_AT_IMPORT.format(module=module, args=["export", str(book_params), str(out)])
+    done = run_python("-c", code, cwd=tmp_path)
+    assert done.returncode == 128 + signal.SIGINT, done.stderr
+    assert done.stderr.splitlines() == [said.format(out=out)]
+    assert done.stdout == ""
+    assert out.read_bytes() == b"the previous model"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]  # no temporary left

@@ -18,10 +18,10 @@ from lowmem_cnn.planner import (MARGIN_BYTES, activation_peak, make_plan, measur
                                 recorded_plan)
 
 HUGE = {
-    # 784 x 1,000,000 float32 weights: 3 GB, with Adam's state 12 GB
-    "affine": '[[network.layers]]\ntype = "affine"\nunits = 1000000\n',
-    # a billion 5x5 filters: 100 GB of weights
-    "conv": '[[network.layers]]\ntype = "conv"\nfilters = 1000000000\nsize = 5\n',
+    # the most units a config may ask for (65,536), twice: 65,536^2 float32 weights, 16 GiB
+    "affine": '[[network.layers]]\ntype = "affine"\nunits = 65536\n' * 2,
+    # the most filters: 37.7 M outputs an image, 151 MB each, and 1.5 GB of affine weights after
+    "conv": '[[network.layers]]\ntype = "conv"\nfilters = 65536\nsize = 5\n',
 }
 
 

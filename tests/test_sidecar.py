@@ -160,13 +160,13 @@ def test_the_books_classes_write_and_read_the_description(tmp_path):
 
     np.random.seed(0)
     net = SimpleConvNet(conv_param={"filter_num": 6, "filter_size": 5, "pad": 0, "stride": 1},
-                        hidden_size=20, max_ram="256M")
+                        hidden_size=20, max_ram="2G")
     path = tmp_path / "small.pkl"
     net.save_params(path)
     config, _ = network_for(path)  # the command line knows the network from the file alone
     assert config.layers[0]["filters"] == 6 and config.layers[3]["units"] == 20
     other = SimpleConvNet(conv_param={"filter_num": 6, "filter_size": 5, "pad": 0, "stride": 1},
-                          hidden_size=20, max_ram="256M")
+                          hidden_size=20, max_ram="2G")
     other.load_params(path)
     np.testing.assert_array_equal(other.params["W1"], net.params["W1"])
     meta_path(path).write_text("[" * 100_000 + "]" * 100_000)  # read as the command line reads it

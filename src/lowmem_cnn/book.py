@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lowmem_cnn.budget import current_rss, map_large_arrays, resolve_budget
+from lowmem_cnn.budget import check_threads, current_rss, map_large_arrays, resolve_budget
 from lowmem_cnn import book_layout
 from lowmem_cnn.config import NetworkConfig
 from lowmem_cnn.errors import LowmemError
@@ -226,8 +226,9 @@ class _BookNetwork:
         from lowmem_cnn import default_threads
 
         map_large_arrays()  # freed arrays go back to the OS: RSS is what the plan counts
-        self.budget = resolve_budget(max_ram)
-        self.network = Network(config, np.dtype(dtype), threads or default_threads())
+        threads = default_threads() if threads is None else check_threads(threads, "threads=")
+        self.budget = resolve_budget(max_ram, threads)
+        self.network = Network(config, np.dtype(dtype), threads)
         try:  # before any of them exists
             check_book_parameters_fit(self.network, self.budget)
         except BudgetError as err:
@@ -404,14 +405,15 @@ class _BookNetwork:
             self.params[key] = loaded[key]
         self.sync_to_engine()
 
-    def save_onnx(self, file_name="model.onnx", softmax=False):
+    def save_onnx(self, file_name="model.onnx", softmax=False, opset=None):
         """Write the network, with `params` as they are now, as an ONNX model (float32;
         input [N, C, H, W] as `predict` takes it; `softmax`: probabilities, not scores),
-        atomically. Needs the onnx extra (pip install 'lowmem-cnn[onnx]')."""
+        atomically, stamped with `opset` (None: the oldest that expresses the network;
+        see docs/onnx.md). Needs the onnx extra (pip install 'lowmem-cnn[onnx]')."""
         from lowmem_cnn.export import save_onnx
 
         self.sync_to_engine()
-        save_onnx(self.network, Path(file_name), softmax=softmax)
+        save_onnx(self.network, Path(file_name), softmax=softmax, opset=opset)
 
 
 class SimpleConvNet(_BookNetwork):
@@ -420,7 +422,8 @@ class SimpleConvNet(_BookNetwork):
 
     max_ram: the RAM budget (e.g. "512M", "2G"; None: half of the RAM available);
     dtype: the engine's arithmetic (float32; float64 is the book's);
-    threads: micro-batches run at once (None: one per CPU core).
+    threads: micro-batches run at once (None: one per CPU core; more than the cores is
+    refused).
     """
 
     _loss_trains = False

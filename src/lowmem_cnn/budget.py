@@ -4,6 +4,7 @@ Portable: `resource` (Unix), /proc (Linux) and glibc's mallopt are used where th
 exist, psutil elsewhere.
 """
 
+import operator
 import os
 import re
 import sys
@@ -266,6 +267,39 @@ def peak_rss() -> int:
 
         return psutil.Process().memory_info().peak_wset
     return current_rss()  # no peak anywhere: the current RSS, a lower bound
+
+
+# --- threads ------------------------------------------------------------------------
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the OS has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def check_threads(threads, name: str = "--threads", advice: str = "give at most {cores}") -> int:
+    """`threads` when it is a count of threads the machine's cores can run, else a
+    one-line LowmemError naming the cores. Called before the network is made: each
+    thread gets a workspace and a set of gradients, so a count beyond the cores gains
+    nothing and costs memory before any plan can refuse it (measured: `--threads 1000`
+    reached 1.7 GB under `--max-ram 256M`, `--threads 10**12` 24 GB)."""
+    try:
+        count = None if isinstance(threads, bool) else operator.index(threads)
+    except TypeError:
+        count = None
+    named = name if name.endswith("=") else name + " "  # threads=3, --threads 3
+    if count is None or count < 1:
+        raise LowmemError(f"{named}{threads!r}: give a whole number of threads, 1 or more")
+    threads = count
+    cores = usable_cores()
+    if threads > cores:
+        raise LowmemError(f"{named}{threads:,}: more threads than the {cores} CPU core"
+                          f"{'s' if cores > 1 else ''} this process may use; "
+                          + advice.format(cores=cores))
+    return threads
 
 
 # --- the process's own limits: ulimit -v (RLIMIT_AS) and ulimit -d (RLIMIT_DATA) -----

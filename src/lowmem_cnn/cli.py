@@ -5,6 +5,7 @@ import re
 import signal
 import sys
 import time
+import warnings
 from functools import wraps
 from pathlib import Path
 
@@ -18,8 +19,7 @@ from lowmem_cnn.config import DEFAULT_CONFIG, load_config
 from lowmem_cnn.data import NoBar
 from lowmem_cnn.errors import LowmemError
 from lowmem_cnn.model import Network
-from lowmem_cnn.optimizers import OPTIMIZERS
-from lowmem_cnn.schedule import SCHEDULES
+from lowmem_cnn.run_options import RUN_OPTIONS, TEST_SPLIT
 from lowmem_cnn.training import CHECKPOINT_SECONDS
 
 # predict decodes and runs this many pictures at a time.
@@ -56,10 +56,8 @@ def _common(command):
                      help="A folder's pictures are scaled (shorter side) and centre-cropped to "
                           "this.  [default: the network's input size, 28x28 for the shipped "
                           "configs; or the size the parameter file was trained at]"),
-        click.option("--test-split", type=click.FloatRange(0, 1, min_open=True, max_open=True),
-                     default=0.2, show_default=True,
-                     help="A folder of <class>/ only: the share of each class's pictures kept "
-                          "for testing, drawn the same way every run."),
+        _declared(TEST_SPLIT, help=f"{TEST_SPLIT.help}  [default: {TEST_SPLIT.default}; for "
+                                   "a network trained on the folder, the share held out then]"),
         click.option("--strict", is_flag=True,
                      help="A damaged picture in a folder, or one too large for the budget, is "
                           "an error (by default it is skipped and counted in one warning line; "
@@ -113,13 +111,6 @@ def _data_options(data_dir, image_size, test_split, strict, say):
                        report=say)
 
 
-def _finite(ctx, param, value):
-    """A float option that is a number (FloatRange lets nan through)."""
-    if value is not None and not np.isfinite(value):
-        raise click.BadParameter(f"{value} is not a number")
-    return value
-
-
 def _image_size(text):
     """--image-size as (H, W): 'N' or 'HxW'; None without it."""
     if text is None:
@@ -148,15 +139,74 @@ def _describe_plan(network, plan, say):
 
 
 def _budget(max_ram, threads, say):
-    """The budget in bytes, said with where it came from."""
-    from lowmem_cnn.budget import explain_default_budget
+    """The budget in bytes, said with where it came from (--threads is checked first:
+    before anything is made for its threads)."""
+    from lowmem_cnn.budget import check_threads, explain_default_budget
 
+    check_threads(threads)
     if max_ram:
         budget, source = resolve_budget(max_ram, threads), f"--max-ram {max_ram}"
     else:
         budget, source = explain_default_budget(threads)
     say(f"budget: {budget:,} bytes ({format_size(budget)}, {source})")
     return budget
+
+
+def _declared(option, help=None):
+    """The click option of a run option as run_options declares it: its flag, bounds or
+    choices, and help. No default: what the user gave is told from what they did not
+    (see train: the config's default, or with --resume the checkpoint's)."""
+    if option.choices:
+        kind = click.Choice(option.choices)
+    elif option.kind is int:
+        kind = click.IntRange(option.low, option.high)
+    elif option.kind is float:  # (FloatRange lets nan through: the check does not)
+        kind = click.FloatRange(option.low, option.high, min_open=option.low_open,
+                                max_open=option.high_open)
+    else:
+        kind = str
+
+    def check(ctx, param, value):
+        try:
+            return None if value is None else option.check(value)
+        except ValueError as err:
+            raise click.BadParameter(str(err)) from None
+
+    if help is None:
+        default = "" if option.default is None else format(option.default, "g" if option.kind
+                                                              is float else "")
+        if option.in_config:
+            default = f"from the config, {default}"
+        help = f"{option.help}  [default: {default}]" if default != "" else option.help
+    return click.option(option.flag, option.name, type=kind, metavar=option.metavar,
+                        callback=check, help=help)
+
+
+def _run_options(command):
+    """train's declared options (run_options.RUN_OPTIONS), in their order."""
+    for option in reversed(RUN_OPTIONS):
+        command = _declared(option)(command)
+    return command
+
+
+def _given_again(options: dict, **others) -> dict:
+    """What the user gave with --resume, as training.apply_given takes it: the declared
+    options given, and of `others` (Settings field -> value) those given on the command
+    line (not click's defaults)."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    given = {option.name: (option.flag, options[option.name]) for option in RUN_OPTIONS
+             if options[option.name] is not None}
+    parameters = {"config": "config_name", "test_fraction": "test_split"}
+    for name, value in others.items():
+        parameter = parameters.get(name, name)
+        source = ctx.get_parameter_source(parameter)
+        if value is not None and source not in (None, ParameterSource.DEFAULT,
+                                                ParameterSource.DEFAULT_MAP):
+            flag = next(p for p in ctx.command.params if p.name == parameter).opts[0]
+            given[name] = (flag, str(value) if name == "out" else value)
+    return given
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -187,14 +237,6 @@ class _StopRequest:
 
 
 @main.command()
-@click.option("--epochs", type=click.IntRange(min=1), help="Passes over the training data. "
-              "[default: from the config, 20]")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Images per update (at most the "
-              "number of training images). [default: from the config, 100]")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True, max=1e6), callback=_finite,
-              help="Learning rate. [default: from the config, 0.001]")
-@click.option("--optimizer", type=click.Choice(list(OPTIMIZERS)), help="[default: from the config, adam]")
-@click.option("--seed", type=int, default=0, help="Seed of the initial weights and the shuffling.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("params.pkl"),
               help="Parameter file written at the end (the book's format).")
 @click.option("--limit", type=click.IntRange(min=1),
@@ -208,65 +250,55 @@ class _StopRequest:
               help="Continue the run in the checkpoint where it stopped, with its settings.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
               help="Also draw accuracy and loss per epoch into this PNG (needs the plot extra).")
-@click.option("--augment", metavar="LIST",
-              help="Change the training pictures a little each time: flip (mirror left to "
-                   "right), crop:P (pad P pixels, crop back: moves by up to P), e.g. "
-                   "flip,crop:4; none.  [default: from the config, none]")
-@click.option("--weight-decay", type=click.FloatRange(min=0), callback=_finite, metavar="LAMBDA",
-              help="The book's L2 weight decay: LAMBDA/2 * sum of W^2 added to the loss (the "
-                   "weights, not biases or gamma/beta).  [default: from the config, 0]")
-@click.option("--lr-schedule", type=click.Choice(SCHEDULES),
-              help="constant; cosine: down to 0 along half a cosine after --warmup; step: "
-                   "/10 at half and three quarters of the epochs.  [default: from the config, "
-                   "constant]")
-@click.option("--warmup", type=click.FloatRange(min=0), callback=_finite, metavar="EPOCHS",
-              help="With --lr-schedule cosine: epochs of a linear rise first.  [default: from "
-                   "the config, 0]")
-@click.option("--val-split", type=click.FloatRange(0, 1, min_open=True, max_open=True),
-              help="Hold out this share of the training images (chosen by --seed, the same "
-                   "every run) and measure validation accuracy after each epoch.")
-@click.option("--keep", type=click.Choice(["last", "best"]), default="last",
-              help="Save the last epoch's parameters, or those of the epoch with the best "
-                   "validation accuracy (needs --val-split).")
-@click.option("--patience", type=click.IntRange(min=1), metavar="N",
-              help="Stop after N epochs without a better validation accuracy (needs --val-split).")
+@_run_options
 @_common
-def train(epochs, batch_size, lr, optimizer, seed, out, limit, checkpoint_path, checkpoint_every,
-          resume, plot, augment, weight_decay, lr_schedule, warmup, val_split, keep, patience,
-          max_ram, data_dir, image_size, test_split, strict, config_name, dtype, threads, as_json):
+def train(out, limit, checkpoint_path, checkpoint_every, resume, plot, max_ram, data_dir,
+          image_size, test_split, strict, config_name, dtype, threads, as_json, **options):
     """Train the network on the training images; report test accuracy after each epoch.
 
     Ctrl-C or SIGTERM: the current update finishes, a checkpoint is written, and
     `lowmem-cnn train --resume` continues the run exactly. Another train on the same
     checkpoint or parameter file is refused while this one runs."""
     from lowmem_cnn import training
+    from lowmem_cnn.files import check_file_names
 
+    check_file_names([("--out", out), ("--checkpoint", checkpoint_path), ("--plot", plot)])
     checkpointing = training.Checkpointing(checkpoint_path or out.with_name(out.name + ".ckpt"),
                                            checkpoint_every)
+    # a resumed run's --out is known once its checkpoint is read: checked then too
+    _check_train_outputs(None if resume else out, checkpointing.path, plot, data_dir)
     say = _sayer(as_json)
     data = _data_options(data_dir, image_size, test_split, strict, say)
     picture = "curves" if plot else None
+    if options["augment"] is not None:
+        options["augment"] = str(Augmentation.parse(options["augment"]))
     if resume:
         budget = resolve_budget(max_ram) if max_ram else None  # else the recorded one
+        given = _given_again(options, out=out, limit=limit, config=config_name, dtype=dtype,
+                             threads=threads, strict=strict, test_fraction=test_split,
+                             image_size=image_size and list(_image_size(image_size)))
         try:
-            run, _ = training.resume(checkpointing, budget, data, say, picture)
+            run, _ = training.resume(checkpointing, budget, data, say, picture, given)
         except training.AlreadyFinished as done:
             say(f"{checkpointing.path}: this run finished all {done.settings.epochs} epochs; its "
                 f"parameters are in {done.settings.out}")
             return
+        try:
+            _check_train_outputs(Path(run.settings.out), checkpointing.path, plot, data_dir)
+        except LowmemError:
+            run.release_locks()
+            raise
     else:
         config_name = config_name or DEFAULT_CONFIG
         defaults = load_config(config_name).training
-        settings = training.Settings(
-            config=config_name, dtype=dtype, epochs=epochs or defaults.epochs,
-            batch_size=batch_size or defaults.batch_size, lr=lr or defaults.lr,
-            optimizer=optimizer or defaults.optimizer, seed=seed, limit=limit, out=str(out),
-            max_ram=_budget(max_ram, threads, say), threads=threads,
-            augment=str(Augmentation.parse(defaults.augment if augment is None else augment)),
-            weight_decay=defaults.weight_decay if weight_decay is None else weight_decay,
-            lr_schedule=lr_schedule or defaults.lr_schedule,
-            warmup=defaults.warmup if warmup is None else warmup, val_split=val_split or 0.0,
-            keep=keep, patience=patience)
+        for option in RUN_OPTIONS:  # not given: the config's, else the option's default
+            if options[option.name] is None:
+                options[option.name] = (getattr(defaults, option.name) if option.in_config
+                                        else option.default)
+        options["augment"] = str(Augmentation.parse(options["augment"]))
+        settings = training.Settings(config=config_name, dtype=dtype, limit=limit, out=str(out),
+                                     max_ram=_budget(max_ram, threads, say), threads=threads,
+                                     **options)
         run, _ = training.start(settings, checkpointing, data, say, picture)
     # Ctrl-C or SIGTERM from here on asks the run to stop after its current update
     stop = _StopRequest()
@@ -278,6 +310,10 @@ def train(epochs, batch_size, lr, optimizer, seed, out, limit, checkpoint_path, 
         + (f"; from epoch {loop.epochs_done + 1}, update {loop.position}" if resume else ""))
     report = _TrainReport(loop.count, settings.epochs, say)
     out = Path(settings.out)
+    # a run that diverges is stopped and said in one line (training.Diverged), not in
+    # NumPy's warnings on the way there
+    warnings.filterwarnings("ignore", r"(overflow|invalid value|divide by zero) encountered",
+                            RuntimeWarning)
     try:  # the run holds its locks: let go of them however it ends
         history = run.run(report.updated, report.epoch_ends, report.epoch_starts, stop)
         run.finish(out)
@@ -321,6 +357,54 @@ def train(epochs, batch_size, lr, optimizer, seed, out, limit, checkpoint_path, 
             "train_images": loop.count,
             "checkpoint": str(checkpointing.path),
         }))
+
+
+def _check_train_outputs(out, checkpoint, plot, data_dir):
+    """train's files, checked before any work (files.check_outputs)."""
+    from lowmem_cnn.files import check_outputs
+
+    # params.meta_path, without importing params before the plan measures the baseline
+    # (0.5 MiB of RSS)
+    description = out and out.with_name(out.name + ".json")
+    outputs = [("--out", out), ("--out's description", description),
+               ("--checkpoint", checkpoint), ("--plot", plot)]
+    check_outputs(outputs, _data_files(data_dir, outputs))
+
+
+def _data_files(data_dir, outputs) -> list:
+    """The outputs that would replace or join the files of the data set a command reads,
+    as its inputs (to be refused): in IDX files' directory, a file named as one of them
+    (gzipped, decompressed, their checksums: a new one is read next time); in a folder of
+    pictures, a file in any of its folders (read as a picture next time)."""
+    import os
+
+    from lowmem_cnn.data import FILES, cache_dir, data_directory, is_image_folder
+
+    directory, _ = data_directory(data_dir)
+    folder = directory is not None and is_image_folder(directory)
+    directory = os.path.realpath(directory or cache_dir() / "mnist")
+    found = []
+    for _, path in outputs:
+        if path is None:
+            continue
+        inside = Path(os.path.relpath(os.path.realpath(path), directory)).parts
+        if not inside or inside[0] == "..":
+            continue
+        if len(inside) > 1 if folder else (len(inside) == 1
+                                           and inside[0].startswith(tuple(FILES.values()))):
+            found.append((f"a file of the data set in {directory}", path))
+    return found
+
+
+def _check_reading_params(params, outputs, inputs=()):
+    """The outputs of a command that reads the parameter file `params` (and its
+    description) and `inputs`, checked before any work (files.check_outputs)."""
+    from lowmem_cnn.files import check_file_names, check_outputs
+    from lowmem_cnn.params import meta_path
+
+    check_file_names([("PARAMS", params)])
+    check_outputs(outputs, [("the parameter file", params),
+                            ("the parameter file's description", meta_path(params)), *inputs])
 
 
 def _recipe(settings, run) -> str:
@@ -383,6 +467,8 @@ def evaluate_command(params, batch_size, split, misclassified, max_ram, data_dir
     from lowmem_cnn.session import Session
     from lowmem_cnn.training import MAX_READ_IMAGES, evaluate
 
+    outputs = [("--misclassified", misclassified)]
+    _check_reading_params(params, outputs, _data_files(data_dir, outputs))
     say = _sayer(as_json)
     run = Session(_budget(max_ram, threads, say), config_name, dtype, threads,
                   _data_options(data_dir, image_size, test_split, strict, say), params)
@@ -451,6 +537,10 @@ def profile_memory(batch_size, train, plot, max_ram, data_dir, image_size, test_
     from lowmem_cnn.session import Session
     from lowmem_cnn.training import MAX_READ_IMAGES
 
+    from lowmem_cnn.files import check_outputs
+
+    outputs = [("--plot", plot)]
+    check_outputs(outputs, _data_files(data_dir, outputs))
     say = _sayer(as_json)
     run = Session(_budget(max_ram, threads, say), config_name, dtype, threads,
                   _data_options(data_dir, image_size, test_split, strict, say))
@@ -494,7 +584,7 @@ def profile_memory(batch_size, train, plot, max_ram, data_dir, image_size, test_
 
 @main.command()
 @click.argument("params", type=click.Path(dir_okay=False, path_type=Path))
-@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))  # each checked
 @click.option("--config", "config_name",
               help="Network config: a name in configs/ or a .toml path.  [default: the "
                    "parameter file's network, as PARAMS.json beside it describes it, else the "
@@ -507,14 +597,17 @@ def predict(params, images, config_name, max_ram, as_json):
 
     For a network trained on a folder of pictures, each is scaled and cropped as the
     folder's were, and the class is named. For MNIST's digits, each is made to look like
-    MNIST's first: grayscale, white on black, centred in 28x28."""
+    MNIST's first: grayscale, white on black, centred in 28x28. A file that cannot be
+    used (not a picture, damaged, too large, not a regular file) gets one error line
+    instead; the exit status is then 1."""
     from lowmem_cnn.data import decode_room
-    from lowmem_cnn.imaging import image_row, mnist_style
+    from lowmem_cnn.imaging import image_row, mnist_style, require_pillow
     from lowmem_cnn.layers import softmax
     from lowmem_cnn.params import load_params
     from lowmem_cnn.planner import Work, check_parameters_fit, plan_work
     from lowmem_cnn.session import network_config
 
+    require_pillow()
     budget = resolve_budget(max_ram, 1)
     config, meta = network_config(config_name, params)
     network = Network(config)
@@ -527,15 +620,33 @@ def predict(params, images, config_name, max_ram, as_json):
     chunk_size = min(len(images), PREDICT_CHUNK)
     plan = plan_work(network, Work("predict", chunk_size, read=chunk_size, outputs=chunk_size),
                      budget)
+    failed = 0
     for start in range(0, len(images), chunk_size):  # a few pictures at a time, however many
         chunk = images[start : start + chunk_size]
-        rows = []
+        rows, refusals = [], {}  # a picture that cannot be read is one line; the others go on
         for path in chunk:
             room = decode_room(budget)
-            rows.append(image_row(path, (h, w), c, room) if meta else mnist_style(path, room))
-        probabilities = softmax(network.predict_scores(np.stack(rows), plan).astype(np.float64))
-        for path, p in zip(chunk, probabilities, strict=True):
-            _print_prediction(path, p, names, as_json)
+            try:
+                rows.append(image_row(path, (h, w), c, room) if meta else mnist_style(path, room))
+            except LowmemError as err:
+                refusals[len(rows) + len(refusals)] = err
+        probabilities = iter(softmax(network.predict_scores(np.stack(rows), plan)
+                                     .astype(np.float64)) if rows else [])
+        for i, path in enumerate(chunk):
+            if i in refusals:
+                _print_refusal(path, refusals[i], as_json)
+            else:
+                _print_prediction(path, next(probabilities), names, as_json)
+        failed += len(refusals)
+    if failed:
+        sys.exit(1)
+
+
+def _print_refusal(path, err, as_json):
+    if as_json:
+        click.echo(json.dumps({"image": str(path), "error": str(err)}))
+    else:
+        click.echo(f"Error: {err}", err=True)
 
 
 def _print_prediction(path, p, names, as_json):
@@ -556,20 +667,29 @@ def _print_prediction(path, p, names, as_json):
                    f"{DEFAULT_CONFIG}, or the one the parameter file was trained with]")
 @click.option("--softmax", is_flag=True,
               help="End the model with a softmax: it gives probabilities, not scores.")
+@click.option("--opset", type=click.IntRange(min=1), metavar="N",
+              help="Stamp the model with this ONNX opset, from the network's oldest to the "
+                   "installed onnx's newest.  [default: the oldest that expresses the network, "
+                   "9 for the shipped configs]")
 @_user_errors
-def export_command(params, out, config_name, softmax):
+def export_command(params, out, config_name, softmax, opset):
     """Write the network of a parameter file to OUT as an ONNX model, for onnxruntime
-    and the tools that read ONNX (needs the onnx extra).
+    and the tools that read ONNX (needs the onnx extra); see docs/onnx.md.
 
     The input is float32 [N, C, H, W]: pixels / 255. The model's metadata holds the
     class names, the input shape and the preprocessing; see the README."""
-    from lowmem_cnn.export import export_params
+    try:  # Ctrl-C: one line, as train says it (importing onnx alone takes a second or more)
+        from lowmem_cnn.export import export_params
 
-    done = export_params(params, out, config_name, softmax)
+        _check_reading_params(params, [("OUT", out)])
+        done = export_params(params, out, config_name, softmax, opset)
+    except KeyboardInterrupt:
+        click.echo(f"export stopped by SIGINT; {out} is untouched or the whole new model", err=True)
+        sys.exit(128 + signal.SIGINT)
     c, h, w = done.input_shape
-    click.echo(f"wrote {done.path} ({done.bytes:,} bytes, ONNX opset {done.opset}): input float32 "
-               f"[N, {c}, {h}, {w}] (pixels / 255), output {done.output} of {len(done.classes)} "
-               f"classes ({', '.join(done.classes)})")
+    click.echo(f"wrote {done.path} ({done.bytes:,} bytes, ONNX opset {done.opset}, IR version "
+               f"{done.ir_version}): input float32 [N, {c}, {h}, {w}] (pixels / 255), output "
+               f"{done.output} of {len(done.classes)} classes ({', '.join(done.classes)})")
 
 
 if __name__ == "__main__":

@@ -1,15 +1,17 @@
 """Network and training settings from a TOML file in configs/ (or any path)."""
 
+import difflib
+import math
+import os
+import re
 import tomllib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, make_dataclass, replace
 from importlib import resources
 from pathlib import Path
 
-from lowmem_cnn.augment import Augmentation
 from lowmem_cnn.errors import LowmemError
 from lowmem_cnn.layers import FRACTIONS, LAYER_TYPES, REQUIRED, SAME_AS_SIZE
-from lowmem_cnn.optimizers import OPTIMIZERS
-from lowmem_cnn.schedule import SCHEDULES
+from lowmem_cnn.run_options import CONFIG_OPTIONS
 
 DEFAULT_CONFIG = "simple_convnet"
 
@@ -35,21 +37,12 @@ class NetworkConfig:
                        class_names=tuple(class_names))
 
 
-@dataclass(frozen=True)
-class TrainingConfig:
-    optimizer: str = "adam"
-    lr: float = 0.001
-    batch_size: int = 100
-    epochs: int = 20
-    # a recipe's defaults (configs/photos.toml); none for the book's networks
-    augment: str = "none"
-    weight_decay: float = 0.0
-    lr_schedule: str = "constant"
-    warmup: float = 0.0
-
-
-TRAINING_KEYS = ("optimizer", "lr", "batch_size", "epochs", "augment", "weight_decay",
-                 "lr_schedule", "warmup")
+# A config's [training]: the run options declared `in_config` (run_options), with their
+# defaults (a recipe such as configs/photos.toml sets its own).
+TrainingConfig = make_dataclass(
+    "TrainingConfig", [(option.name, option.kind, field(default=option.default))
+                       for option in CONFIG_OPTIONS], frozen=True)
+TRAINING_KEYS = tuple(option.name for option in CONFIG_OPTIONS)
 
 
 @dataclass(frozen=True)
@@ -59,59 +52,180 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
 
 
+# 64 KiB: the shipped configs are 0.8 to 2 KiB; MAX_LAYERS conv layers written out in
+# full take 19 KiB. tomllib's peak on 64 KiB: 6.7 MiB for 10,000 empty tables, 1.4 MiB
+# for an array of 21,000 inline tables (tracemalloc).
+CONFIG_BYTES = 64 * 1024
+# 8: a config nests 4 deep at most ([[network.layers]] with a dotted key); tomllib
+# recurses once a level of brackets (some hundred end in RecursionError), and keeps a
+# tuple of every prefix of a dotted key (a.a.a... = 1 of 3,000 parts took 39 MB).
+CONFIG_NESTING = 8
+_TOML_TOKEN = re.compile(r'"""|\'\'\'|["\'#\[\]{}.=,\n]')
+_TOML_END = {'"': re.compile(r'\\.|["\n]'), "'": re.compile(r"['\n]"), "#": re.compile(r"\n"),
+             '"""': re.compile(r'\\.|"{3,5}', re.S), "'''": re.compile(r"'{3,5}")}
+
+
+def toml_nesting(text: str, most: int) -> int:
+    """How deep a TOML text nests (strings and comments aside): its inline arrays and
+    tables, and the parts of its dotted keys, counted up to `most` + 1. A table header
+    ([a] or [[a]]) counts too, and a float's dot: they only make the count larger."""
+    depth = deepest = dots = at = 0
+    while (token := _TOML_TOKEN.search(text, at)) is not None:
+        kind, at = token.group(), token.end()
+        if kind == ".":
+            dots += 1
+        elif kind in "[{":
+            depth, dots = depth + 1, 0
+        elif kind in "]}":
+            depth, dots = depth - 1, 0
+        elif kind in "=,\n":
+            dots = 0
+        else:  # a string or a comment: skip to its end (an escape is two characters)
+            while (end := _TOML_END[kind].search(text, at)) is not None:
+                at = end.end()
+                if not end.group().startswith("\\"):
+                    break
+            else:
+                break  # not closed: tomllib says so
+            if kind == "#":
+                dots = 0
+        deepest = max(deepest, depth + dots)
+        if deepest > most:
+            break
+    return deepest
+
+
+def _deepest(value, most: int) -> int:
+    """How deep tables and arrays nest in parsed TOML, counted up to `most` + 1, without
+    recursing: a table header's parts and a dotted key's add up, which toml_nesting
+    counts apart."""
+    deepest, stack = 0, [(value, 0)]
+    while stack and deepest <= most:
+        value, depth = stack.pop()
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
+        if children is not None:
+            deepest = max(deepest, depth + 1)
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def parse_config(where, data: bytes) -> dict:
+    """The TOML of a config file's bytes: UTF-8 text, nested no deeper than a config
+    needs; a one-line LowmemError naming `where` otherwise."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise LowmemError(f"{where}: not a config: not UTF-8 text (byte {err.start})") from None
+    if toml_nesting(text, CONFIG_NESTING) > CONFIG_NESTING:
+        raise LowmemError(f"{where}: not a config: it nests deeper than {CONFIG_NESTING} levels")
+    try:
+        parsed = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise LowmemError(f"{where}: not valid TOML ({err})") from None  # one line
+    except RecursionError:  # what toml_nesting let through (it should let nothing)
+        raise LowmemError(f"{where}: not a config: it nests too deep") from None
+    if _deepest(parsed, CONFIG_NESTING) > CONFIG_NESTING:
+        raise LowmemError(f"{where}: not a config: its keys nest deeper than {CONFIG_NESTING} levels")
+    return parsed
+
+
 def _read(name_or_path: str, shipped_only: bool = False) -> tuple[str, dict]:
+    from lowmem_cnn.reading import read_small_regular_file  # it imports this module
+
     path = Path(name_or_path)
-    if not shipped_only and (path.suffix == ".toml" or path.exists()):
-        try:
-            return str(path), tomllib.loads(path.read_text())
-        except OSError as err:
-            raise LowmemError(f"{path}: cannot read config ({err.strerror})") from None
-        except tomllib.TOMLDecodeError as err:
-            raise LowmemError(f"{path}: not valid TOML ({err})") from None
-    shipped_dir = resources.files("lowmem_cnn") / "configs"
-    shipped = shipped_dir / f"{name_or_path}.toml"
-    if not shipped.is_file():
-        names = sorted(p.name.removesuffix(".toml") for p in shipped_dir.iterdir()
-                       if p.name.endswith(".toml"))
-        raise LowmemError(f"no config {name_or_path!r}: give a .toml path or one of {', '.join(names)}")
-    return name_or_path, tomllib.loads(shipped.read_text())
+    if not shipped_only and (path.suffix == ".toml" or os.path.lexists(path)):
+        data = read_small_regular_file(path, CONFIG_BYTES, "a config")
+        if data is None:
+            raise LowmemError(f"{path}: no such config file")
+        return str(path), parse_config(path, data)
+    names = shipped_configs()
+    if name_or_path not in names:  # a name, never a path out of configs/
+        raise LowmemError(f"no config {shown(name_or_path)}: give a .toml path or one of "
+                          f"{', '.join(names)}")
+    shipped = resources.files("lowmem_cnn") / "configs" / f"{name_or_path}.toml"
+    return name_or_path, parse_config(name_or_path, shipped.read_bytes())
 
 
 def load_config(name_or_path: str = DEFAULT_CONFIG, shipped_only: bool = False) -> Config:
     """`shipped_only`: a name in configs/ only, never a path (nor a file of that name here)."""
     source, data = _read(name_or_path, shipped_only)
     try:
-        net = data["network"]
-        input_shape = tuple(int(v) for v in net["input_shape"])
-        if len(input_shape) != 3 or min(input_shape) < 1:
-            raise ValueError("input_shape must be [channels, height, width]")
-        layers = tuple(dict(layer) for layer in net["layers"])
-        for number, layer in enumerate(layers, start=1):
-            for key, value in layer.items():
-                if key != "type":
-                    _check_setting(number, layer.get("type"), key, value)
-        init = net.get("weight_init", 0.01)
-        if init != "he" and not (isinstance(init, (int, float)) and init > 0):
-            raise ValueError(f"weight_init = {init!r}: use \"he\" or a positive standard deviation")
-        network = NetworkConfig(
-            name=str(net.get("name", source)), input_shape=input_shape, layers=layers,
-            weight_init=init,
-        )
+        _refuse_unknown("the config", data, ("network", "training"))
+        network = _network(data, source)
         train = data.get("training", {})
-        training = TrainingConfig(**{k: train[k] for k in TRAINING_KEYS if k in train})
-        unknown = sorted(set(train) - set(TRAINING_KEYS))
-        if unknown:
-            raise ValueError(f"[training] has no {', '.join(unknown)} (it takes {', '.join(TRAINING_KEYS)})")
-        if training.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer {training.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
-        if training.lr_schedule not in SCHEDULES:
-            raise ValueError(f"lr_schedule {training.lr_schedule!r} is not one of {', '.join(SCHEDULES)}")
-        Augmentation.parse(training.augment)
+        if not isinstance(train, dict):
+            raise ValueError("training is not a table ([training])")
+        _refuse_unknown("[training]", train, TRAINING_KEYS)
+        training = TrainingConfig(**train)
+        for option in CONFIG_OPTIONS:  # the bounds train's flags have, and every reader
+            try:
+                option.check(getattr(training, option.name))
+            except ValueError as err:
+                raise ValueError(f"[training] {err}") from None
     except KeyError as err:
         raise LowmemError(f"{source}: missing {err.args[0]!r}") from None
     except (TypeError, ValueError) as err:
         raise LowmemError(f"{source}: {err}") from None
     return Config(source, network, training)
+
+
+NETWORK_KEYS = ("name", "input_shape", "weight_init", "layers")
+
+
+def _refuse_unknown(where: str, table: dict, known):
+    """ValueError for the first key of `table` not in `known`, naming the nearest one
+    (a typo such as strid is refused, not trained as a layer of stride 1)."""
+    for key in table:
+        if key not in known:
+            near = difflib.get_close_matches(key, known, n=1)
+            hint = f": did you mean {near[0]}?" if near else ""
+            raise ValueError(f"{where} has no {shown_name(key)}{hint} (it takes "
+                             f"{', '.join(known) or 'no setting'})")
+
+
+def _network(data: dict, source: str) -> NetworkConfig:
+    """The config's [network], every key and value checked as in a description
+    (network_from_description); whether the layers fit is for model.Network to say."""
+    net = data.get("network")
+    if not isinstance(net, dict):
+        raise ValueError("missing [network]" if net is None else "network is not a table ([network])")
+    _refuse_unknown("[network]", net, NETWORK_KEYS)
+    name = net.get("name", source)  # without one, the config's path or name
+    if "name" in net and (not isinstance(name, str) or not name or not name.isprintable()):
+        raise ValueError(f"name = {shown(name)} is not a printable text")
+    shape = net.get("input_shape")
+    if (not isinstance(shape, list) or len(shape) != 3
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in shape)
+            or not 1 <= shape[0] <= MAX_CHANNELS or not all(1 <= v <= MAX_WHOLE for v in shape[1:])):
+        raise ValueError(f"input_shape = {shown(shape)} is not [channels, height, width] (at most "
+                         f"{MAX_CHANNELS} channels, sides of 1 to {MAX_WHOLE:,})")
+    layers = net.get("layers")
+    if not isinstance(layers, list) or not 1 <= len(layers) <= MAX_LAYERS:
+        raise ValueError(f"[network] layers is not a list of 1 to {MAX_LAYERS} layers "
+                         "([[network.layers]] tables)")
+    for number, layer in enumerate(layers, start=1):
+        if not isinstance(layer, dict):
+            raise ValueError(f"layer {number} is not a table ([[network.layers]])")
+        kind = layer.get("type")
+        if not isinstance(kind, str) or kind not in LAYER_SETTINGS:
+            near = difflib.get_close_matches(kind, LAYER_SETTINGS, n=1) if isinstance(kind, str) else []
+            raise ValueError(f"layer {number} ({shown_name(kind)}): unknown layer type"
+                             f"{f': did you mean {near[0]}?' if near else ''} "
+                             f"({', '.join(LAYER_SETTINGS)})")
+        settings = LAYER_SETTINGS[kind]
+        _refuse_unknown(f"layer {number} ({kind})", layer, ("type", *settings))
+        for key, value in layer.items():
+            if key != "type":
+                _check_setting(number, kind, key, value, MAX_WHOLE)
+        missing = [key for key, default in settings.items() if default is REQUIRED and key not in layer]
+        if missing:
+            raise ValueError(f"layer {number} ({kind}): missing {', '.join(missing)}")
+    init = net.get("weight_init", 0.01)
+    if init != "he" and not (isinstance(init, (int, float)) and not isinstance(init, bool)
+                             and 0 < init < math.inf):
+        raise ValueError(f"weight_init = {shown(init)}: use \"he\" or a positive standard deviation")
+    return NetworkConfig(name=name, input_shape=tuple(shape), layers=tuple(dict(layer) for layer in layers),
+                         weight_init=init)
 
 
 # --- a network described as data: beside a parameter file (params.py), in a checkpoint ----

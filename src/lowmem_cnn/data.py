@@ -9,8 +9,10 @@ cache; the data directory itself is never written.
 
 import gzip
 import hashlib
+import math
 import os
 import struct
+import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from lowmem_cnn.datasets import ArrayImages, NoBar  # noqa: F401 (the faces import them from here)
-from lowmem_cnn.datasets import Dataset, ImageRows, Split, cache_dir
+from lowmem_cnn.datasets import Dataset, ImageRows, Split, cache_dir, open_regular
 from lowmem_cnn.errors import LowmemError
 from lowmem_cnn.files import atomic_write
 
@@ -46,36 +48,71 @@ MNIST_SHA256 = {
 MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/")
 
 _CHUNK = 1 << 20
+# Sides of an IDX file's images: as config.MAX_WHOLE, the largest input a network takes.
+MAX_SIDE = 1 << 16
+# Deflate turns one byte into at most 1032 (258 bytes from 2 bits): a gzip file whose
+# header declares more than that many times its size lies, and is refused before a
+# byte is written.
+DEFLATE_MOST_RATIO = 1032
+# 16 MiB: MNIST's largest file is 9.9 MB gzipped; a mirror sending more is wrong.
+MAX_DOWNLOAD = 16 * 2**20
 
 
 # --- IDX files --------------------------------------------------------------------
 
 
+def _kind(magic: int) -> tuple[int, str]:
+    """(dimensions, what) of an IDX file with this magic number: images or labels."""
+    return (3, "images") if magic == IMAGES_MAGIC else (1, "labels")
+
+
+def _magic_of(name: str) -> int:
+    return IMAGES_MAGIC if "images" in name else LABELS_MAGIC
+
+
+def _dims(where, head: bytes, magic: int) -> tuple[int, ...]:
+    """The dimensions an IDX header declares, checked for sense: one image or label at
+    least, sides of 1 to MAX_SIDE. `head` is the file's first bytes (the header or less)."""
+    ndim, what = _kind(magic)
+    if len(head) < 4:
+        raise LowmemError(f"{where}: not an IDX file (only {len(head)} bytes)")
+    (found,) = struct.unpack(">I", head[:4])
+    if found != magic:
+        raise LowmemError(f"{where}: not an IDX {what} file (magic number 0x{found:08x}, "
+                          f"expected 0x{magic:08x})")
+    if len(head) < 4 + 4 * ndim:
+        raise LowmemError(f"{where}: truncated IDX header")
+    dims = struct.unpack(f">{ndim}I", head[4 : 4 + 4 * ndim])
+    if dims[0] == 0:
+        raise LowmemError(f"{where}: holds no {what} (its header declares 0)")
+    if ndim == 3 and not (1 <= dims[1] <= MAX_SIDE and 1 <= dims[2] <= MAX_SIDE):
+        raise LowmemError(f"{where}: its header declares images of {dims[1]}x{dims[2]}: "
+                          f"sides are 1 to {MAX_SIDE:,} pixels")
+    return dims
+
+
+def _idx_bytes(dims) -> int:
+    """The size of an IDX file of these dimensions (Python ints: no overflow)."""
+    return 4 + 4 * len(dims) + math.prod(dims)
+
+
 def _header(path: Path, magic: int) -> tuple[int, ...]:
-    """The dimensions in an IDX header, checked against the file's size."""
-    ndim = 3 if magic == IMAGES_MAGIC else 1
-    what = "images" if magic == IMAGES_MAGIC else "labels"
+    """The dimensions in an IDX header, checked against the file's size before anything
+    the header asks for is allocated."""
+    what = _kind(magic)[1]
     try:
-        with open(path, "rb") as f:
-            head = f.read(4 + 4 * ndim)
+        with open_regular(path, f"an IDX {what} file") as f:
+            head = f.read(4 + 4 * _kind(magic)[0])
             size = os.fstat(f.fileno()).st_size
     except OSError as err:
         raise LowmemError(f"{path}: cannot read ({err.strerror})") from None
-    if len(head) < 4:
-        raise LowmemError(f"{path}: not an IDX file (only {size} bytes)")
-    (found,) = struct.unpack(">I", head[:4])
-    if found != magic:
-        raise LowmemError(f"{path}: not an IDX {what} file (magic number 0x{found:08x}, "
-                          f"expected 0x{magic:08x})")
-    if len(head) < 4 + 4 * ndim:
-        raise LowmemError(f"{path}: truncated IDX header")
-    dims = struct.unpack(f">{ndim}I", head[4:])
-    expected = 4 + 4 * ndim + int(np.prod(dims, dtype=np.int64))
+    dims = _dims(path, head, magic)
+    expected = _idx_bytes(dims)
     if size < expected:
         raise LowmemError(f"{path}: truncated: the header declares {' x '.join(map(str, dims))} "
-                          f"bytes of {what} ({expected} bytes in all) but the file has {size}")
+                          f"bytes of {what} ({expected:,} bytes in all) but the file has {size:,}")
     if size > expected:
-        raise LowmemError(f"{path}: {size - expected} bytes of trailing data after "
+        raise LowmemError(f"{path}: {size - expected:,} bytes of trailing data after "
                           f"{' x '.join(map(str, dims))} {what}")
     return dims
 
@@ -88,8 +125,16 @@ def open_images(path: Path) -> ImageRows:
 
 def read_labels(path: Path) -> np.ndarray:
     (count,) = _header(path, LABELS_MAGIC)
-    labels = np.fromfile(path, np.uint8, offset=8)
-    if count and labels.max() >= CLASSES:
+    labels = np.empty(count, np.uint8)  # no more than the file holds: _header saw its size
+    try:
+        with open_regular(path, "an IDX labels file") as f:
+            f.seek(8)
+            got = f.readinto(labels)
+    except OSError as err:
+        raise LowmemError(f"{path}: cannot read ({err.strerror})") from None
+    if got != count:
+        raise LowmemError(f"{path}: file shrank while reading")
+    if labels.max() >= CLASSES:
         bad = int(np.argmax(labels >= CLASSES))
         raise LowmemError(f"{path}: label {labels[bad]} at index {bad} is outside 0..{CLASSES - 1}")
     return labels
@@ -106,21 +151,62 @@ def _sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _decompress(source: Path, target: Path):
-    """Decompress a gzip file atomically into `target`; return the SHA-256 of its content."""
+def _decompress(source: Path, target: Path, expected_sha: str | None = None) -> str:
+    """Decompress a gzip IDX file atomically into `target` (its name says images or
+    labels); return the SHA-256 of its content. The header is checked first and the
+    stream against it as it comes: no byte past what the header declares is written,
+    and nothing is left at `target` (or beside it) unless the whole file is right and,
+    given `expected_sha`, has that SHA-256."""
+    magic = _magic_of(target.name)
+    ndim, what = _kind(magic)
     digest = hashlib.sha256()
-    try:
-        src = gzip.open(source, "rb")
-    except OSError as err:
-        raise LowmemError(f"{source}: cannot read ({err.strerror})") from None
-    with src, atomic_write(target, "decompressed data") as dst:
+    packed = open_regular(source, "a gzip file")
+    with packed, gzip.GzipFile(fileobj=packed) as src, atomic_write(target, "decompressed data") as dst:
         try:
-            while chunk := src.read(_CHUNK):
+            head = src.read(4 + 4 * ndim)
+            dims = _dims(source, head, magic)
+            expected = _idx_bytes(dims)
+            packed_size = os.fstat(packed.fileno()).st_size
+            if expected > DEFLATE_MOST_RATIO * packed_size:
+                raise LowmemError(f"{source}: its header declares {expected:,} bytes of {what}, more "
+                                  f"than a gzip file of {packed_size:,} bytes can hold")
+            got = len(head)
+            digest.update(head)
+            dst.write(head)
+            # one byte more than the header leaves, to see whether the stream goes on
+            while chunk := src.read(min(_CHUNK, expected - got + 1)):
+                got += len(chunk)
+                if got > expected:
+                    raise LowmemError(f"{source}: trailing data after {' x '.join(map(str, dims))} "
+                                      f"{what} (more than the {expected:,} bytes its header declares)")
                 digest.update(chunk)
                 dst.write(chunk)
+            if got < expected:
+                raise LowmemError(f"{source}: truncated: the header declares "
+                                  f"{' x '.join(map(str, dims))} {what} ({expected:,} bytes in all) "
+                                  f"but it holds {got:,}")
         except (gzip.BadGzipFile, EOFError, zlib.error) as err:
             raise LowmemError(f"{source}: damaged gzip file ({err or 'it ends early'})") from None
+        if expected_sha is not None and digest.hexdigest() != expected_sha:
+            raise LowmemError(f"SHA-256 {digest.hexdigest()[:12]}... is not MNIST's {expected_sha[:12]}...")
     return digest.hexdigest()
+
+
+def _cached(target: Path, checksum: Path) -> str | None:
+    """The SHA-256 recorded for a decompressed file in the cache, if the file is there
+    and still fits its header; else None, and what there was is removed (a file that
+    fails the checks is decompressed again, not kept)."""
+    try:
+        with open_regular(checksum, "a checksum") as f:
+            recorded = f.read(65).decode("ascii")
+        if len(recorded.strip()) != 64:
+            raise LowmemError("not a SHA-256")
+        _header(target, _magic_of(target.name))
+        return recorded.strip()
+    except (OSError, UnicodeDecodeError, LowmemError):
+        for path in (target, checksum):
+            path.unlink(missing_ok=True)
+        return None
 
 
 def _raw_file(directory: Path, name: str) -> tuple[Path, bool | None]:
@@ -140,8 +226,10 @@ def _raw_file(directory: Path, name: str) -> tuple[Path, bool | None]:
     key = hashlib.sha256(f"{packed.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
     target_dir = cache_dir() / "decompressed" / key.hexdigest()[:16]
     target, checksum = target_dir / name, target_dir / f"{name}.sha256"
-    if target.is_file() and checksum.is_file():
-        return target, checksum.read_text().strip() == MNIST_SHA256[name]
+    if target.exists() or checksum.exists():
+        recorded = _cached(target, checksum)
+        if recorded is not None:
+            return target, recorded == MNIST_SHA256[name]
     try:
         target_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -190,7 +278,10 @@ def download_mnist(target_dir: Path, progress=None):
     """Fetch the four MNIST files into `target_dir` (decompressed and verified).
 
     Each file is tried at every mirror in turn; a file that fails verification is
-    deleted and the next mirror tried. Nothing partial is left behind.
+    deleted and the next mirror tried. Nothing partial is left behind, and two
+    processes may fill one `target_dir` at once: each downloads and decompresses into
+    temporary files of its own, and a file appears under its name (os.replace) only
+    whole and verified.
     """
     try:
         target_dir.mkdir(parents=True, exist_ok=True)
@@ -202,19 +293,18 @@ def download_mnist(target_dir: Path, progress=None):
         failures = []
         for mirror in _mirrors():
             url = mirror.rstrip("/") + f"/{name}.gz"
-            packed = target_dir / f".{name}.gz.download"
+            packed = None
             try:
-                _fetch(url, packed, progress)
-                got = _decompress(packed, target_dir / f".{name}.check")
-                if got != sha:
-                    raise LowmemError(f"SHA-256 {got[:12]}... is not MNIST's {sha[:12]}...")
-                os.replace(target_dir / f".{name}.check", target_dir / name)
+                fd, packed = tempfile.mkstemp(prefix=f".{name}.", suffix=".gz.download", dir=target_dir)
+                with os.fdopen(fd, "wb") as out:
+                    _fetch(url, out, progress)
+                _decompress(Path(packed), target_dir / name, expected_sha=sha)
                 break
             except (OSError, LowmemError) as err:
                 failures.append(f"{url}: {getattr(err, 'reason', None) or err}")
             finally:
-                for leftover in (packed, target_dir / f".{name}.check"):
-                    leftover.unlink(missing_ok=True)
+                if packed is not None:
+                    Path(packed).unlink(missing_ok=True)
         else:
             raise LowmemError(
                 f"could not download {name} ({'; '.join(failures)}). Put the four MNIST files "
@@ -222,17 +312,22 @@ def download_mnist(target_dir: Path, progress=None):
             )
 
 
-def _fetch(url: str, target: Path, progress):
+def _fetch(url: str, out, progress):
+    """Write what `url` serves into the binary file `out`, at most MAX_DOWNLOAD bytes."""
     import urllib.request  # only when downloading: it brings in ssl and email, megabytes of RSS
 
-    with urllib.request.urlopen(url, timeout=30) as response, open(target, "wb") as out:
+    with urllib.request.urlopen(url, timeout=30) as response:
         total = int(response.headers.get("Content-Length") or 0)
+        if total > MAX_DOWNLOAD:
+            raise OSError(f"{total:,} bytes: MNIST's files are at most {MAX_DOWNLOAD:,}")
         bar = progress(total, url.rsplit("/", 1)[-1]) if progress else None
         try:
             got = 0
             while chunk := response.read(_CHUNK):
-                out.write(chunk)
                 got += len(chunk)
+                if got > MAX_DOWNLOAD:
+                    raise OSError(f"more than {MAX_DOWNLOAD:,} bytes: MNIST's files are smaller")
+                out.write(chunk)
                 if bar:
                     bar.update(len(chunk))
             if total and got != total:
@@ -253,6 +348,7 @@ class FolderOptions:
     max_decode_bytes: int | None = None
     warn: object = None  # warn(message) for skipped files
     progress: object = None  # progress(total, description) -> a bar for the decoding pass
+    split_seed: int = 0  # with test_fraction, chooses a drawn split's test pictures
 
 
 # A budget that leaves less than this to decode a picture is refused at once (every
@@ -269,8 +365,11 @@ class DataOptions:
 
     data_dir: Path | None = None
     image_size: tuple | None = None  # (H, W); None: the network's (or the trained one's)
-    test_fraction: float = 0.2
+    # a drawn split's share of test pictures; None: not given (folders.TEST_FRACTION, or
+    # for eval the share the network was trained with: session.Session)
+    test_fraction: float | None = None
     strict: bool = False
+    split_seed: int = 0  # the seed of a drawn split
     progress: object = None
     image_progress: object = None
     warn: object = None
@@ -284,8 +383,12 @@ class DataOptions:
         each decoded within the room the budget leaves; or the IDX files."""
         folder = None
         if self.is_folder():
-            folder = FolderOptions(tuple(self.image_size or size), channels, self.test_fraction,
-                                   self.strict, decode_room(budget), self.warn, self.image_progress)
+            from lowmem_cnn.folders import TEST_FRACTION  # (imported by is_folder already)
+
+            folder = FolderOptions(tuple(self.image_size or size), channels,
+                                   self.test_fraction or TEST_FRACTION, self.strict,
+                                   decode_room(budget), self.warn, self.image_progress,
+                                   self.split_seed)
         data = open_data(self.data_dir, self.progress, folder)
         if self.report:
             self.report(f"data: {data.describe()}")
@@ -334,7 +437,7 @@ def open_data(data_dir: Path | None = None, progress=None, folder: FolderOptions
         from lowmem_cnn.folders import open_folder  # see is_image_folder
 
         return open_folder(directory, folder.image_size, folder.channels, folder.test_fraction,
-                           strict=folder.strict, max_decode_bytes=folder.max_decode_bytes,
+                           folder.split_seed, strict=folder.strict, max_decode_bytes=folder.max_decode_bytes,
                            progress=folder.progress, warn=folder.warn, source=source)
     if directory is not None:
         return open_directory(directory, source=source)

@@ -8,6 +8,7 @@ import this module, and it imports neither.
 """
 
 import os
+import stat
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,25 @@ def cache_dir() -> Path:
     """Where decompressed IDX files, downloaded MNIST and decoded folders are kept."""
     root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(root) / "lowmem-cnn"
+
+
+def _nonblocking(path, flags):
+    return os.open(path, flags | getattr(os, "O_NONBLOCK", 0))
+
+
+def open_regular(path: Path, what: str, buffering: int = -1):
+    """`path` opened for binary reading if it is a regular file. A FIFO or a device
+    (/dev/zero), or a link to one, is refused: the open does not wait for a writer
+    (O_NONBLOCK) and the kind is checked on the open file. `what` names the kind of
+    file in the error ("an IDX images file")."""
+    try:
+        f = open(path, "rb", buffering=buffering, opener=_nonblocking)
+    except OSError as err:
+        raise LowmemError(f"{path}: cannot read ({err.strerror})") from None
+    if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+        f.close()
+        raise LowmemError(f"{path}: not a regular file, so not {what}")
+    return f
 
 
 class NoBar:
@@ -60,7 +80,14 @@ class ImageRows:
         self._offset = offset
         self._file_rows = file_rows  # None: row i is the file's row i
         self._count = len(file_rows) if count is None else count
-        self._file = open(self.path, "rb", buffering=0)
+        self._file = open_regular(self.path, "a file of images", buffering=0)
+        # the rows asked for are in the file (it was checked, but may have changed since)
+        last = self._count if file_rows is None else int(file_rows.max()) + 1 if len(file_rows) else 0
+        size = os.fstat(self._file.fileno()).st_size
+        if size < offset + last * self.row_bytes:
+            self._file.close()
+            raise LowmemError(f"{self.path}: {size:,} bytes, too few for the {last:,} images of "
+                              f"{self.row_bytes:,} bytes it should hold (did it change?)")
         self._lock = None if hasattr(os, "preadv") else threading.Lock()
 
     def __len__(self):

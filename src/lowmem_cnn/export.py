@@ -16,10 +16,21 @@ same values as the config's order), NCHW as ONNX's operators are:
                                 (per channel of a map, per unit of a vector), epsilon 1e-6
     --softmax                -> Softmax at the end (probabilities, not scores)
 
+The opset: each node written below declares the oldest opset at which its operator
+computes what the engine does (float32, with the attributes written here), and the
+model is stamped with the highest of those, so that old runtimes load it too (a
+runtime refuses a model whose IR version is newer than it knows: onnxruntime 1.16
+knows up to 9; docs/onnx.md).
+Its IR version is the lowest that opset allows. `opset=N` stamps N instead, between
+that oldest and the installed onnx's newest: no operator written here changes its
+float32 meaning in that range. The file's bytes depend on the network, the opset and
+this tool's version, not on the installed onnx.
+
 The input is float32 [N, C, H, W], N free: pixels / 255, as this tool feeds them. The
 parameters are float32 (whatever the engine's dtype) and keep the parameter file's
-names (W1, b1, gamma2, running_mean2, ...). The model's metadata says the class names,
-the input shape, the preprocessing in words, and the version of this tool.
+names (W1, b1, gamma2, running_mean2, ...). The model's metadata says what a client
+needs: the input, the class names, the preprocessing in words (none of it is in the
+graph), the output, the opset and the version of this tool.
 
 The `onnx` package (the onnx extra) is imported here only, when a model is made.
 """
@@ -37,12 +48,11 @@ from lowmem_cnn.conv_pool import ConvolutionPooling
 from lowmem_cnn.errors import LowmemError
 from lowmem_cnn.layers import Affine, BatchNormalization, Convolution, Dropout, MaxPooling, ReLU
 
-# The highest opset the onnxruntime of the test extra runs: onnxruntime 1.32 loads
-# models stamped up to opset 28 and refuses 29 at load ("only *guarantees* support for
-# models stamped with official released onnx opset versions"), found by loading a
-# Conv+MaxPool model at each opset. A model is stamped with the installed onnx's newest
-# opset, capped at this. (The test extra asks for onnxruntime>=1.32, which runs it.)
-ORT_MAX_OPSET = 28
+# The graph's own declaration, as each node makes one: its weights are initializers
+# that are not also graph inputs, which IR version 4 allows first, and IR 4's opset
+# is 9. (onnx2torch 1.5.15 reads our operators from opset 9 on, not before: it has no
+# converter for Flatten-1, MaxPool-1 or Gemm-7.)
+GRAPH_OPSET = 9
 INPUT = "input"
 SCORES, PROBABILITIES = "scores", "probabilities"
 EXPORTED_KINDS = "conv, pool, relu, affine, dropout, batchnorm"
@@ -58,51 +68,61 @@ def onnx_module():
     return onnx
 
 
-def opset(onnx) -> int:
-    """The installed onnx's newest opset, capped at what onnxruntime runs."""
-    return min(onnx.defs.onnx_opset_version(), ORT_MAX_OPSET)
-
-
 @dataclass(frozen=True)
 class Exported:
     path: Path
     opset: int
+    ir_version: int
     bytes: int
     input_shape: tuple  # (C, H, W)
     output: str  # SCORES or PROBABILITIES
     classes: list
 
 
-def export_params(params, out, config_name=None, softmax: bool = False) -> Exported:
+def export_params(params, out, config_name=None, softmax: bool = False, opset: int | None = None
+                  ) -> Exported:
     """Write the network of the parameter file `params` (its config and classes as
-    session.network_config finds them, or `config_name`) to `out` as an ONNX model."""
+    session.network_config finds them, or `config_name`) to `out` as an ONNX model,
+    stamped with `opset` (None: the network's oldest)."""
     from lowmem_cnn.model import Network
     from lowmem_cnn.params import load_params
     from lowmem_cnn.session import network_config
 
-    onnx_module()  # missing: said before anything is read
+    onnx = onnx_module()  # missing: said before anything is read
+    newest_known(onnx, opset)  # too new: said before anything is read
     config, _ = network_config(config_name, params)
     network = Network(config, np.float32)
     load_params(params, network)
-    return save_onnx(network, out, softmax)
+    return save_onnx(network, out, softmax, opset)
 
 
-def save_onnx(network, out, softmax: bool = False) -> Exported:
+def save_onnx(network, out, softmax: bool = False, opset: int | None = None) -> Exported:
     """Write `network` (its parameters as they are now) to `out` as an ONNX model,
-    checked by onnx.checker first; atomically: an existing file is replaced whole or
-    not at all."""
+    stamped with `opset` (None: the network's oldest), checked by onnx.checker first;
+    atomically: an existing file is replaced whole or not at all."""
     from lowmem_cnn.files import atomic_write
 
     onnx = onnx_module()
-    model = build_model(network, softmax)
-    onnx.checker.check_model(model, full_check=True)
+    model = build_model(network, softmax, opset)
+    stamp = model.opset_import[0].version, model.ir_version
     data = model.SerializeToString()
+    del model  # the checker reads the bytes: one copy of the weights fewer at its peak
+    onnx.checker.check_model(data, full_check=True)
     out = Path(out)
     with atomic_write(out, "ONNX model") as f:
         f.write(data)
     c, h, w = network.config.input_shape
-    return Exported(out, model.opset_import[0].version, len(data), (c, h, w),
-                    PROBABILITIES if softmax else SCORES, class_names(network))
+    return Exported(out, *stamp, len(data), (c, h, w), PROBABILITIES if softmax else SCORES,
+                    class_names(network))
+
+
+def newest_known(onnx, opset: int | None) -> int:
+    """The installed onnx's newest opset; `opset` beyond it is refused."""
+    newest = onnx.defs.onnx_opset_version()
+    if opset is not None and opset > newest:
+        raise LowmemError(f"--opset {opset}: the installed onnx {onnx.__version__} knows opsets up "
+                          f"to {newest}; choose one up to {newest}, or upgrade onnx")
+    return newest
 
 
 def class_names(network) -> list:
@@ -110,30 +130,40 @@ def class_names(network) -> list:
     return list(names) if names else [str(k) for k in range(network.classes)]
 
 
-def preprocessing(config) -> str:
-    """How a picture becomes the input, in words."""
+def input_description(config) -> str:
     c, h, w = config.input_shape
-    values = (f"float32 pixels / 255 in [0, 1], as an NCHW array [N, {c}, {h}, {w}] "
-              + ("(channels R, G, B)" if c == 3 else "(gray)" if c == 1 else f"({c} channels)"))
+    channels = "R, G, B" if c == 3 else "gray" if c == 1 else f"{c} channels"
+    return (f"'{INPUT}': float32 [N, {c}, {h}, {w}] (NCHW: images, channels ({channels}), rows, "
+            f"columns), pixels / 255 in [0, 1]")
+
+
+def preprocessing(config) -> str:
+    """How a picture becomes the input, in words: none of it is in the graph."""
+    c, h, w = config.input_shape
     if config.class_names:  # trained on a folder of pictures (imaging.image_row)
-        return (f"{'RGB' if c == 3 else 'grayscale'}; scaled to cover {h}x{w} (a square's shorter "
-                f"side to {h}) and centre-cropped, EXIF orientation applied, alpha dropped; then "
-                + values)
+        return (f"not in the graph, do it before: {'RGB' if c == 3 else 'grayscale'}; scaled to "
+                f"cover {h}x{w} and centre-cropped, EXIF "
+                f"orientation applied, alpha dropped; then pixels / 255 (as predict does: "
+                f"lowmem_cnn.imaging.image_row(path, ({h}, {w}), {c}) gives the pixels)")
     if (c, h, w) == (1, 28, 28):  # MNIST's digits (imaging.mnist_style, as predict does)
-        return ("made to look like MNIST's digits: grayscale, white on black (inverted if dark on "
-                "light), scaled to fit 20x20 and centred by its centre of mass in 28x28; then "
-                + values)
-    return values
+        return ("not in the graph, do it before: made to look like MNIST's digits: grayscale, "
+                "white on black (inverted if dark on light), scaled to fit 20x20 and centred by "
+                "its centre of mass in 28x28; then pixels / 255 (as predict does: "
+                "lowmem_cnn.imaging.mnist_style(path) gives the pixels). MNIST's own images "
+                "are already so")
+    return "not in the graph, do it before: pixels / 255"
 
 
-def build_model(network, softmax: bool = False):
-    """The ONNX ModelProto of `network` (not yet checked)."""
+def build_model(network, softmax: bool = False, opset: int | None = None):
+    """The ONNX ModelProto of `network`, stamped with `opset` (None: the oldest that
+    its nodes declare)."""
     onnx = onnx_module()
     from onnx import TensorProto, helper, numpy_helper
 
     keys = {(id(layer), name): key
             for key, layer, name in (*network.param_names(), *network.state_names())}
     nodes, weights = [], []
+    declared = [GRAPH_OPSET]  # each node adds the oldest opset at which it means ours
     counter = iter(range(1, 1 << 30))
 
     def initializer(layer, name):
@@ -143,19 +173,22 @@ def build_model(network, softmax: bool = False):
         weights.append(numpy_helper.from_array(np.ascontiguousarray(book, np.float32), key))
         return key
 
-    def node(op, inputs, **attributes):
+    def node(op, since, inputs, **attributes):
+        declared.append(since)
         output = f"{op.lower()}{next(counter)}"
         nodes.append(helper.make_node(op, inputs, [output], name=output, **attributes))
         return output
 
     def convolution(x, layer, conv):
         k, s, p = conv.size, conv.stride, conv.pad
-        return node("Conv", [x, initializer(layer, "W"), initializer(layer, "b")],
+        # Conv-1: explicit kernel, strides and pads mean the same in every version
+        return node("Conv", 1, [x, initializer(layer, "W"), initializer(layer, "b")],
                     kernel_shape=[k, k], strides=[s, s], pads=[p, p, p, p])
 
     def pooling(x, pool):
         k, s = pool.size, pool.stride
-        return node("MaxPool", [x], kernel_shape=[k, k], strides=[s, s])
+        # MaxPool-1: no pads, the output size rounded down (ceil_mode, from 10, is 0)
+        return node("MaxPool", 1, [x], kernel_shape=[k, k], strides=[s, s])
 
     x = INPUT
     for layer in network.layers:
@@ -166,28 +199,37 @@ def build_model(network, softmax: bool = False):
         elif isinstance(layer, MaxPooling):
             x = pooling(x, layer)
         elif isinstance(layer, ReLU):
-            x = node("Relu", [x])
+            x = node("Relu", 6, [x])  # Relu-6: Relu-1's consumed_inputs gone, the same max(0, x)
         elif isinstance(layer, Affine):
             if len(layer.in_shape) == 3:  # a map: C, then H, then W, as the book's rows
-                x = node("Flatten", [x], axis=1)
-            x = node("Gemm", [x, initializer(layer, "W"), initializer(layer, "b")])
+                x = node("Flatten", 1, [x], axis=1)  # Flatten-1 has axis
+            # Gemm-7: the bias [units] broadcast over the rows (Gemm-6 needed broadcast=1)
+            x = node("Gemm", 7, [x, initializer(layer, "W"), initializer(layer, "b")])
         elif isinstance(layer, Dropout):
             keep = f"keep{next(counter)}"
             weights.append(numpy_helper.from_array(np.array(1.0 - layer.ratio, np.float32), keep))
-            x = node("Mul", [x, keep])
+            x = node("Mul", 7, [x, keep])  # Mul-7: a scalar broadcast (Mul-6 needed broadcast=1)
         elif isinstance(layer, BatchNormalization):
-            x = node("BatchNormalization",
+            # BatchNormalization-9: per channel C of (N, C, ...) at any rank, running
+            # statistics (before 9, `spatial` chose); from 14 training_mode, here 0
+            x = node("BatchNormalization", 9,
                      [x, *(initializer(layer, name)
                            for name in ("gamma", "beta", "running_mean", "running_var"))],
                      epsilon=layer.EPS)
         else:
             raise LowmemError(f"{network.config.name}: its layer {_described(layer)} has no ONNX "
                               f"export (exported: {EXPORTED_KINDS})")
-    if softmax:
-        nodes.append(helper.make_node("Softmax", [x], [PROBABILITIES], name="softmax", axis=1))
-    else:  # the last node's output is the graph's
-        nodes[-1].output[0] = SCORES
     output = PROBABILITIES if softmax else SCORES
+    if softmax:
+        # Softmax-1: on [N, classes] with axis 1, the same as Softmax-13's along axis 1
+        node("Softmax", 1, [x], axis=1)
+    nodes[-1].output[0] = output  # the last node's output is the graph's
+    oldest, newest = max(declared), newest_known(onnx, opset)
+    if opset is not None and opset < oldest:
+        raise LowmemError(f"--opset {opset}: {network.config.name} can be written at opsets "
+                          f"{oldest} to {newest} (its oldest is {oldest}, the installed onnx's "
+                          f"newest {newest})")
+    chosen = oldest if opset is None else opset
     c, h, w = network.config.input_shape
     graph = helper.make_graph(
         nodes, network.config.name,
@@ -196,16 +238,20 @@ def build_model(network, softmax: bool = False):
         weights,
         doc_string=f"{network.config.name}: input pixels / 255 (NCHW), output "
                    f"{'the probabilities' if softmax else 'the scores'} of {network.classes} classes")
-    opsets = [helper.make_opsetid("", opset(onnx))]
+    opsets = [helper.make_opsetid("", chosen)]
     model = helper.make_model(graph, opset_imports=opsets, producer_name="lowmem-cnn",
                               producer_version=__version__)
-    model.ir_version = helper.find_min_ir_version_for(opsets)  # the oldest readers that can
+    # the oldest readers that can: the same for one opset in every onnx release
+    model.ir_version = helper.find_min_ir_version_for(opsets)
     helper.set_model_props(model, {
-        "classes": json.dumps(class_names(network)),
+        "input": input_description(network.config),
         "input_shape": json.dumps([c, h, w]),  # channels, height, width
         "preprocessing": preprocessing(network.config),
-        "output": (f"{output} [N, {network.classes}]: the class is the largest"
-                   + ("" if softmax else "; softmax gives the probabilities")),
+        "classes": json.dumps(class_names(network)),
+        "output": (f"'{output}': float32 [N, {network.classes}], "
+                   + ("the probabilities" if softmax else "the scores (softmax gives the "
+                      "probabilities)") + "; the class is the largest"),
+        "opset": str(chosen),
         "config": network.config.name,
         "lowmem_cnn_version": __version__,
     })

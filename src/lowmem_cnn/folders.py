@@ -61,7 +61,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lowmem_cnn.datasets import Dataset, ImageRows, NoBar, Split, cache_dir
+from lowmem_cnn.datasets import Dataset, ImageRows, NoBar, Split, cache_dir, open_regular
 from lowmem_cnn.errors import LowmemError
 from lowmem_cnn.files import atomic_write
 from lowmem_cnn.imaging import DEFAULT_MAX_DECODE_BYTES, ImageRefused, image_row, is_color
@@ -269,32 +269,52 @@ class _Cache:
     skipped: list  # [relative path, reason, bytes needed or None, kind (see KINDS)]
 
 
+def _is_skip(entry) -> bool:
+    """A skipped file as the trailer lists it: [relative path, reason, bytes needed or
+    None, kind]."""
+    return (isinstance(entry, list) and len(entry) == 4 and isinstance(entry[0], str)
+            and isinstance(entry[1], str) and isinstance(entry[3], str) and entry[3] in KINDS
+            and (entry[2] is None or type(entry[2]) is int and entry[2] >= 0))
+
+
 def _read_cache(path: Path, listing: _Listing, size, max_decode_bytes) -> _Cache | None:
-    """The cache at `path` if it is whole and fits `listing`; None to decode again."""
+    """The cache at `path` if it is whole and fits `listing`; None to decode again. The
+    file is read as untrusted (a crafted or damaged cache is rebuilt): its counts are
+    checked against its size before anything they ask for is read."""
+    from lowmem_cnn.reading import parse_json  # it imports config, which the CLI has already
+
     try:
-        with open(path, "rb") as f:
+        with open_regular(path, "an image cache") as f:
             head = f.read(HEADER_BYTES)
             file_size = os.fstat(f.fileno()).st_size
             if len(head) < HEADER_BYTES:
                 return None
             magic, version, channels, height, width, entries, rows, t_off, t_len = HEADER.unpack(
                 head[: HEADER.size])
-            row_bytes = channels * height * width
-            labels_at = HEADER_BYTES + rows * row_bytes
+            labels_at = HEADER_BYTES + rows * channels * height * width  # Python ints: no overflow
             if (magic != MAGIC or version != FORMAT_VERSION or (height, width) != tuple(size)
-                    or channels not in (1, 3) or entries != len(listing)
+                    or channels not in (1, 3) or entries != len(listing) or not 1 <= rows <= entries
                     or t_off != labels_at + rows + entries or file_size != t_off + t_len):
                 return None
-            f.seek(labels_at)
+            f.seek(labels_at)  # what follows is no larger than the file: its size was checked
             labels = np.frombuffer(f.read(rows), np.uint8)
-            decoded = np.frombuffer(f.read(entries), np.uint8).astype(bool)
-            trailer = json.loads(f.read(t_len))
-    except (OSError, ValueError, struct.error):
+            decoded = np.frombuffer(f.read(entries), np.uint8)
+            trailer = parse_json(path, f.read(t_len), "an image cache's trailer", 3)
+    except (OSError, LowmemError):
         return None
-    skipped = trailer.get("skipped", [])
+    if (len(labels) != rows or len(decoded) != entries or not np.all(decoded <= 1)
+            or not isinstance(trailer, dict)):
+        return None
+    decoded = decoded.astype(bool)
+    skipped = trailer.get("skipped")
     if (decoded.sum() != rows or not np.array_equal(labels, listing.labels[decoded])
-            or trailer.get("classes") != listing.classes or len(skipped) != entries - rows
-            or not all(isinstance(s, list) and len(s) == 4 and s[3] in KINDS for s in skipped)):
+            or trailer.get("classes") != listing.classes or not isinstance(skipped, list)
+            or len(skipped) != entries - rows or not all(map(_is_skip, skipped))
+            or [s[0] for s in skipped] != [listing.path(i) for i in _ints(np.flatnonzero(~decoded))]):
+        return None
+    try:  # as a decoding pass checks what it decoded
+        _check_decoded(listing, decoded, skipped)
+    except LowmemError:
         return None
     # A picture skipped as too large for a smaller budget is decoded this time.
     if any(need is not None and (max_decode_bytes is None or need <= max_decode_bytes)

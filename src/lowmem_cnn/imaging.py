@@ -12,15 +12,24 @@ Every decode is planned before any pixel is decoded: `Image.open` reads only the
 header, so the size and pixel format are known first. JPEGs are decoded at a reduced
 scale (`Image.draft`) when the target is smaller, and a picture whose decoded bytes
 (estimated from the header, see `decode_bytes`) exceed the caller's budget is refused
-with `ImageRefused`, as is what Pillow takes for a decompression bomb. Pillow is the
-optional images extra (`pip install 'lowmem-cnn[images]'`), imported only here and
-only inside functions.
+with `ImageRefused`, as is what Pillow takes for a decompression bomb. What a format's
+decoder holds besides Pillow's image was measured for each format by
+scripts/measure_decoders.py (docs/memory.md#decoding-pictures). On Linux the decoding
+runs under RLIMIT_DATA as well (`_data_limit`): a file holding a picture larger than
+its header says fails to decode rather than break the budget. Only regular files are
+opened, and what decoders write to stderr goes into the reason of a refused picture.
+Pillow is the optional images extra (`pip install 'lowmem-cnn[images]'`), imported
+only here and only inside functions.
 """
 
+import io
 import math
 import os
+import stat
+import sys
+import tempfile
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -35,15 +44,34 @@ DEFAULT_MAX_DECODE_BYTES = 256 * 2**20
 # mnist_style finds the digit in a copy at most this many pixels on its longer side:
 # its float64 arrays then stay under 8 MiB each, however large the picture.
 WORK_SIDE = 1024
-# The decoders of these formats write straight into Pillow's image; the others
-# (WebP, TIFF, ...) may hold a full-size buffer of their own as well.
-_STREAMING_FORMATS = {"PNG", "JPEG", "GIF", "BMP", "PPM", "DIB", "TGA", "PCX"}
+# What a format's decoder holds besides Pillow's image, in bytes per pixel of the
+# declared size, planned from the peak RSS growth measured in a fresh process by
+# scripts/measure_decoders.py (docs/memory.md has the table; the figures below are the
+# growth per pixel of the whole decode, Pillow's image and the resampling included).
+# The decoders of JPEG, PNG, GIF, BMP, PPM, TGA, PCX, IM, MSP, XBM, DDS and QOI write
+# straight into Pillow's image (measured at most 4.4 B/px for RGB, 8.2 for RGBA).
+_DECODER_BYTES_PER_PIXEL = {
+    "TIFF": 4,  # libtiff's strip or tile buffers: 7.6 B/px LZW RGB, 8.1 deflate RGBA
+    "WEBP": 16,  # libwebp's RGBA buffer and the bytes handed over: 18.0 B/px lossless
+    "AVIF": 12,  # libavif's YUV planes and RGB copy: 10.0 B/px (18.1 at 0.2 Mpx)
+    "JPEG2000": 20,  # OpenJPEG's int32 per component: 19.7 B/px (22.2 at 0.2 Mpx)
+    "BLP": 8,  # a Python bytearray of the pixels, then Pillow's: 6.9 B/px
+    "SGI": 4,  # its RLE rows: 5.9 B/px RGB
+    "SPIDER": 8,  # float32 pixels: 9.1 B/px
+    "MPO": 4, "ICNS": 8, "ICO": 8, "CUR": 8, "PSD": 8, "FLI": 8, "DCX": 4,
+}
+_STREAMING_FORMATS = {"PNG", "JPEG", "GIF", "BMP", "PPM", "DIB", "TGA", "PCX", "IM", "MSP",
+                      "XBM", "DDS", "QOI"}
+# A format Pillow opens that was not measured (or is rare): as much as the worst measured.
+_UNMEASURED_BYTES_PER_PIXEL = 24
+# Copies of the whole file a decoder reads into memory, whatever the size it declares:
+# WebP and AVIF hand the file to their library; BLP reads the declared length (at most
+# the file) and expands each palette byte to 4 in a bytearray; ICO, CUR and ICNS read
+# the picture inside.
+_FILE_COPIES = {"WEBP": 1, "AVIF": 1, "BLP": 7, "ICO": 2, "CUR": 2, "ICNS": 2}
 # Modes that Pillow resizes without a full-size copy of the picture first
 # (LA and RGBA are premultiplied into a copy; P and "1" cannot be resampled).
 _RESIZABLE = {"L", "RGB"}
-# Full-size RGBA copies a decoder makes besides Pillow's image (measured: a WebP took
-# four times its RGBA size: libwebp's buffer, the bytes handed over, Pillow's image).
-_DECODER_COPIES = {"WEBP": 3}
 # A decoder's working state and the rest (measured: 2.4 MiB for a 6000x4000 JPEG drawn
 # at 1/8 scale, whose pixels took 0.4 MiB).
 _FIXED_BYTES = 3 * 2**20
@@ -63,6 +91,10 @@ class ImageRefused(LowmemError):
         self.path, self.reason, self.needed = path, reason, needed
         self.kind = kind or ("too large" if needed is not None else "damaged")
 
+    def add_detail(self, detail: str):
+        self.reason = f"{self.reason} ({detail})"
+        self.args = (f"{self.path}: {self.reason}",)
+
 
 def _image_module():
     try:
@@ -72,42 +104,160 @@ def _image_module():
     return Image
 
 
+def require_pillow():
+    """Raise LowmemError, saying how to install it, when Pillow is missing."""
+    _image_module()
+
+
 @contextmanager
 def open_image(path: Path):
     """The picture at `path`, opened lazily (header only), as a context manager.
 
-    Pillow's own warnings (a DecompressionBombWarning, palette notes) are silenced:
-    the caller's byte budget decides what is decoded.
+    Only a regular file is opened: a FIFO, a device or a socket is refused from its
+    stat, before anything reads it (reading a FIFO waits for a writer forever). What
+    decoders and Pillow say meanwhile (libtiff's warnings, a DecompressionBombWarning,
+    palette notes) does not reach the terminal (see `_decoder_messages`): it ends up in
+    the reason of a picture refused, and the caller's byte budget decides what is
+    decoded.
     """
     Image = _image_module()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with _decoder_messages() as said:
         try:
-            picture = Image.open(path)
-        except FileNotFoundError:
-            raise ImageRefused(path, "no such file") from None
-        except IsADirectoryError:
-            raise ImageRefused(path, "a directory, not an image file") from None
-        except Image.DecompressionBombError as err:
-            raise ImageRefused(path, f"refused as a possible decompression bomb ({err})",
-                               kind="too large") from None
-        except OSError as err:  # UnidentifiedImageError is an OSError
-            if getattr(err, "strerror", None):
-                raise ImageRefused(path, f"cannot read ({err.strerror})") from None
-            reason = "an empty file" if _is_empty(path) else "not an image Pillow can read"
-            raise ImageRefused(path, reason, kind="unidentified") from None
-        except Exception as err:  # noqa: BLE001 - a hostile header can make a plugin raise anything
-            raise ImageRefused(path, f"not an image Pillow can read ({type(err).__name__})",
-                               kind="unidentified") from None
-        with picture:
-            yield picture
+            with _regular_file(path) as file:
+                with _opened(Image, path, file) as picture:
+                    yield picture
+        except ImageRefused as err:
+            if said():
+                err.add_detail(f"the decoder said: {said()}")
+            raise
 
 
-def _is_empty(path) -> bool:
+@contextmanager
+def _opened(Image, path, file):
     try:
-        return os.stat(path).st_size == 0
-    except (OSError, TypeError):  # gone, or a file object rather than a path
-        return False
+        picture = Image.open(file)
+    except Image.DecompressionBombError as err:
+        raise ImageRefused(path, f"refused as a possible decompression bomb ({err})",
+                           kind="too large") from None
+    except OSError as err:  # UnidentifiedImageError is an OSError
+        if getattr(err, "strerror", None):
+            raise ImageRefused(path, f"cannot read ({err.strerror})") from None
+        reason = "an empty file" if _is_empty(file) else "not an image Pillow can read"
+        raise ImageRefused(path, reason, kind="unidentified") from None
+    except Exception as err:  # noqa: BLE001 - a hostile header can make a plugin raise anything
+        raise ImageRefused(path, f"not an image Pillow can read ({type(err).__name__})",
+                           kind="unidentified") from None
+    with picture:
+        yield picture
+
+
+def _regular_file(path):
+    """`path` opened for reading if it is a regular file, else ImageRefused, from its
+    stat alone (a FIFO is not opened: that would wait for a writer). A file object is
+    used as it is."""
+    if hasattr(path, "read"):
+        return nullcontext(path)
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise ImageRefused(path, "no such file") from None
+    except OSError as err:
+        raise ImageRefused(path, f"cannot read ({err.strerror})") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise ImageRefused(path, "a directory, not an image file")
+    if not stat.S_ISREG(info.st_mode):
+        raise ImageRefused(path, f"not a regular file (a {_file_type(info.st_mode)}), not read",
+                           kind="unidentified")
+    try:
+        # O_NONBLOCK: should the file have become a FIFO since the stat, the open does
+        # not wait; the fstat below then refuses it
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except OSError as err:
+        raise ImageRefused(path, f"cannot read ({err.strerror})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ImageRefused(path, "not a regular file, not read", kind="unidentified")
+    if hasattr(os, "set_blocking"):
+        os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def _is_empty(file) -> bool:
+    try:
+        return os.fstat(file.fileno()).st_size == 0
+    except (OSError, AttributeError, ValueError):  # a file object without a descriptor
+        return file.seek(0, os.SEEK_END) == 0
+
+
+def _file_type(mode) -> str:
+    for test, name in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+# What a decoder wrote to stderr, kept for the reason of a refused picture: at most
+# this many characters (a hostile file can make libtiff warn about every tag).
+DECODER_MESSAGE_CHARS = 300
+
+
+@contextmanager
+def _decoder_messages():
+    """Within: what C libraries write to the process's stderr (file descriptor 2:
+    libtiff's warnings, libjpeg's notes) goes to a temporary file instead of the
+    terminal; yields a function giving it as one line. The decoding runs on the
+    calling thread while the others wait, so nothing of the run's own is caught; the
+    run's messages are written after. Where fd 2 cannot be redirected, nothing is."""
+    global _sink
+    try:
+        sys.stderr.flush()
+    except (AttributeError, OSError, ValueError):
+        pass
+    try:
+        if not hasattr(os, "pread"):  # Windows: messages stay where they are
+            raise OSError
+        if _sink is None:
+            # a bare descriptor of an unlinked file: kept for the process's life, with
+            # no file object to be reported unclosed at exit
+            with tempfile.TemporaryFile() as file:
+                _sink = os.dup(file.fileno())
+        os.ftruncate(_sink, 0)
+        os.lseek(_sink, 0, os.SEEK_SET)  # fd 2 will share this offset: write from the start
+        saved = os.dup(2)
+    except OSError:
+        yield lambda: ""
+        return
+    text = None
+
+    try:
+        os.dup2(_sink, 2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            caught = []
+
+            def keep(message, *args, **kwargs):  # the first few: a file can warn on and on
+                if len(caught) < 4:
+                    caught.append(str(message))
+
+            warnings.showwarning = keep
+
+            def said():
+                nonlocal text
+                if text is None:
+                    raw = os.pread(_sink, DECODER_MESSAGE_CHARS * 4, 0).decode("utf-8", "replace")
+                    # one printable line: a file name or a tag's bytes may be anything
+                    raw = "".join(c if c.isprintable() else " " for c in " ".join([raw, *caught]))
+                    text = " ".join(raw.split())[:DECODER_MESSAGE_CHARS]
+                return text
+
+            yield said
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+_sink = None
 
 
 def _storage(mode: str) -> int:
@@ -141,18 +291,22 @@ def _coefficient_bytes(picture, stored) -> int:
 def decode_bytes(picture, mode: str, out_size: tuple[int, int], stored=None) -> int:
     """Estimated peak bytes of decoding `picture` (after any draft) and making it a
     `mode` picture of `out_size` (width, height): the decoded pixels at Pillow's
-    storage size; a decoder's own copies for formats that keep them (WebP: three); a
-    progressive JPEG's coefficients (`stored` is (width, height, bands) before the
-    draft); the full-size copies a conversion makes; the resampling's intermediate
-    images. Checked against measured peaks for PNG (gray, RGB, RGBA, palette, 16-bit),
-    JPEG (baseline and progressive), GIF, WebP, BMP and TIFF pictures of 24 to 81
-    million pixels: each estimate was above the measured peak."""
+    storage size; what the format's decoder holds besides (_DECODER_BYTES_PER_PIXEL,
+    and the copies of the file some read whole); a progressive JPEG's coefficients
+    (`stored` is (width, height, bands) before the draft); the full-size copies a
+    conversion makes; the resampling's intermediate images. Checked against measured
+    peaks for PNG (gray, RGB, RGBA, palette, 16-bit), JPEG (baseline and progressive),
+    GIF, WebP, BMP and TIFF pictures of 24 to 81 million pixels, and by
+    scripts/measure_decoders.py for every format Pillow writes and Pillow's own test
+    pictures: each estimate was above the measured peak."""
     w, h = picture.size
     pixels = w * h
     s = _storage(picture.mode)
     total = _FIXED_BYTES + pixels * s
     if picture.format not in _STREAMING_FORMATS:
-        total += pixels * 4 * _DECODER_COPIES.get(picture.format, 1)
+        total += pixels * _DECODER_BYTES_PER_PIXEL.get(picture.format,
+                                                       _UNMEASURED_BYTES_PER_PIXEL)
+    total += _file_bytes(picture) * _FILE_COPIES.get(picture.format, 0)
     if picture.format == "JPEG" and picture.info.get("progressive"):
         total += _coefficient_bytes(picture, stored or (w, h, len(picture.getbands())))
     if picture.mode not in _RESIZABLE:
@@ -170,9 +324,23 @@ def decode_bytes(picture, mode: str, out_size: tuple[int, int], stored=None) -> 
     return total
 
 
+def _file_bytes(picture) -> int:
+    fp = getattr(picture, "fp", None)
+    try:
+        return os.fstat(fp.fileno()).st_size
+    except (OSError, AttributeError, ValueError, io.UnsupportedOperation):
+        pass
+    try:  # a BytesIO
+        return fp.getbuffer().nbytes
+    except (AttributeError, ValueError, TypeError):
+        return 0
+
+
 def _load(picture, path):
     try:
         picture.load()
+    except MemoryError:
+        raise
     except OSError as err:
         detail = err.strerror or str(err) or type(err).__name__
         raise ImageRefused(path, f"damaged or truncated image ({detail})") from None
@@ -238,17 +406,73 @@ def _render(picture, path, mode: str, layout, draft_size, max_bytes, later_bytes
         raise ImageRefused(path, f"{stored[0]}x{stored[1]} pixels: decoding it would take about "
                                  f"{needed / 2**20:,.1f} MiB, more than the {max_bytes / 2**20:,.1f} "
                                  "MiB allowed", needed)
-    _load(picture, path)
-    orientation = _orientation(picture)
     try:
-        if picture.mode not in _RESIZABLE:
-            picture = _in_mode(picture, mode)
-        box, out = layout(picture.size, orientation in (5, 6, 7, 8))
-        if out != picture.size or box != (0, 0, *picture.size):
-            picture = picture.resize(out, Image.Resampling.LANCZOS, box=box, reducing_gap=3.0)
-        return _in_mode(_transpose(picture, orientation), mode)
-    except (ValueError, OSError) as err:
-        raise ImageRefused(path, f"cannot convert this image ({err})") from None
+        with _data_limit(max_bytes):
+            _load(picture, path)
+            orientation = _orientation(picture)
+            try:
+                if picture.mode not in _RESIZABLE:
+                    picture = _in_mode(picture, mode)
+                box, out = layout(picture.size, orientation in (5, 6, 7, 8))
+                if out != picture.size or box != (0, 0, *picture.size):
+                    picture = picture.resize(out, Image.Resampling.LANCZOS, box=box,
+                                             reducing_gap=3.0)
+                return _in_mode(_transpose(picture, orientation), mode)
+            except (ValueError, OSError) as err:
+                raise ImageRefused(path, f"cannot convert this image ({err})") from None
+    except MemoryError:
+        if max_bytes is None:
+            raise ImageRefused(path, "out of memory while decoding it", kind="too large") from None
+        raise ImageRefused(path, f"{stored[0]}x{stored[1]} pixels: its decoder took more than the "
+                                 f"{max_bytes / 2**20:,.1f} MiB allowed (more than its header "
+                                 "says)", max_bytes + 1) from None
+
+
+@contextmanager
+def _data_limit(max_bytes):
+    """Within: the process may map at most `max_bytes` more of private memory (Linux's
+    RLIMIT_DATA, set to what it maps now plus that), so that a decoder that takes more
+    than its estimate fails with a MemoryError rather than break the budget. That
+    happens when a file holds a picture larger than its header says (a BLP's JPEG, an
+    ICO's PNG: their own headers are read only when decoding). Elsewhere, or without a
+    budget, nothing is limited."""
+    resource = _resource()
+    mapped = _mapped_data_bytes() if resource is not None and max_bytes is not None else None
+    if mapped is None:
+        yield
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    limit = mapped + max_bytes
+    for given in (soft, hard):
+        if given != resource.RLIM_INFINITY and given >= 0:
+            limit = min(limit, given)
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
+
+
+def _resource():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import resource
+    except ImportError:
+        return None
+    return resource if hasattr(resource, "RLIMIT_DATA") else None
+
+
+def _mapped_data_bytes() -> int | None:
+    """VmData: the private writable memory the process maps, which RLIMIT_DATA limits."""
+    try:
+        with open("/proc/self/status") as lines:
+            for line in lines:
+                if line.startswith("VmData:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _cover_box(size, out_size):

@@ -31,7 +31,7 @@ def lock_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.lock")
 
 
-def _try_lock(fd) -> bool:
+def try_lock(fd) -> bool:
     if sys.platform == "win32":
         import msvcrt
 
@@ -61,14 +61,18 @@ class RunLock:
             fd = None
             try:
                 fd = os.open(target, os.O_RDWR | os.O_CREAT, 0o666)
-                locked, current = _try_lock(fd), _still_at(fd, target)
+                locked, current = try_lock(fd), still_at(fd, target)
             except OSError as err:
                 if fd is not None:
                     os.close(fd)
                 raise LowmemError(f"cannot lock {what} {self.path} ({target}: {err.strerror})") from None
             if current and not locked:
                 holder = _holder(fd)
+                mine = _held_here(fd) if holder == os.getpid() else None
                 os.close(fd)
+                if mine is not None and mine.what != what:  # one run's two files
+                    raise LowmemError(f"{what} {self.path} and {mine.what} {mine.path} are the "
+                                      f"same file; choose another {what}")
                 by = f"process {holder}" if holder else "another process"
                 raise LowmemError(f"{what} {self.path} is in use by {by} (another lowmem-cnn "
                                   "train); wait for it to finish, or choose another file")
@@ -80,6 +84,7 @@ class RunLock:
         os.lseek(fd, 0, os.SEEK_SET)
         os.write(fd, f"{os.getpid()}\n".encode().ljust(_LOCKED_BYTE - 1, b" "))
         self._fd = fd
+        _HELD.append(self)
 
     def release(self):
         """Let go of the lock and remove its file (see the module's docstring)."""
@@ -87,12 +92,24 @@ class RunLock:
             return
         if sys.platform != "win32":
             try:
-                if _still_at(self._fd, self._target):  # not another run's (mine removed by hand)
-                    os.unlink(self._target)  # before the lock goes (see _still_at)
+                if still_at(self._fd, self._target):  # not another run's (mine removed by hand)
+                    os.unlink(self._target)  # before the lock goes (see still_at)
             except OSError:
                 pass  # gone already, or not ours to remove: it stays, as a killed run's does
         os.close(self._fd)  # closing the descriptor releases the lock
         self._fd = None
+        _HELD.remove(self)
+
+
+# The locks this process holds: a run whose two files are one is told so, not that
+# it is in use by its own process.
+_HELD: list[RunLock] = []
+
+
+def _held_here(fd) -> RunLock | None:
+    """The lock of this process on the file open as `fd`, if it holds one."""
+    locked = os.fstat(fd)
+    return next((lock for lock in _HELD if os.path.samestat(os.fstat(lock._fd), locked)), None)
 
 
 def release_all(locks: list):
@@ -113,7 +130,7 @@ def released_on_error():
         raise
 
 
-def _still_at(fd, target: Path) -> bool:
+def still_at(fd, target: Path) -> bool:
     """Whether the locked file is still the one at `target`."""
     if sys.platform == "win32":  # never removed there
         return True

@@ -195,8 +195,8 @@ def check_parameters_fit(network, budget: int, optimizer_copies: int | None = No
                          loading: bool = False):
     """Refuse, before any parameter exists, a budget that cannot hold the parameters
     (from the config's shapes), what making them takes (drawing them in chunks, or
-    reading a file: its bytes and the float64 arrays in it), for training one set of
-    gradients and `optimizer_copies` more copies, and one image's activations.
+    reading a file: its bytes and the float64 arrays in it), for training a set of
+    gradients per thread and `optimizer_copies` more copies, and one image's activations.
 
     A lower bound of the plan's minimum: without it, a config of a billion filters
     died in NumPy's MemoryError, and a 3 GB affine layer peaked at 9.1 GB before the
@@ -208,7 +208,9 @@ def check_parameters_fit(network, budget: int, optimizer_copies: int | None = No
 
     params = network.param_bytes()
     train = optimizer_copies is not None
-    need = params * (2 + optimizer_copies) if train else params
+    # training: a set of gradients for every thread the network was built with (see
+    # Network._gradient_sets: the baseline's warm-up makes them all)
+    need = params * (1 + network.max_threads + optimizer_copies) if train else params
     if loading:
         need += 2 * params * 8 // network.dtype.itemsize
     else:

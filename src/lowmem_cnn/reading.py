@@ -22,6 +22,13 @@ def read_small_regular_file(path: Path, limit: int, what: str) -> bytes | None:
     A FIFO, a device (/dev/zero) or a link to one is refused before a byte is read: the
     open does not wait for a writer (O_NONBLOCK) and its kind is checked on the open file.
     `what` names the kind of file in the errors ("a parameter file's description")."""
+    data = read_regular_file(path, limit, what)
+    return None if data is None else bytes(data)
+
+
+def read_regular_file(path: Path, limit: int, what: str) -> bytearray | None:
+    """read_small_regular_file's bytes, in a bytearray of the file's size: what a reader
+    that keeps views of the bytes (and may change them in place) takes."""
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) \
         | getattr(os, "O_CLOEXEC", 0)
     try:
@@ -35,26 +42,26 @@ def read_small_regular_file(path: Path, limit: int, what: str) -> bytes | None:
         return None
     except OSError as err:
         raise LowmemError(f"{path}: cannot read ({err.strerror})") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):  # replaced since the stat
-            raise LowmemError(f"{path}: not a regular file, so not {what}")
-        if st.st_size > limit:
-            raise LowmemError(f"{path}: {st.st_size:,} bytes, more than {what} ever holds ({limit:,})")
-        chunks, size = [], 0
-        while size <= limit:  # a file that grows while read is still cut off
-            chunk = os.read(fd, limit + 1 - size)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-        if size > limit:
-            raise LowmemError(f"{path}: more than the {limit:,} bytes {what} ever holds")
-        return b"".join(chunks)
-    except OSError as err:
-        raise LowmemError(f"{path}: cannot read ({err.strerror})") from None
-    finally:
-        os.close(fd)
+    with open(fd, "rb", buffering=0) as f:
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):  # replaced since the stat
+                raise LowmemError(f"{path}: not a regular file, so not {what}")
+            if st.st_size > limit:
+                raise LowmemError(f"{path}: {st.st_size:,} bytes, more than {what} ever holds ({limit:,})")
+            data = bytearray(st.st_size)
+            view, size = memoryview(data), 0
+            while size < len(data):
+                count = f.readinto(view[size:])
+                if not count:
+                    break
+                size += count
+            view.release()
+            if size < len(data) or f.read(1):  # changed while read
+                raise LowmemError(f"{path}: it changed while it was read; try again")
+            return data
+        except OSError as err:
+            raise LowmemError(f"{path}: cannot read ({err.strerror})") from None
 
 
 def nesting(text: str, most: int) -> int:
@@ -81,9 +88,10 @@ def _unique_keys(pairs):
     return dict(pairs)
 
 
-def parse_json(where: Path, data: bytes, what: str, most_nesting: int):
+def parse_json(where: Path, data: bytes, what: str, most_nesting: int, constants: bool = False):
     """The JSON value of `data`: UTF-8, nested at most `most_nesting` deep, no NaN or
-    Infinity, no field given twice; a LowmemError naming `where` otherwise."""
+    Infinity (unless `constants`), no field given twice; a LowmemError naming `where`
+    otherwise."""
     refused = f"{where}: not {what}"
     try:
         text = data.decode("utf-8")
@@ -92,6 +100,7 @@ def parse_json(where: Path, data: bytes, what: str, most_nesting: int):
     if nesting(text, most_nesting) > most_nesting:
         raise LowmemError(f"{refused}: it nests deeper than {most_nesting} levels")
     try:
-        return json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
+        return json.loads(text, parse_constant=None if constants else _refuse_constant,
+                          object_pairs_hook=_unique_keys)
     except (ValueError, RecursionError) as err:  # JSONDecodeError is a ValueError
         raise LowmemError(f"{refused}: not valid JSON ({shown(str(err), 80)})") from None

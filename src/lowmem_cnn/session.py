@@ -8,6 +8,8 @@ description beside it (params.network_for); one trained on a folder says its cla
 and input there too, and a folder must then have its classes.
 """
 
+from dataclasses import replace
+
 import numpy as np
 
 from lowmem_cnn.config import DEFAULT_CONFIG, load_config
@@ -30,6 +32,22 @@ def network_config(config_name, params=None):
     return config, (description if description and description.get("classes") else None)
 
 
+def _which_pictures(folder, recorded: dict) -> str:
+    """One line: which of a folder's pictures are the test ones, and whether they are
+    those held out when the network was trained (`recorded`: its description's)."""
+    def percent(share):
+        return f"{share * 100:g}%"
+
+    share = percent(folder.test_fraction)
+    drawn = f"the {share} of pictures drawn by --test-split (seed {folder.seed})"
+    if "test_split" not in recorded:
+        return f"testing on {drawn}: which ones were held out when training is not recorded"
+    if (recorded["test_split"], recorded["split_seed"]) == (folder.test_fraction, folder.seed):
+        return f"testing on the {share} of pictures held out when training (seed {folder.seed})"
+    return (f"testing on {drawn}; training held out {percent(recorded['test_split'])} (seed "
+            f"{recorded['split_seed']}): these may include pictures it trained on")
+
+
 class Session:
     def __init__(self, budget: int, config_name, dtype, threads: int, data: DataOptions,
                  params=None):
@@ -38,10 +56,16 @@ class Session:
         self.data = None
         if data.is_folder():
             c, h, w = config.input_shape
+            recorded = (meta or {}).get("training", {})
+            if data.test_fraction is None and "test_split" in recorded:
+                data = replace(data, test_fraction=recorded["test_split"],
+                               split_seed=recorded["split_seed"])
             self.data = data.open(budget, (h, w), c if meta else None)
             if meta and list(self.data.classes) != meta["classes"]:
                 raise LowmemError(f"{self.data.source}: its classes ({', '.join(self.data.classes)}) "
                                   f"are not those {params} was trained on ({', '.join(meta['classes'])})")
+            if params and self.data.test_fraction is not None and data.report:  # a drawn split
+                data.report(_which_pictures(self.data, recorded))
             config = config.for_data(self.data.input_shape, self.data.classes)
         self.network = Network(config, np.dtype(dtype), threads)
         self.plan = None

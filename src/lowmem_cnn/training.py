@@ -21,6 +21,7 @@ import numpy as np
 from lowmem_cnn.augment import NO_AUGMENTATION, Augmentation
 from lowmem_cnn.errors import LowmemError
 from lowmem_cnn.planner import EVAL_READ, MNIST_TRAIN_IMAGES, Work
+from lowmem_cnn.run_options import OPTIONS, check_settings
 from lowmem_cnn.schedule import Schedule
 
 # Train accuracy after each epoch is measured on this many training images (the first ones).
@@ -88,7 +89,8 @@ def data_identity(split) -> str:
 
 
 def check_image_shape(network, *splits):
-    """A one-line error unless the splits' images are the network's input shape."""
+    """A one-line error unless the splits' images are the network's input shape and
+    their labels among its scores."""
     def text(c, h, w):
         return f"{h}x{w}" + (f" with {c} channels" if c != 1 else "")
 
@@ -99,6 +101,13 @@ def check_image_shape(network, *splits):
         if found != expected:
             raise LowmemError(f"{images.path}: images are {text(*found)}, the network "
                               f"{network.config.name} takes {text(*expected)}")
+        # a config's last affine layer gives the scores: as many as the data's classes
+        # (MNIST-style data: 10; a folder's classes set it, see NetworkConfig.for_data)
+        top = int(split.labels.max()) if len(split.labels) else -1
+        if top >= network.classes:
+            raise LowmemError(f"{network.config.name}: its last affine layer has units = "
+                              f"{network.classes}, but {images.path} has labels up to {top}: "
+                              f"the scores of {top + 1} classes need units = {top + 1}")
 
 
 class EpochLoop:
@@ -249,6 +258,7 @@ class Settings:
     input_shape: list | None = None
     classes: list | None = None
     test_fraction: float | None = None
+    split_seed: int | None = None  # a drawn split (folders.py): its seed; else None
     strict: bool = False
     # what helps photos learn (none of it by default: today's arithmetic)
     augment: str = "none"  # augment.Augmentation, as text: "flip,crop:4"
@@ -300,6 +310,11 @@ def held_out(count: int, share: float, seed: int) -> tuple[np.ndarray, np.ndarra
     chosen = np.random.default_rng([VALIDATION_KEY, seed]).permutation(count)
     n = min(count - 1, max(1, round(count * share)))
     return np.sort(chosen[n:]), np.sort(chosen[:n])
+
+
+class Diverged(LowmemError):
+    """The parameters are no longer finite numbers (NaN or inf): the run stops, and
+    nothing of it is saved from then on."""
 
 
 @dataclass
@@ -356,6 +371,8 @@ class TrainingRun:
         self.plan = None
         # locks.RunLock: held until release_locks (start and resume take them)
         self.locks = [] if locks is None else locks
+        # (epochs done, updates done in the next) of the last checkpoint written or resumed
+        self._checkpointed: tuple | None = None
 
     # --- the memory plan ------------------------------------------------------------
 
@@ -420,8 +437,34 @@ class TrainingRun:
     def save_checkpoint(self, finished: bool = False):
         from lowmem_cnn.checkpoint import write_checkpoint
 
+        loop = self.loop
+        if loop.position:  # within an epoch (an epoch's end is checked by _end_epoch)
+            done = min(loop.position * loop.batch_size, loop.count)
+            self._check_finite(loop.epochs_done + 1, loop.loss_sum / done)
         write_checkpoint(self.checkpointing.path, *self.checkpoint_state(finished))
         self.checkpointing._saved_at = time.monotonic()
+        self._checkpointed = (loop.epochs_done, loop.position)
+
+    def _check_finite(self, epoch: int, loss: float):
+        """Diverged unless every parameter and statistic is a finite number. The min and
+        max of an array are NaN if any value is, and +-inf if any is infinite: no array
+        the size of a parameter is made (np.isfinite's would be)."""
+        arrays = [*self.network.params().values(), *self.network.state().values()]
+        if all(np.isfinite(a.min()) and np.isfinite(a.max()) for a in arrays if a.size):
+            return
+        if self.checkpointing is None:
+            kept = ""
+        elif self._checkpointed is None:
+            kept = ", nor a checkpoint"
+        else:
+            done, position = self._checkpointed
+            kept = (f"; {self.checkpointing.path} keeps the run "
+                    + (f"in epoch {done + 1} after update {position}" if position
+                       else f"after epoch {done}"))
+        out = f"{self.settings.out} is not written" if self.settings else "nothing is saved"
+        raise Diverged(f"training diverged in epoch {epoch} (loss {loss:.4g}): the parameters "
+                       f"are no longer finite numbers, so {out}{kept} (a smaller --lr or "
+                       "--weight-decay may help)")
 
     def _checkpoint_due(self) -> bool:
         c = self.checkpointing
@@ -441,12 +484,11 @@ class TrainingRun:
         if recorded.get("data") and recorded["data"] != self.settings.data:
             raise LowmemError(f"{self.checkpointing.path}: the run was started on other data "
                               f"(fingerprint {recorded['data']}, this data's is {self.settings.data})")
-        for key, value in {**self.network.params(), **self.network.state()}.items():
-            kept = arrays.get(f"param/{key}", arrays.get(f"state/{key}"))
-            if kept is None or kept.shape != value.shape:  # a checkpoint from before `network`
-                raise LowmemError(f"{self.checkpointing.path}: the run trained another network "
-                                  f"than {self.settings.config} describes now ({key})")
+        from lowmem_cnn.checkpoint import check_run_arrays
+
+        check_run_arrays(self.checkpointing.path, meta, arrays, self)
         self.loop.restore(meta, arrays)
+        self._checkpointed = (self.loop.epochs_done, self.loop.position)
         self.history = list(meta["history"])
         self.best = meta.get("best")
         self._best_arrays = {key.removeprefix("best/"): value for key, value in arrays.items()
@@ -487,6 +529,8 @@ class TrainingRun:
 
     def _end_epoch(self, epoch: int) -> dict:
         loss, seconds = self.loop.finish_epoch()
+        if self.checkpointing is not None:  # (the book's Trainer saves nothing, as the book's)
+            self._check_finite(epoch, loss)
         test = evaluate(self.network, self.test, self.plan, EVAL_READ, count=self.test_count)
         sample = evaluate(self.network, self.training_sample or self.loop.split, self.plan,
                           EVAL_READ, count=min(self.train_sample, self.loop.count))
@@ -549,13 +593,19 @@ class TrainingRun:
             self.save_checkpoint(finished=True)  # the parameters, no optimizer state
 
     def _training_record(self) -> dict | None:
-        """How the saved parameters were trained (params.TRAINING_FIELDS)."""
+        """How the saved parameters were trained (params.TRAINING_FIELDS), and which
+        pictures of a folder were held out for testing (params.SPLIT_FIELDS)."""
+        from lowmem_cnn.run_options import DESCRIBED_OPTIONS
+
         s = self.settings
         if s is None:
             return None
         kept = self.best["epoch"] if self.keep_best and self.best else len(self.history)
-        return {"augment": s.augment, "weight_decay": s.weight_decay, "lr_schedule": s.lr_schedule,
-                "warmup": s.warmup, "val_split": s.val_split, "epoch": max(kept, 1)}
+        record = {option.name: getattr(s, option.name) for option in DESCRIBED_OPTIONS}
+        record["epoch"] = max(kept, 1)
+        if s.split_seed is not None:
+            record.update(test_split=s.test_fraction, split_seed=s.split_seed)
+        return record
 
     def release_memory(self):
         """Give back the optimizer state and the network's workspaces (e.g. before drawing)."""
@@ -616,24 +666,27 @@ def start(settings: Settings, checkpointing: Checkpointing, data, report=lambda 
         if data.is_folder():
             folder = data.open(settings.max_ram, load_config(settings.config).network.input_shape[1:])
             settings.input_shape, settings.classes = list(folder.input_shape), list(folder.classes)
-            settings.test_fraction, settings.strict = data.test_fraction, data.strict
+            settings.test_fraction, settings.split_seed = folder.test_fraction, folder.seed
+            settings.strict = data.strict
         return _build(settings, checkpointing, lambda run: folder or data.open(run.budget), report,
                       locks, picture)
 
 
 def resume(checkpointing: Checkpointing, max_ram: int | None, data, report=lambda text: None,
-           picture: str | None = None):
+           picture: str | None = None, given: dict | None = None):
     """The run recorded in a checkpoint, ready to continue where it stopped, with its
     settings and plan (a budget may be given anew), on `data` (data.DataOptions: a
     folder is read as the run began): (TrainingRun, data set). Raises AlreadyFinished
-    for a run that is over."""
+    for a run that is over. `given`: the settings the user gave again (see
+    apply_given): the same as recorded, or more epochs."""
     from lowmem_cnn.budget import format_size
-    from lowmem_cnn.checkpoint import read_checkpoint
+    from lowmem_cnn.checkpoint import check_run_meta, read_checkpoint
     from lowmem_cnn.locks import RunLock, released_on_error
 
     with released_on_error() as locks:
         locks.append(RunLock(checkpointing.path, "checkpoint"))
         meta, arrays = read_checkpoint(checkpointing.path)
+        check_run_meta(checkpointing.path, meta)
         recorded = meta.get("run")
         if not isinstance(recorded, dict):
             raise LowmemError(f"{checkpointing.path}: not a training checkpoint")
@@ -641,8 +694,25 @@ def resume(checkpointing: Checkpointing, max_ram: int | None, data, report=lambd
             settings = Settings(**recorded)
         except TypeError as err:
             raise LowmemError(f"{checkpointing.path}: not a checkpoint of this lowmem-cnn ({err})") from None
+        try:
+            check_settings(recorded)
+        except ValueError as err:
+            raise LowmemError(f"{checkpointing.path}: its settings: {err}") from None
+        from lowmem_cnn.budget import check_threads
+
+        # before the network makes a workspace and gradients for each (its arithmetic
+        # needs all of them: resume it where there are as many cores)
+        check_threads(settings.threads, f"{checkpointing.path}: this run was started with --threads",
+                      "resume it where it has as many")
         if meta.get("finished"):
             raise AlreadyFinished(settings)
+        apply_given(settings, given or {}, report)
+        if settings.classes is None and data.is_folder():  # told before anything is opened
+            from lowmem_cnn.data import data_directory
+
+            directory, source = data_directory(data.data_dir)
+            raise LowmemError(f"{source or directory} is a folder of pictures; this run was started "
+                              "on MNIST-style IDX files: give their directory as --data-dir")
         locks.append(RunLock(Path(settings.out), "parameter file"))
         source = "recorded in the checkpoint"
         if max_ram is not None:
@@ -658,14 +728,56 @@ def resume(checkpointing: Checkpointing, max_ram: int | None, data, report=lambd
                                   f" give it with --data-dir")
             c, h, w = settings.input_shape  # a folder, read as the run began
             recorded = replace(data, image_size=(h, w), test_fraction=settings.test_fraction,
-                               strict=settings.strict)
+                               split_seed=settings.split_seed or 0, strict=settings.strict)
             opened = recorded.open(run.budget, (h, w), c)
+            settings.split_seed = opened.seed  # (a checkpoint from before split_seed)
             if list(opened.classes) != settings.classes:
                 raise LowmemError(f"{opened.source}: not the folder of classes {classes} the run "
                                   f"was started on")
             return opened
 
         return _build(settings, checkpointing, open_data, report, locks, picture, meta, arrays)
+
+
+# What `given` (resume) may hold besides the declared options: the settings of the data
+# a folder is read with, which a run on IDX files does not have (as a new run ignores them).
+_FOLDER_SETTINGS = ("test_fraction", "image_size")
+
+
+def apply_given(settings: Settings, given: dict, report=lambda text: None):
+    """The settings given again to a resumed run (`given`: Settings field -> (the option
+    as the user names it, the value as Settings holds it; "image_size": [H, W])): each
+    must be the recorded one, except that a declared option that `extends` (epochs) may
+    be larger when the rate does not depend on it (a constant schedule); it is then
+    applied, and said. Anything else is refused in one line naming each option."""
+    def shown(value):
+        if isinstance(value, list):  # image_size
+            return "x".join(map(str, value))
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+    contradictions = []
+    for name, (flag, value) in given.items():
+        recorded = (settings.input_shape[1:] if settings.input_shape else None
+                    ) if name == "image_size" else getattr(settings, name)
+        if recorded is None and name in _FOLDER_SETTINGS:
+            continue  # a run on IDX files: as a new run, it has no use for them
+        same = Path(value) == Path(recorded) if name == "out" else value == recorded
+        if same:
+            continue
+        option = OPTIONS.get(name)
+        if option and option.extends and value > recorded and settings.lr_schedule == "constant":
+            report(f"--resume: {flag} {shown(value)} extends the run (the checkpoint's "
+                   f"{shown(recorded)})")
+            setattr(settings, name, value)
+            continue
+        why = ""
+        if option and option.extends and value > recorded:
+            why = f" (its {settings.lr_schedule} schedule is laid out over {shown(recorded)})"
+        contradictions.append(f"{flag} {shown(value)} contradicts the checkpoint's "
+                              f"{shown(recorded)}{why}")
+    if contradictions:
+        raise LowmemError(f"--resume: {'; '.join(contradictions)}; a resumed run keeps its "
+                          "settings: leave these out, or start a new run with another --checkpoint")
 
 
 def training_run(network, optimizer: str, lr: float, budget: int, epochs: int, batch_size: int,
