@@ -92,6 +92,16 @@ def small_run(d, name="run", extra=()):
     return out, ckpt
 
 
+def stopped_run(d):
+    """A checkpoint of an unfinished run: 2 epochs on 300 images, killed after update 4."""
+    ckpt = d / "run.pkl.ckpt"
+    subprocess.run([sys.executable, str(ROOT / "tests" / "crash_child.py"), "--at-update", "4", "--",
+                    *map(str, ["train", "--limit", 300, "--epochs", 2, "--checkpoint-every", 1,
+                               "--out", d / "run.pkl"])], cwd=d, capture_output=True)
+    assert ckpt.exists()
+    return ckpt
+
+
 def crafted_checkpoint(src, dst, change):
     """`src` with its JSON header changed by `change` and the SHA-256 made right again."""
     data = src.read_bytes()
@@ -213,8 +223,9 @@ def case_export_to_device(d):
 
 def case_diverged_run_keeps_out(d):
     out, _ = small_run(d)
-    return [out], lowmem("train", "--limit", 300, "--epochs", 1, "--out", out, "--weight-decay", "1e300",
-                         "--checkpoint", d / "div.ckpt"), None
+    # --weight-decay 1e300 is refused up front now; this one diverges in epoch 2
+    return [out], lowmem("train", "--limit", 300, "--epochs", 2, "--out", out, "--optimizer", "sgd",
+                         "--lr", 1, "--weight-decay", 1000, "--checkpoint", d / "div.ckpt"), None
 
 
 def case_threads_1000(d):
@@ -355,9 +366,9 @@ def case_config_units_7(d):
 
 
 def case_resume_ignores_options(d):
-    _, ckpt = small_run(d)
+    ckpt = stopped_run(d)
     # more epochs extend the run; another learning rate, augmentation or network contradict it
-    return [ckpt], lowmem("train", "--resume", "--checkpoint", ckpt, "--out", d / "run.pkl", "--epochs", 2,
+    return [ckpt], lowmem("train", "--resume", "--checkpoint", ckpt, "--epochs", 3,
                           "--lr", "0.5", "--augment", "flip", "--config", "deep_convnet"), None
 
 
@@ -367,10 +378,9 @@ def case_val_split_nan(d):
 
 
 def case_resume_mnist_with_folder(d):
-    _, ckpt = small_run(d)
+    ckpt = stopped_run(d)
     root = folder(d, "PNG", "png")
-    return [ckpt], lowmem("train", "--resume", "--checkpoint", ckpt, "--data-dir", root,
-                          "--out", d / "run.pkl"), None
+    return [ckpt], lowmem("train", "--resume", "--checkpoint", ckpt, "--data-dir", root), None
 
 
 def case_idx_zero_training_images(d):

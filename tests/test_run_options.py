@@ -197,6 +197,28 @@ def test_resume_of_an_mnist_run_on_a_folder_is_one_line(stopped_run, mnist_dir):
     assert files_in(stopped_run) == before
 
 
+def test_a_checkpoint_writes_its_parameters_only_where_the_user_works(stopped_run, mnist_dir,
+                                                                      tmp_path_factory):
+    """A shared checkpoint names its run's --out: one outside the current folder and the
+    checkpoint's is not written unless the user gives --out."""
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    victim = elsewhere / "good.pkl"
+    victim.write_bytes(b"the user's own file")
+    checkpoint = stopped_run / "params.pkl.ckpt"
+    meta, arrays = read_checkpoint(checkpoint)
+    meta["run"]["out"] = str(victim)
+    write_checkpoint(checkpoint, meta, arrays)
+    before = files_in(stopped_run)
+    done = run_lowmem("train", "--resume", "--data-dir", mnist_dir, cwd=stopped_run)
+    assert done.returncode == 1
+    assert f"saves its parameters to {victim}, outside this folder" in one_error_line(done)
+    assert victim.read_bytes() == b"the user's own file" and files_in(stopped_run) == before
+    done = run_lowmem("train", "--resume", "--out", "mine.pkl", "--data-dir", mnist_dir, cwd=stopped_run)
+    assert done.returncode == 0, done.stderr
+    assert f"--resume: saving to mine.pkl (the checkpoint's run named {victim})" in done.stderr
+    assert (stopped_run / "mine.pkl").exists() and victim.read_bytes() == b"the user's own file"
+
+
 def recorded_settings(**changes):
     return Settings("simple_convnet", "float32", 3, 100, 0.001, "adam", **changes)
 

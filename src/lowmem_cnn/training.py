@@ -707,6 +707,8 @@ def resume(checkpointing: Checkpointing, max_ram: int | None, data, report=lambd
         if meta.get("finished"):
             raise AlreadyFinished(settings)
         apply_given(settings, given or {}, report)
+        if "out" not in (given or {}):
+            _check_recorded_out(settings.out, checkpointing.path)
         if settings.classes is None and data.is_folder():  # told before anything is opened
             from lowmem_cnn.data import data_directory
 
@@ -739,6 +741,16 @@ def resume(checkpointing: Checkpointing, max_ram: int | None, data, report=lambd
         return _build(settings, checkpointing, open_data, report, locks, picture, meta, arrays)
 
 
+def _check_recorded_out(out: str, checkpoint: Path):
+    """A checkpoint is shared like a parameter file, so the parameter file it names is
+    written only where the user works: below the current folder or the checkpoint's."""
+    target = Path(out).resolve()
+    if not any(target.is_relative_to(place) for place in (Path.cwd().resolve(),
+                                                          Path(checkpoint).resolve().parent)):
+        raise LowmemError(f"{checkpoint}: its run saves its parameters to {out}, outside this "
+                          "folder and the checkpoint's: give --out to say where")
+
+
 # What `given` (resume) may hold besides the declared options: the settings of the data
 # a folder is read with, which a run on IDX files does not have (as a new run ignores them).
 _FOLDER_SETTINGS = ("test_fraction", "image_size")
@@ -761,8 +773,12 @@ def apply_given(settings: Settings, given: dict, report=lambda text: None):
                     ) if name == "image_size" else getattr(settings, name)
         if recorded is None and name in _FOLDER_SETTINGS:
             continue  # a run on IDX files: as a new run, it has no use for them
-        same = Path(value) == Path(recorded) if name == "out" else value == recorded
-        if same:
+        if name == "out":  # where the parameters go is the user's to say, not the run's
+            if Path(value) != Path(recorded):
+                report(f"--resume: saving to {value} (the checkpoint's run named {recorded})")
+                settings.out = value
+            continue
+        if value == recorded:
             continue
         option = OPTIONS.get(name)
         if option and option.extends and value > recorded and settings.lr_schedule == "constant":
