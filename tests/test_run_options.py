@@ -213,9 +213,10 @@ def test_a_checkpoint_writes_its_parameters_only_where_the_user_works(stopped_ru
     assert done.returncode == 1
     assert f"saves its parameters to {victim}, outside this folder" in one_error_line(done)
     assert victim.read_bytes() == b"the user's own file" and files_in(stopped_run) == before
-    done = run_lowmem("train", "--resume", "--out", "mine.pkl", "--data-dir", mnist_dir, cwd=stopped_run)
+    done = run_lowmem("train", "--resume", "--checkpoint", checkpoint, "--out", "mine.pkl",
+                      "--data-dir", mnist_dir, cwd=stopped_run)
     assert done.returncode == 0, done.stderr
-    assert f"--resume: saving to mine.pkl (the checkpoint's run named {victim})" in done.stderr
+    assert f"--resume: saving to mine.pkl (the checkpoint's run named {victim})" in done.stdout
     assert (stopped_run / "mine.pkl").exists() and victim.read_bytes() == b"the user's own file"
 
 
