@@ -1,6 +1,5 @@
 """Network and training settings from a TOML file in configs/ (or any path)."""
 
-import difflib
 import math
 import os
 import re
@@ -177,7 +176,7 @@ def _refuse_unknown(where: str, table: dict, known):
     (a typo such as strid is refused, not trained as a layer of stride 1)."""
     for key in table:
         if key not in known:
-            near = difflib.get_close_matches(key, known, n=1)
+            near = _nearest(key, known)
             hint = f": did you mean {near[0]}?" if near else ""
             raise ValueError(f"{where} has no {shown_name(key)}{hint} (it takes "
                              f"{', '.join(known) or 'no setting'})")
@@ -208,7 +207,7 @@ def _network(data: dict, source: str) -> NetworkConfig:
             raise ValueError(f"layer {number} is not a table ([[network.layers]])")
         kind = layer.get("type")
         if not isinstance(kind, str) or kind not in LAYER_SETTINGS:
-            near = difflib.get_close_matches(kind, LAYER_SETTINGS, n=1) if isinstance(kind, str) else []
+            near = _nearest(kind, LAYER_SETTINGS) if isinstance(kind, str) else []
             raise ValueError(f"layer {number} ({shown_name(kind)}): unknown layer type"
                              f"{f': did you mean {near[0]}?' if near else ''} "
                              f"({', '.join(LAYER_SETTINGS)})")
@@ -240,6 +239,13 @@ MAX_CHANNELS = 64
 MAX_CLASSES = 256  # as folders.MAX_CLASSES: labels are one byte
 MAX_CLASS_NAME = 255  # a folder name's length on the usual filesystems
 MAX_NAME = 100
+
+
+def _nearest(word: str, known) -> list:
+    """The known word a typo most likely meant (`strid`: stride), if any."""
+    import difflib  # only when a key is unknown
+
+    return difflib.get_close_matches(word, known, n=1)
 
 
 def shown(value, most: int = 40) -> str:

@@ -11,7 +11,6 @@ import json
 import math
 import os
 import pickle
-import pickletools
 import re
 import struct
 from pathlib import Path
@@ -254,7 +253,7 @@ class _PickleMachine:
             code = self.take(1)[0]
             op = _OPS.get(code)
             if op is None:
-                known = _KNOWN_OPS.get(code)
+                known = _known_op(code)
                 if known:
                     raise _Refused(f"it uses the pickle instruction {known}, which a parameter "
                                    "file never needs (refused: a pickle can run code)")
@@ -348,7 +347,11 @@ _OPS = {code[0]: handler for code, handler in {
     b"\x87": _tuple(3), b"R": _reduce, b"b": _build,
     b"\x89": lambda m: m.push(False), b"\x88": lambda m: m.push(True), b"N": lambda m: m.push(None),
 }.items()}
-_KNOWN_OPS = {op.code.encode("latin-1")[0]: op.name for op in pickletools.opcodes}
+def _known_op(code: int) -> str | None:
+    """The name of a pickle instruction this reader does not carry out, if it is one."""
+    import pickletools  # only to name what is refused
+
+    return next((op.name for op in pickletools.opcodes if op.code.encode("latin-1")[0] == code), None)
 
 
 def read_params(path: Path, max_bytes: int) -> dict:
