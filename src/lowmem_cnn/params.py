@@ -109,6 +109,15 @@ class _PickleMachine:
             ("collections", "OrderedDict"): self._ordered_dict,
         }
 
+    def forget(self):
+        """Let go of everything but the arrays made: its memo holds _Arrays, which hold
+        it, a cycle that would keep the file's bytes (a first read that is only looked
+        at, network_for's) until the next garbage collection."""
+        self.stack.clear()
+        self.memo.clear()
+        self.used.clear()
+        self.marks.clear()
+
     # the stand-ins for what the file names
 
     def _reconstruct(self, subtype, shape, typecode):
@@ -379,12 +388,15 @@ def _read_pickle(path: Path, max_bytes: int) -> tuple[dict, str]:
     if not data:
         raise LowmemError(f"{path}: empty file, not a parameter file")
     digest = hashlib.sha256(data).hexdigest()  # before arrays are turned to native order
+    machine = _PickleMachine(data)
     try:
-        params = _PickleMachine(data).run()
+        params = machine.run()
     except _Refused as err:
         raise LowmemError(f"{path}: not a usable parameter file: {err}") from None
     except (_Damaged, ValueError, struct.error) as err:  # UnicodeDecodeError is a ValueError
         raise LowmemError(f"{path}: not a parameter file, or a damaged one ({err})") from None
+    finally:
+        machine.forget()
     if not isinstance(params, dict):
         raise LowmemError(f"{path}: holds a {type(params).__name__}, not a dict of arrays")
     for key, value in params.items():

@@ -147,8 +147,9 @@ def work_bytes(network, work: Work) -> int:
 
 def plan_work(network, work: Work, budget: int, baseline: int | None = None) -> Plan:
     """The plan of `work` on `network` under `budget` (bytes), or BudgetError naming the
-    least budget it needs. Computes only. `baseline`: the process's resident bytes at
-    rest with the network made (measured here unless given)."""
+    least budget it needs; the plan is handed to what runs it. `baseline`: the
+    process's resident bytes at rest with the network made (measured here unless given,
+    which runs two images through the network: measure_baseline)."""
     if baseline is None:
         baseline = measure_baseline(network, work.train)
     fixed = work_bytes(network, work)
@@ -242,7 +243,7 @@ def make_plan(network, budget: int, baseline: int, train: bool, batch_size: int,
     (not the count an earlier plan applied): under a tight budget, one thread with large
     micro-batches beats two with tiny ones (measured at 64M: 15.5 s an epoch against
     25.7 s). A training plan also makes room for the evaluations between epochs unless
-    `evaluations` is False. Computes only: the plan is handed to what runs it."""
+    `evaluations` is False. It runs nothing: the plan is handed to what runs it."""
     best, best_speed, refusal = None, 0.0, None
     for threads in range(network.max_threads, 0, -1):
         try:

@@ -76,37 +76,33 @@ class RunOption:
         return value
 
 
-def _option(name, kind, help, **details) -> RunOption:
-    return RunOption(name, kind, help, **details)
-
-
 RUN_OPTIONS = (
-    _option("epochs", int, "Passes over the training data.", default=20, low=1, high=MAX_EPOCHS,
+    RunOption("epochs", int, "Passes over the training data.", default=20, low=1, high=MAX_EPOCHS,
             in_config=True, extends=True),
-    _option("batch_size", int, "Images per update (at most the number of training images).",
+    RunOption("batch_size", int, "Images per update (at most the number of training images).",
             default=100, low=1, high=10**9, in_config=True),
-    _option("lr", float, "Learning rate.", default=0.001, low=0, low_open=True, high=1e6,
+    RunOption("lr", float, "Learning rate.", default=0.001, low=0, low_open=True, high=1e6,
             in_config=True),
-    _option("optimizer", str, "", default="adam", choices=tuple(OPTIMIZERS), in_config=True),
-    _option("seed", int, "Seed of the initial weights and the shuffling.", default=0, low=0,
+    RunOption("optimizer", str, "", default="adam", choices=tuple(OPTIMIZERS), in_config=True),
+    RunOption("seed", int, "Seed of the initial weights and the shuffling.", default=0, low=0,
             high=2**32 - 1),
-    _option("augment", str, "Change the training pictures a little each time: flip (mirror "
+    RunOption("augment", str, "Change the training pictures a little each time: flip (mirror "
             "left to right), crop:P (pad P pixels, crop back: moves by up to P), e.g. "
             "flip,crop:4; none.", default="none", metavar="LIST", in_config=True, described=True),
-    _option("weight_decay", float, "The book's L2 weight decay: LAMBDA/2 * sum of W^2 added to "
+    RunOption("weight_decay", float, "The book's L2 weight decay: LAMBDA/2 * sum of W^2 added to "
             "the loss (the weights, not biases or gamma/beta).", default=0.0, low=0, high=1e6,
             metavar="LAMBDA", in_config=True, described=True),
-    _option("lr_schedule", str, "constant; cosine: down to 0 along half a cosine after "
+    RunOption("lr_schedule", str, "constant; cosine: down to 0 along half a cosine after "
             "--warmup; step: /10 at half and three quarters of the epochs.", default="constant",
             choices=SCHEDULES, in_config=True, described=True),
-    _option("warmup", float, "With --lr-schedule cosine: epochs of a linear rise first.",
+    RunOption("warmup", float, "With --lr-schedule cosine: epochs of a linear rise first.",
             default=0.0, low=0, high=MAX_EPOCHS, metavar="EPOCHS", in_config=True, described=True),
-    _option("val_split", float, "Hold out this share of the training images (chosen by --seed, "
+    RunOption("val_split", float, "Hold out this share of the training images (chosen by --seed, "
             "the same every run) and measure validation accuracy after each epoch; 0: none.",
             default=0.0, low=0, high=1, high_open=True, described=True),
-    _option("keep", str, "Save the last epoch's parameters, or those of the epoch with the best "
+    RunOption("keep", str, "Save the last epoch's parameters, or those of the epoch with the best "
             "validation accuracy (needs --val-split).", default="last", choices=("last", "best")),
-    _option("patience", int, "Stop after N epochs without a better validation accuracy (needs "
+    RunOption("patience", int, "Stop after N epochs without a better validation accuracy (needs "
             "--val-split).", low=1, high=MAX_EPOCHS, metavar="N"),
 )
 OPTIONS = {option.name: option for option in RUN_OPTIONS}
