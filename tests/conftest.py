@@ -187,3 +187,13 @@ def run_python(*args, cwd=None, timeout=600, env=None) -> Finished:
 
 def run_lowmem(*args, cwd=None, timeout=600, env=None) -> Finished:
     return run_python("-m", "lowmem_cnn", *args, cwd=cwd, timeout=timeout, env=env)
+
+
+def refusal_line(stderr: str) -> str:
+    """The one error line of a run refused at once: no traceback, and beside the
+    error only the lines a run tells before it (its budget, its data)."""
+    lines = stderr.strip().splitlines()
+    assert "Traceback" not in stderr, stderr
+    assert lines and lines[-1].startswith("Error: "), stderr
+    assert all(line.startswith(("budget:", "data:")) for line in lines[:-1]), stderr
+    return lines[-1]

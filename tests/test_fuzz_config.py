@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from conftest import run_lowmem
+from conftest import refusal_line, run_lowmem
 from idx_files import write_dataset
 from lowmem_cnn.config import describe_network, load_config, network_from_description, shipped_configs
 from lowmem_cnn.errors import LowmemError
@@ -174,16 +174,6 @@ def test_a_shipped_name_is_never_a_path():
         load_config("../configs/simple_convnet", shipped_only=True)
 
 
-def _stderr_error(stderr: str) -> str:
-    """The one error line of a run refused at once: no traceback, and beside the
-    error only the lines a run tells before it (its budget, its data)."""
-    lines = stderr.strip().splitlines()
-    assert "Traceback" not in stderr, stderr
-    assert lines and lines[-1].startswith("Error: "), stderr
-    assert all(line.startswith(("budget:", "data:")) for line in lines[:-1]), stderr
-    return lines[-1]
-
-
 @pytest.mark.parametrize("case, message", [
     ("/dev/zero", "not a regular file"), ("deep", "nests deeper"), ("binary", "not UTF-8"),
     ("units", "units = 7"), ("strid", "did you mean stride"),
@@ -201,6 +191,6 @@ def test_train_refuses_a_bad_config_in_one_line_within_its_budget(tmp_path, case
     run = run_lowmem("train", "--config", config, "--max-ram", "256M", "--epochs", "1",
                      "--data-dir", data, "--out", tmp_path / "p.pkl", cwd=tmp_path)
     assert run.returncode == 1
-    assert message in _stderr_error(run.stderr)
+    assert message in refusal_line(run.stderr)
     assert run.peak_rss < 256 * 2**20
     assert not (tmp_path / "p.pkl").exists()

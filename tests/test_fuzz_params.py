@@ -28,7 +28,8 @@ from conftest import DEEP_PARAMS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_fuzz_checkpoint import (BUDGET, EXTREMES, MEMORY_SLACK, TINY_CONFIG, Made,
-                                  assert_one_line_refusal, replace, run_child, some_node)
+                                  assert_one_line_refusal, flip_bit, replace, run_child,
+                                  some_node, truncate)
 
 from lowmem_cnn.config import load_config
 from lowmem_cnn.errors import LowmemError
@@ -102,15 +103,6 @@ def assert_same_arrays(found: dict, expected: dict):
 
 
 # --- pickles ---------------------------------------------------------------------------
-
-def flip_bit(rnd, data):
-    at = rnd.randrange(len(data))
-    return data[:at] + bytes([data[at] ^ (1 << rnd.randrange(8))]) + data[at + 1 :]
-
-
-def truncate(rnd, data):
-    return data[: rnd.randrange(len(data))]
-
 
 def spliced(rnd, data):
     """A few bytes deleted, or inserted from elsewhere in the file."""

@@ -19,14 +19,13 @@ import hashlib
 import json
 import math
 import os
-import stat
 import struct
 from pathlib import Path
 
 import numpy as np
 
-from lowmem_cnn.config import MAX_CHANNELS, MAX_CLASS_NAME, MAX_CLASSES, MAX_LAYERS, MAX_WHOLE, \
-    shown, shown_name
+from lowmem_cnn.config import MAX_LAYERS, checked_classes, checked_input_shape, shown, shown_name
+from lowmem_cnn.datasets import open_regular
 from lowmem_cnn.errors import LowmemError
 from lowmem_cnn.files import atomic_write
 from lowmem_cnn.reading import parse_json
@@ -107,16 +106,10 @@ def read_checkpoint(path: Path) -> tuple[dict, dict]:
     its header: the arrays' dtypes, shapes and places in the file, before any is made.
     Arrays of the other byte order are read as native ones."""
     path = Path(path)
+    if not os.path.exists(path):
+        raise LowmemError(f"{path}: no checkpoint there (train without --resume to start a run)")
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the open
-            raise LowmemError(f"{path}: not a regular file, so not a checkpoint")
-        f = open(path, "rb")
-    except FileNotFoundError:
-        raise LowmemError(f"{path}: no checkpoint there (train without --resume to start a run)") from None
-    except OSError as err:
-        raise LowmemError(f"{path}: cannot read checkpoint ({err.strerror})") from None
-    try:
-        with f:
+        with open_regular(path, "a checkpoint") as f:
             return _read(f, path)
     except OSError as err:
         raise LowmemError(f"{path}: cannot read checkpoint ({err.strerror})") from None
@@ -225,14 +218,15 @@ def _optional(check):
     return lambda value: value is None or check(value)
 
 
-def _input_shape(value) -> bool:
-    return (isinstance(value, list) and len(value) == 3 and _whole(value[0], 1, MAX_CHANNELS)
-            and all(_whole(side, 1, MAX_WHOLE) for side in value[1:]))
-
-
-def _classes(value) -> bool:
-    return (isinstance(value, list) and 2 <= len(value) <= MAX_CLASSES
-            and all(_text(name, MAX_CLASS_NAME) for name in value) and len(set(value)) == len(value))
+def _passes(check):
+    """A test that `check` (one of config's, raising ValueError) lets a value through."""
+    def passes(value) -> bool:
+        try:
+            check(value)
+        except ValueError:
+            return False
+        return True
+    return passes
 
 
 MAX_THREADS = 1024  # a Network holds one workspace per thread
@@ -246,7 +240,8 @@ def _run_fields() -> dict:
         "limit": _optional(lambda v: _whole(v, 1, _COUNT)), "out": _text,
         "max_ram": lambda v: _whole(v, 0, 2**63), "threads": lambda v: _whole(v, 1, MAX_THREADS),
         "train_images": _optional(lambda v: _whole(v, 1, _COUNT)), "data": _optional(_text),
-        "input_shape": _optional(_input_shape), "classes": _optional(_classes),
+        "input_shape": _optional(_passes(checked_input_shape)),
+        "classes": _optional(_passes(checked_classes)),
         "test_fraction": _optional(lambda v: _number(v, 0, 1)), "strict": lambda v: isinstance(v, bool),
         "split_seed": _optional(lambda v: _whole(v, 0, 2**32 - 1)),
         "network": _optional(lambda v: isinstance(v, dict)),  # checked as a description when built

@@ -192,12 +192,7 @@ def _network(data: dict, source: str) -> NetworkConfig:
     name = net.get("name", source)  # without one, the config's path or name
     if "name" in net and (not isinstance(name, str) or not name or not name.isprintable()):
         raise ValueError(f"name = {shown(name)} is not a printable text")
-    shape = net.get("input_shape")
-    if (not isinstance(shape, list) or len(shape) != 3
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in shape)
-            or not 1 <= shape[0] <= MAX_CHANNELS or not all(1 <= v <= MAX_WHOLE for v in shape[1:])):
-        raise ValueError(f"input_shape = {shown(shape)} is not [channels, height, width] (at most "
-                         f"{MAX_CHANNELS} channels, sides of 1 to {MAX_WHOLE:,})")
+    shape = checked_input_shape(net.get("input_shape"))
     layers = net.get("layers")
     if not isinstance(layers, list) or not 1 <= len(layers) <= MAX_LAYERS:
         raise ValueError(f"[network] layers is not a list of 1 to {MAX_LAYERS} layers "
@@ -211,14 +206,8 @@ def _network(data: dict, source: str) -> NetworkConfig:
             raise ValueError(f"layer {number} ({shown_name(kind)}): unknown layer type"
                              f"{f': did you mean {near[0]}?' if near else ''} "
                              f"({', '.join(LAYER_SETTINGS)})")
-        settings = LAYER_SETTINGS[kind]
-        _refuse_unknown(f"layer {number} ({kind})", layer, ("type", *settings))
-        for key, value in layer.items():
-            if key != "type":
-                _check_setting(number, kind, key, value, MAX_WHOLE)
-        missing = [key for key, default in settings.items() if default is REQUIRED and key not in layer]
-        if missing:
-            raise ValueError(f"layer {number} ({kind}): missing {', '.join(missing)}")
+        _refuse_unknown(f"layer {number} ({kind})", layer, ("type", *LAYER_SETTINGS[kind]))
+        _check_layer_values(number, kind, layer)
     init = net.get("weight_init", 0.01)
     if init != "he" and not (isinstance(init, (int, float)) and not isinstance(init, bool)
                              and 0 < init < math.inf):
@@ -271,6 +260,44 @@ def _check_setting(number, kind, key, value, most=None):
                          "whole number" + (f" up to {most:,}" if most else ""))
 
 
+def checked_input_shape(shape) -> list:
+    """A network's input shape (a config's, a description's, a checkpoint's):
+    [channels, height, width], bounded."""
+    if (not isinstance(shape, list) or len(shape) != 3
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in shape)
+            or not 1 <= shape[0] <= MAX_CHANNELS or not all(1 <= v <= MAX_WHOLE for v in shape[1:])):
+        raise ValueError(f"input_shape = {shown(shape)} is not [channels, height, width] (at most "
+                         f"{MAX_CHANNELS} channels, sides of 1 to {MAX_WHOLE:,})")
+    return shape
+
+
+def checked_classes(classes) -> list:
+    """A network's class names (a description's, a checkpoint's): 2 to MAX_CLASSES
+    printable names, none twice."""
+    if not isinstance(classes, list) or not 2 <= len(classes) <= MAX_CLASSES:
+        raise ValueError(f"classes is not null or a list of 2 to {MAX_CLASSES} names")
+    for label in classes:
+        if (not isinstance(label, str) or not 1 <= len(label) <= MAX_CLASS_NAME
+                or not label.isprintable()):
+            raise ValueError(f"class {shown(label)} is not a printable name of 1 to "
+                             f"{MAX_CLASS_NAME} characters")
+    if len(set(classes)) != len(classes):
+        raise ValueError("classes names a class twice")
+    return classes
+
+
+def _check_layer_values(number, kind, layer: dict):
+    """The values of a layer of a known type whose keys are its own: each setting
+    bounded (_check_setting), none that it needs missing."""
+    for key, value in layer.items():
+        if key != "type":
+            _check_setting(number, kind, key, value, MAX_WHOLE)
+    missing = [key for key, default in LAYER_SETTINGS[kind].items()
+               if default is REQUIRED and key not in layer]
+    if missing:
+        raise ValueError(f"layer {number} ({kind}): missing {', '.join(missing)}")
+
+
 def canonical_layers(layers) -> list:
     """Each layer with all its settings, defaults filled in, in one order: two configs of
     the same network say the same. A layer of unknown type stays as it is (building the
@@ -312,12 +339,7 @@ def network_from_description(data) -> NetworkConfig:
     name = data.get("name")
     if not isinstance(name, str) or not 1 <= len(name) <= MAX_NAME or not name.isprintable():
         raise ValueError(f"name {shown(name)} is not a printable text of 1 to {MAX_NAME} characters")
-    shape = data.get("input_shape")
-    if (not isinstance(shape, list) or len(shape) != 3
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in shape)
-            or not 1 <= shape[0] <= MAX_CHANNELS or not all(1 <= v <= MAX_WHOLE for v in shape[1:])):
-        raise ValueError(f"input_shape {shown(shape)} is not [channels, height, width] (at most "
-                         f"{MAX_CHANNELS} channels, sides of 1 to {MAX_WHOLE:,})")
+    shape = checked_input_shape(data.get("input_shape"))
     layers = data.get("layers")
     if not isinstance(layers, list) or not 1 <= len(layers) <= MAX_LAYERS:
         raise ValueError(f"layers is not a list of 1 to {MAX_LAYERS} layers")
@@ -326,26 +348,14 @@ def network_from_description(data) -> NetworkConfig:
         if not isinstance(kind, str) or kind not in LAYER_SETTINGS:
             raise ValueError(f"layer {number}: not a layer of type {', '.join(LAYER_SETTINGS)}")
         settings = LAYER_SETTINGS[kind]
-        for key, value in layer.items():
-            if key != "type" and key not in settings:
-                raise ValueError(f"layer {number} ({kind}): no setting {shown_name(key)} (it takes "
-                                 f"{', '.join(settings) or 'none'})")
-            if key != "type":
-                _check_setting(number, kind, key, value, MAX_WHOLE)
-        missing = [key for key, default in settings.items() if default is REQUIRED and key not in layer]
-        if missing:
-            raise ValueError(f"layer {number} ({kind}): missing {', '.join(missing)}")
+        unknown = [key for key in layer if key != "type" and key not in settings]
+        if unknown:
+            raise ValueError(f"layer {number} ({kind}): no setting {shown_name(unknown[0])} (it takes "
+                             f"{', '.join(settings) or 'none'})")
+        _check_layer_values(number, kind, layer)
     classes = data.get("classes")
     if classes is not None:
-        if not isinstance(classes, list) or not 2 <= len(classes) <= MAX_CLASSES:
-            raise ValueError(f"classes is not null or a list of 2 to {MAX_CLASSES} names")
-        for label in classes:
-            if (not isinstance(label, str) or not 1 <= len(label) <= MAX_CLASS_NAME
-                    or not label.isprintable()):
-                raise ValueError(f"class {shown(label)} is not a printable name of 1 to "
-                                 f"{MAX_CLASS_NAME} characters")
-        if len(set(classes)) != len(classes):
-            raise ValueError("classes names a class twice")
+        checked_classes(classes)
     # the weights' initialisation is not described: they come from the parameter file
     return NetworkConfig(name, tuple(shape), tuple(dict(layer) for layer in layers), "he",
                          None if classes is None else tuple(classes))

@@ -7,10 +7,10 @@ JSON text is parsed only once its brackets are known not to nest deeper than its
 import json
 import os
 import re
-import stat
 from pathlib import Path
 
 from lowmem_cnn.config import shown
+from lowmem_cnn.datasets import open_regular
 from lowmem_cnn.errors import LowmemError
 
 _STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
@@ -29,35 +29,24 @@ def read_small_regular_file(path: Path, limit: int, what: str) -> bytes | None:
 def read_regular_file(path: Path, limit: int, what: str) -> bytearray | None:
     """read_small_regular_file's bytes, in a bytearray of the file's size: what a reader
     that keeps views of the bytes (and may change them in place) takes."""
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) \
-        | getattr(os, "O_CLOEXEC", 0)
-    try:
-        kind = os.stat(path).st_mode
-        if not stat.S_ISREG(kind):  # not even opened
-            raise LowmemError(f"{path}: not a regular file, so not {what}")
-        fd = os.open(path, flags)
-    except FileNotFoundError:
+    if not os.path.exists(path):
         if os.path.lexists(path):
-            raise LowmemError(f"{path}: a link to nothing, not {what}") from None
+            raise LowmemError(f"{path}: a link to nothing, not {what}")
         return None
-    except OSError as err:
-        raise LowmemError(f"{path}: cannot read ({err.strerror})") from None
-    with open(fd, "rb", buffering=0) as f:
+    with open_regular(path, what, buffering=0) as f:
         try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):  # replaced since the stat
-                raise LowmemError(f"{path}: not a regular file, so not {what}")
-            if st.st_size > limit:
-                raise LowmemError(f"{path}: {st.st_size:,} bytes, more than {what} ever holds ({limit:,})")
-            data = bytearray(st.st_size)
-            view, size = memoryview(data), 0
-            while size < len(data):
-                count = f.readinto(view[size:])
+            size = os.fstat(f.fileno()).st_size
+            if size > limit:
+                raise LowmemError(f"{path}: {size:,} bytes, more than {what} ever holds ({limit:,})")
+            data = bytearray(size)
+            view, got = memoryview(data), 0
+            while got < len(data):
+                count = f.readinto(view[got:])
                 if not count:
                     break
-                size += count
+                got += count
             view.release()
-            if size < len(data) or f.read(1):  # changed while read
+            if got < len(data) or f.read(1):  # changed while read
                 raise LowmemError(f"{path}: it changed while it was read; try again")
             return data
         except OSError as err:

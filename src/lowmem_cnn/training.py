@@ -21,7 +21,7 @@ import numpy as np
 from lowmem_cnn.augment import NO_AUGMENTATION, Augmentation
 from lowmem_cnn.errors import LowmemError
 from lowmem_cnn.planner import EVAL_READ, MNIST_TRAIN_IMAGES, Work
-from lowmem_cnn.run_options import OPTIONS, check_settings
+from lowmem_cnn.run_options import OPTIONS
 from lowmem_cnn.schedule import Schedule
 
 # Train accuracy after each epoch is measured on this many training images (the first ones).
@@ -679,27 +679,15 @@ def resume(checkpointing: Checkpointing, max_ram: int | None, data, report=lambd
     folder is read as the run began): (TrainingRun, data set). Raises AlreadyFinished
     for a run that is over. `given`: the settings the user gave again (see
     apply_given): the same as recorded, or more epochs."""
-    from lowmem_cnn.budget import format_size
+    from lowmem_cnn.budget import check_threads, format_size
     from lowmem_cnn.checkpoint import check_run_meta, read_checkpoint
     from lowmem_cnn.locks import RunLock, released_on_error
 
     with released_on_error() as locks:
         locks.append(RunLock(checkpointing.path, "checkpoint"))
         meta, arrays = read_checkpoint(checkpointing.path)
-        check_run_meta(checkpointing.path, meta)
-        recorded = meta.get("run")
-        if not isinstance(recorded, dict):
-            raise LowmemError(f"{checkpointing.path}: not a training checkpoint")
-        try:
-            settings = Settings(**recorded)
-        except TypeError as err:
-            raise LowmemError(f"{checkpointing.path}: not a checkpoint of this lowmem-cnn ({err})") from None
-        try:
-            check_settings(recorded)
-        except ValueError as err:
-            raise LowmemError(f"{checkpointing.path}: its settings: {err}") from None
-        from lowmem_cnn.budget import check_threads
-
+        check_run_meta(checkpointing.path, meta)  # its run's fields are Settings', checked
+        settings = Settings(**meta["run"])
         # before the network makes a workspace and gradients for each (its arithmetic
         # needs all of them: resume it where there are as many cores)
         check_threads(settings.threads, f"{checkpointing.path}: this run was started with --threads",
