@@ -36,13 +36,13 @@ sys.path.insert(0, str(HERE.parent / "src"))
 import numpy as np  # noqa: E402
 
 from lowmem_cnn import default_threads  # noqa: E402
-from lowmem_cnn.augment import Augmentation  # noqa: E402
-from lowmem_cnn.budget import map_large_arrays, parse_size  # noqa: E402
-from lowmem_cnn.config import load_config  # noqa: E402
-from lowmem_cnn.data import open_directory  # noqa: E402
-from lowmem_cnn.model import Network  # noqa: E402
-from lowmem_cnn.planner import check_parameters_fit  # noqa: E402
-from lowmem_cnn.training import training_run  # noqa: E402
+from lowmem_cnn.data.augment import Augmentation  # noqa: E402
+from lowmem_cnn.memory.budget import map_large_arrays, parse_size  # noqa: E402
+from lowmem_cnn.files.config import load_config  # noqa: E402
+from lowmem_cnn.data.idx import open_directory  # noqa: E402
+from lowmem_cnn.engine.model import Network  # noqa: E402
+from lowmem_cnn.memory.planner import check_parameters_fit  # noqa: E402
+from lowmem_cnn.training.run import training_run  # noqa: E402
 
 
 class LowmemRun:

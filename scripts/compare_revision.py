@@ -33,9 +33,9 @@ sys.path.insert(0, str(HERE))
 
 import numpy as np  # noqa: E402
 
-from lowmem_cnn.budget import map_large_arrays, parse_size  # noqa: E402
-from lowmem_cnn.data import open_directory  # noqa: E402
-from lowmem_cnn.planner import make_plan  # noqa: E402
+from lowmem_cnn.memory.budget import map_large_arrays, parse_size  # noqa: E402
+from lowmem_cnn.data.idx import open_directory  # noqa: E402
+from lowmem_cnn.memory.planner import make_plan  # noqa: E402
 from profile_layers import load_revision  # noqa: E402
 
 

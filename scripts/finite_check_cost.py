@@ -11,9 +11,9 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from lowmem_cnn.config import load_config, shipped_configs
-from lowmem_cnn.model import Network
-from lowmem_cnn.training import TrainingRun
+from lowmem_cnn.files.config import load_config, shipped_configs
+from lowmem_cnn.engine.model import Network
+from lowmem_cnn.training.run import TrainingRun
 
 REPEATS = 50  # the fastest of this many is reported
 

@@ -15,7 +15,7 @@ import struct
 
 import numpy as np
 
-from lowmem_cnn.data import open_directory
+from lowmem_cnn.data.idx import open_directory
 
 
 def main():

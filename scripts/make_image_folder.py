@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lowmem_cnn.data import open_directory
+from lowmem_cnn.data.idx import open_directory
 
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "bmp": "bmp", "gif": "gif", "pgm": "pgm", "webp": "webp"}
 

@@ -30,10 +30,9 @@ import numpy as np
 
 CHILD = r"""
 import json, sys
-from lowmem_cnn.budget import map_large_arrays
+from lowmem_cnn.memory.budget import map_large_arrays
 map_large_arrays()  # as the command line does
-from lowmem_cnn import imaging
-
+from lowmem_cnn.data import imaging
 def status(field):
     with open("/proc/self/status") as lines:
         for line in lines:
@@ -133,7 +132,7 @@ def measure(path: Path) -> dict:
 
 
 def storage(mode: str) -> int:
-    from lowmem_cnn.imaging import _storage
+    from lowmem_cnn.data.imaging import _storage
 
     return _storage(mode)
 

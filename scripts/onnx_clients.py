@@ -24,9 +24,9 @@ BATCH = 500  # images per call: 500 x 784 floats are 1.5 MiB
 
 
 def reference(model, params, config, directory):
-    from lowmem_cnn.data import DataOptions
-    from lowmem_cnn.params import load_params
-    from lowmem_cnn.planner import chosen_plan
+    from lowmem_cnn.data.idx import DataOptions
+    from lowmem_cnn.files.params import load_params
+    from lowmem_cnn.memory.planner import chosen_plan
     from lowmem_cnn.session import Session
 
     data = DataOptions(Path(os.environ["LOWMEM_CNN_DATA"]))

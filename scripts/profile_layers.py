@@ -38,11 +38,11 @@ sys.path.insert(0, str(HERE.parent / "src"))
 
 import numpy as np  # noqa: E402
 
-from lowmem_cnn.budget import map_large_arrays, parse_size  # noqa: E402
-from lowmem_cnn.config import load_config  # noqa: E402
-from lowmem_cnn.model import Network  # noqa: E402
-from lowmem_cnn.planner import make_plan  # noqa: E402
-from lowmem_cnn.workspace import WHOLE  # noqa: E402
+from lowmem_cnn.memory.budget import map_large_arrays, parse_size  # noqa: E402
+from lowmem_cnn.files.config import load_config  # noqa: E402
+from lowmem_cnn.engine.model import Network  # noqa: E402
+from lowmem_cnn.memory.planner import make_plan  # noqa: E402
+from lowmem_cnn.engine.workspace import WHOLE  # noqa: E402
 
 
 def load_revision(ref: str):
@@ -69,7 +69,7 @@ def load_revision(ref: str):
 def images_and_labels(m):
     directory = os.environ.get("LOWMEM_CNN_DATA")
     if directory:
-        from lowmem_cnn.data import open_directory
+        from lowmem_cnn.data.idx import open_directory
 
         data = open_directory(Path(directory))
         return data.train.images.read_range(0, m), data.train.labels[:m].astype(np.int64)

@@ -34,12 +34,12 @@ sys.path.insert(0, str(HERE.parent / "src"))
 
 import numpy as np  # noqa: E402
 
-from lowmem_cnn.budget import map_large_arrays, parse_size  # noqa: E402
-from lowmem_cnn.config import load_config  # noqa: E402
-from lowmem_cnn.data import open_directory  # noqa: E402
-from lowmem_cnn.model import Network  # noqa: E402
-from lowmem_cnn.planner import Plan, make_plan  # noqa: E402
-from lowmem_cnn.workspace import Context  # noqa: E402
+from lowmem_cnn.memory.budget import map_large_arrays, parse_size  # noqa: E402
+from lowmem_cnn.files.config import load_config  # noqa: E402
+from lowmem_cnn.data.idx import open_directory  # noqa: E402
+from lowmem_cnn.engine.model import Network  # noqa: E402
+from lowmem_cnn.memory.planner import Plan, make_plan  # noqa: E402
+from lowmem_cnn.engine.workspace import Context  # noqa: E402
 
 KINDS = ("alone", "thread partner", "process partner")
 

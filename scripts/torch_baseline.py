@@ -122,7 +122,7 @@ def weight_groups(model, weight_decay):
 
 
 def schedule_rate(kind, lr, epochs, updates_per_epoch, warmup, epoch, update):
-    """lowmem_cnn/schedule.py's Schedule.rate, the same arithmetic."""
+    """lowmem_cnn/training/schedule.py's Schedule.rate, the same arithmetic."""
     if kind == "constant":
         return lr
     if kind == "step":
@@ -138,7 +138,7 @@ def schedule_rate(kind, lr, epochs, updates_per_epoch, warmup, epoch, update):
 
 
 def parse_augment(text):
-    """(flip, crop pixels) of 'flip,crop:2' (lowmem_cnn/augment.py's syntax)."""
+    """(flip, crop pixels) of 'flip,crop:2' (lowmem_cnn/data/augment.py's syntax)."""
     flip, crop = False, 0
     for part in filter(None, (p.strip() for p in (text or "").split(","))):
         name, _, value = part.partition(":")
@@ -152,7 +152,7 @@ def parse_augment(text):
 
 
 def augment(x, flip, crop):
-    """The batch x (n, C, H, W) changed as lowmem_cnn/augment.py changes pictures: each
+    """The batch x (n, C, H, W) changed as lowmem_cnn/data/augment.py changes pictures: each
     mirrored left to right with probability 1/2, then moved by -crop..crop pixels each
     way (padding of `crop` zeros, a random crop of the picture's size), zeros coming in.
     Done on the whole batch at once, as a PyTorch user would on tensors."""

@@ -35,7 +35,7 @@ def unavailable(reason: str):
 
 def user_mnist_cache() -> Path:
     """The directory the CLI downloads MNIST into, for the user who started pytest."""
-    from lowmem_cnn.data import cache_dir  # lazily: lowmem_cnn sets BLAS variables on import
+    from lowmem_cnn.data.idx import cache_dir  # lazily: lowmem_cnn sets BLAS variables on import
 
     with pytest.MonkeyPatch.context() as patch:
         if _USER_XDG_CACHE_HOME is None:
@@ -64,8 +64,8 @@ def find_mnist(cache: Path | None = None, say=None) -> tuple[Path | None, str]:
     cache = user_mnist_cache() if cache is None else cache
     if _holds_mnist(cache):
         return cache, ""
-    from lowmem_cnn.data import download_mnist
-    from lowmem_cnn.errors import LowmemError
+    from lowmem_cnn.data.idx import download_mnist
+    from lowmem_cnn.common.errors import LowmemError
 
     if say:
         say(f"downloading MNIST (11 MB) into {cache}, once, as `lowmem-cnn train` would")

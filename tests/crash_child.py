@@ -19,7 +19,8 @@ import os
 import signal
 import sys
 
-from lowmem_cnn import checkpoint, training
+from lowmem_cnn.files import checkpoint
+from lowmem_cnn.training import run as training
 from lowmem_cnn.cli import main
 
 

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from conftest import run_lowmem
 
-from lowmem_cnn.config import load_config
-from lowmem_cnn.layers import BatchNormalization, Gradients
-from lowmem_cnn.model import Network
-from lowmem_cnn.planner import chosen_plan
-from lowmem_cnn.workspace import Context, Workspace
+from lowmem_cnn.files.config import load_config
+from lowmem_cnn.engine.layers import BatchNormalization, Gradients
+from lowmem_cnn.engine.model import Network
+from lowmem_cnn.memory.planner import chosen_plan
+from lowmem_cnn.engine.workspace import Context, Workspace
 
 EPS = 1e-6
 

@@ -13,10 +13,10 @@ import numpy as np  # first, as the book's scripts do: the BLAS starts its own t
 from threadpoolctl import threadpool_info
 import lowmem_cnn
 from lowmem_cnn import BLAS_SINGLE_THREADED, default_threads
-from lowmem_cnn.config import load_config
-from lowmem_cnn.executor import run_shared
-from lowmem_cnn.model import Network
-from lowmem_cnn.planner import chosen_plan
+from lowmem_cnn.files.config import load_config
+from lowmem_cnn.engine.executor import run_shared
+from lowmem_cnn.engine.model import Network
+from lowmem_cnn.memory.planner import chosen_plan
 
 def blas_threads():
     return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]

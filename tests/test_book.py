@@ -18,9 +18,9 @@ from conftest import DEEP_PARAMS, SIMPLE_PARAMS, _book_file
 from numpy.lib.stride_tricks import sliding_window_view
 
 import lowmem_cnn.book as book
-from lowmem_cnn import book_layout
+from lowmem_cnn.files import book_layout
 from lowmem_cnn.book import DeepConvNet, SimpleConvNet, engine_views, load_mnist
-from lowmem_cnn.errors import LowmemError
+from lowmem_cnn.common.errors import LowmemError
 
 SIMPLE_FILE, DEEP_FILE = SIMPLE_PARAMS, DEEP_PARAMS  # tests/fixtures/book/
 
@@ -516,7 +516,7 @@ def test_the_books_files_give_the_books_predictions(make, path, correct, config,
 PREDICT_ALL = """
 import json, sys
 from lowmem_cnn.book import SimpleConvNet, load_mnist
-from lowmem_cnn.budget import current_rss, peak_rss
+from lowmem_cnn.memory.budget import current_rss, peak_rss
 
 before = current_rss()
 (x_train, t_train), (x_test, t_test) = load_mnist(flatten=False)

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lowmem_cnn import budget
-from lowmem_cnn.budget import (
+from lowmem_cnn.memory import budget
+from lowmem_cnn.memory.budget import (
     ARENA_ADDRESS_SPACE,
     BLAS_BUFFER,
     DEFAULT_SHARE_OF_AVAILABLE,
@@ -20,7 +20,7 @@ from lowmem_cnn.budget import (
     process_limit,
     resolve_budget,
 )
-from lowmem_cnn.errors import LowmemError
+from lowmem_cnn.common.errors import LowmemError
 
 MIB = 2**20
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's rlimit model")
@@ -214,7 +214,7 @@ def test_max_ram_the_limit_cannot_hold_is_refused(rlimits):
 def test_the_real_address_space_limit_is_seen():
     # A child under `ulimit -v 1 GiB`: the limit it reports is the one set, and what it
     # maps is its own VmSize.
-    code = ("from lowmem_cnn.budget import process_limit; import psutil; "
+    code = ("from lowmem_cnn.memory.budget import process_limit; import psutil; "
             "limit = process_limit(1); print(limit.name, limit.limit, limit.mapped, "
             "psutil.Process().memory_info().vms)")
     out = subprocess.run(["bash", "-c", 'ulimit -v 1048576 && exec "$0" -c "$1"', sys.executable, code],

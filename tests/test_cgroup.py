@@ -12,9 +12,9 @@ from types import SimpleNamespace
 import pytest
 from idx_files import write_dataset
 
-from lowmem_cnn import budget
-from lowmem_cnn.budget import CgroupLimit, cgroup_limit, cgroup_room, resolve_budget
-from lowmem_cnn.errors import LowmemError
+from lowmem_cnn.memory import budget
+from lowmem_cnn.memory.budget import CgroupLimit, cgroup_limit, cgroup_room, resolve_budget
+from lowmem_cnn.common.errors import LowmemError
 
 MIB, GIB = 2**20, 2**30
 V1_NO_LIMIT = "9223372036854771712"  # 2**63 less a 4 KiB page

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from idx_files import write_dataset
 
-from lowmem_cnn.checkpoint import read_checkpoint, write_checkpoint
-from lowmem_cnn.errors import LowmemError
-from lowmem_cnn.locks import lock_path
+from lowmem_cnn.files.checkpoint import read_checkpoint, write_checkpoint
+from lowmem_cnn.common.errors import LowmemError
+from lowmem_cnn.common.locks import lock_path
 
 # 1,000 real images, batches of 50: 20 updates an epoch, a checkpoint every 3.
 ARGS = ["train", "--limit", "1000", "--epochs", "2", "--batch-size", "50", "--checkpoint-every", "3",
@@ -264,8 +264,7 @@ def test_a_new_run_does_not_overwrite_an_unfinished_one(tmp_path, mnist_dir):
 
 @pytest.mark.skipif(sys.platform == "win32", reason="Windows keeps lock files (they stay open)")
 def test_a_lock_file_removed_as_its_holder_let_go_is_not_taken_for_the_lock(tmp_path, monkeypatch):
-    from lowmem_cnn import locks
-
+    from lowmem_cnn.common import locks
     guarded = tmp_path / "params.pkl"
     target = lock_path(guarded)
     first = locks.RunLock(guarded, "parameter file")
@@ -302,9 +301,9 @@ def test_a_lock_file_removed_as_its_holder_let_go_is_not_taken_for_the_lock(tmp_
 
 def test_a_refused_start_lets_go_of_the_lock_it_took(tmp_path):
     # the parameter file is in use: start refuses after it has locked the checkpoint
-    from lowmem_cnn import training
-    from lowmem_cnn.data import DataOptions
-    from lowmem_cnn.locks import RunLock
+    from lowmem_cnn.training import run as training
+    from lowmem_cnn.data.idx import DataOptions
+    from lowmem_cnn.common.locks import RunLock
 
     out = tmp_path / "params.pkl"
     held = RunLock(out, "parameter file")
@@ -322,7 +321,7 @@ def test_a_refused_start_lets_go_of_the_lock_it_took(tmp_path):
 def test_checkpoint_of_another_format_version_is_refused(tmp_path):
     import struct
 
-    from lowmem_cnn.checkpoint import MAGIC, VERSION, read_checkpoint, write_checkpoint
+    from lowmem_cnn.files.checkpoint import MAGIC, VERSION, read_checkpoint, write_checkpoint
 
     path = tmp_path / "old.ckpt"
     write_checkpoint(path, {"run": {}}, {"x": np.zeros(3)})

@@ -11,13 +11,13 @@ import pytest
 from click.testing import CliRunner
 
 from lowmem_cnn.cli import main
-from lowmem_cnn.config import load_config
-from lowmem_cnn.errors import LowmemError
-from lowmem_cnn.layers import Dropout
-from lowmem_cnn.model import Network
-from lowmem_cnn.planner import chosen_plan
-from lowmem_cnn.workspace import Context, Workspace
-from lowmem_cnn.params import read_params
+from lowmem_cnn.files.config import load_config
+from lowmem_cnn.common.errors import LowmemError
+from lowmem_cnn.engine.layers import Dropout
+from lowmem_cnn.engine.model import Network
+from lowmem_cnn.memory.planner import chosen_plan
+from lowmem_cnn.engine.workspace import Context, Workspace
+from lowmem_cnn.files.params import read_params
 
 from conftest import run_lowmem
 
@@ -189,7 +189,7 @@ def drawn_memory_plot(rows, tmp_path, monkeypatch):
 
 
 def test_memory_plot_draws_no_bars_for_layers_without_columns(tmp_path, monkeypatch):
-    from lowmem_cnn.planner import make_plan
+    from lowmem_cnn.memory.planner import make_plan
     from lowmem_cnn.profiling import layer_table
 
     net = Network(load_config().network)
@@ -245,7 +245,7 @@ def digit_pictures(tmp_path, mnist_dir):
     """Test digits drawn the way a user would: large, dark ink on white paper."""
     from PIL import Image
 
-    from lowmem_cnn.data import open_directory
+    from lowmem_cnn.data.idx import open_directory
 
     test = open_directory(mnist_dir).test
     paths, labels = [], []
@@ -291,7 +291,7 @@ def test_predict_without_pillow_says_which_extra(tmp_path, monkeypatch, book_par
 
 
 def test_saved_deep_params_round_trip(tmp_path):
-    from lowmem_cnn.params import load_params, save_params
+    from lowmem_cnn.files.params import load_params, save_params
 
     net = Network(load_config("deep_convnet").network)
     net.init_params(np.random.default_rng(3))

@@ -4,9 +4,9 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lowmem_cnn.conv_pool import ConvolutionPooling
-from lowmem_cnn.layers import Convolution, Gradients, MaxPooling
-from lowmem_cnn.workspace import Context
+from lowmem_cnn.engine.conv_pool import ConvolutionPooling
+from lowmem_cnn.engine.layers import Convolution, Gradients, MaxPooling
+from lowmem_cnn.engine.workspace import Context
 
 
 def separate_and_fused(rng, in_shape, filters, size, pad, pool_size, integers):

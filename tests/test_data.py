@@ -11,10 +11,10 @@ import pytest
 from conftest import ROOT, unavailable
 from idx_files import NAMES, images_bytes, labels_bytes, write_dataset
 
-from lowmem_cnn import data as data_module
-from lowmem_cnn.data import MNIST_SHA256, download_mnist, open_data, open_directory
-from lowmem_cnn.datasets import ImageRows
-from lowmem_cnn.errors import LowmemError
+from lowmem_cnn.data import idx as data_module
+from lowmem_cnn.data.idx import MNIST_SHA256, download_mnist, open_data, open_directory
+from lowmem_cnn.data.datasets import ImageRows
+from lowmem_cnn.common.errors import LowmemError
 
 
 def _sha256(data: bytes) -> str:

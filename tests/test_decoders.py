@@ -13,8 +13,8 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import need_module, run_lowmem, run_python
-from lowmem_cnn.budget import check_threads, usable_cores
-from lowmem_cnn.errors import LowmemError
+from lowmem_cnn.memory.budget import check_threads, usable_cores
+from lowmem_cnn.common.errors import LowmemError
 
 MIB = 2**20
 
@@ -48,10 +48,10 @@ def test_the_book_classes_refuse_threads_beyond_the_cores_too():
 
 
 def test_every_threads_gradient_set_is_counted_before_the_parameters_exist(tmp_path):
-    from lowmem_cnn.budget import current_rss
-    from lowmem_cnn.config import load_config
-    from lowmem_cnn.model import Network
-    from lowmem_cnn.planner import BudgetError, check_parameters_fit
+    from lowmem_cnn.memory.budget import current_rss
+    from lowmem_cnn.files.config import load_config
+    from lowmem_cnn.engine.model import Network
+    from lowmem_cnn.memory.planner import BudgetError, check_parameters_fit
 
     config = tmp_path / "wide.toml"
     config.write_text('[network]\nname = "wide"\ninput_shape = [1, 28, 28]\n'
@@ -79,10 +79,9 @@ def test_every_threads_gradient_set_is_counted_before_the_parameters_exist(tmp_p
 # RSS (VmHWM, reset just before) over the resident set before decoding.
 DECODE_AND_MEASURE = r"""
 import json, sys
-from lowmem_cnn.budget import map_large_arrays
+from lowmem_cnn.memory.budget import map_large_arrays
 map_large_arrays()
-from lowmem_cnn import imaging
-
+from lowmem_cnn.data import imaging
 def status(field):
     with open("/proc/self/status") as lines:
         for line in lines:
@@ -176,7 +175,7 @@ def _tiff_libtiff_cannot_decode(path):
 
 DECODE_AND_SAY = r"""
 import sys
-from lowmem_cnn import imaging
+from lowmem_cnn.data import imaging
 try:
     imaging.image_row(sys.argv[1], (8, 8), 3)
 except imaging.ImageRefused as err:

@@ -15,14 +15,14 @@ from test_cli import error_line
 from test_folder_cli import WORDS, named_folder
 
 import lowmem_cnn
-from lowmem_cnn import layers
+from lowmem_cnn.engine import layers
 from lowmem_cnn.cli import main
-from lowmem_cnn.config import load_config
-from lowmem_cnn.data import DataOptions
-from lowmem_cnn.errors import LowmemError
-from lowmem_cnn.model import Network
-from lowmem_cnn.params import load_params, save_params
-from lowmem_cnn.planner import chosen_plan
+from lowmem_cnn.files.config import load_config
+from lowmem_cnn.data.idx import DataOptions
+from lowmem_cnn.common.errors import LowmemError
+from lowmem_cnn.engine.model import Network
+from lowmem_cnn.files.params import load_params, save_params
+from lowmem_cnn.memory.planner import chosen_plan
 from lowmem_cnn.session import Session
 
 SCORE_TOLERANCE = 1e-4
@@ -211,7 +211,7 @@ def test_the_model_is_checked_and_stamped_with_the_oldest_opset(ort, tmp_path, b
                                                                 mnist_dir):
     import onnx
 
-    from lowmem_cnn.data import open_directory
+    from lowmem_cnn.data.idx import open_directory
 
     out = tmp_path / "model.onnx"
     done = export(book_params, out, "--softmax", cwd=tmp_path)
@@ -240,7 +240,7 @@ def test_every_shipped_config_is_stamped_with_opset_9_and_ir_4(ort, tmp_path, co
     what onnxruntime 1.16 and OpenCV load (scripts/onnx_clients_check.sh)."""
     import onnx
 
-    from lowmem_cnn.export import save_onnx
+    from lowmem_cnn.files.export import save_onnx
 
     network = random_network(config)
     for softmax in (False, True):
@@ -276,7 +276,7 @@ def test_the_file_does_not_depend_on_the_installed_onnx(ort, tmp_path, book_para
 def test_opset_chosen_within_the_range_that_works(ort, tmp_path, book_params, mnist_dir):
     import onnx
 
-    from lowmem_cnn.data import open_directory
+    from lowmem_cnn.data.idx import open_directory
 
     newest = onnx.defs.onnx_opset_version()
     images = open_directory(mnist_dir).test.images.read_range(0, 200)
@@ -315,7 +315,7 @@ def helper_ir(opset):
 
 
 def test_a_network_trained_on_a_folder_exports_with_its_class_names(ort, tmp_path, mnist_dir):
-    from lowmem_cnn.imaging import image_row
+    from lowmem_cnn.data.imaging import image_row
 
     root = named_folder(mnist_dir, tmp_path / "photos", fmt="png", tint=True, size=32, limit=300)
     params = tmp_path / "p.pkl"
@@ -453,7 +453,7 @@ def test_pytorch_users_pick_the_network_up_with_onnx2torch(tmp_path, mnist_dir, 
     # every layer kind: batch normalization too
     config = tmp_path / "every_kind.toml"
     config.write_text(EVERY_KIND)
-    from lowmem_cnn.export import save_onnx
+    from lowmem_cnn.files.export import save_onnx
 
     network = random_network(config)
     save_onnx(network, tmp_path / "every.onnx")
@@ -533,8 +533,7 @@ class _Square(layers.Layer):
 
 
 def test_a_layer_with_no_export(ort, tmp_path, monkeypatch):
-    from lowmem_cnn import config as config_module
-
+    from lowmem_cnn.files import config as config_module
     monkeypatch.setitem(layers.LAYER_TYPES, "square", _Square)
     monkeypatch.setitem(config_module.LAYER_SETTINGS, "square", {})  # config.py's copy of them
     config = tmp_path / "square.toml"
@@ -565,7 +564,7 @@ def test_without_onnx_one_line_says_how_to_install_it(tmp_path, book_params):
 
 
 def test_onnx_is_imported_by_export_only(tmp_path):
-    code = ("import sys, lowmem_cnn.cli, lowmem_cnn.training, lowmem_cnn.book, lowmem_cnn.session\n"
+    code = ("import sys, lowmem_cnn.cli, lowmem_cnn.training.run, lowmem_cnn.book, lowmem_cnn.session\n"
             "assert not {'onnx', 'onnxruntime'} & set(sys.modules), 'imported'")
     done = run_python("-c", code, cwd=tmp_path)
     assert done.returncode == 0, done.stderr

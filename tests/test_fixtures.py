@@ -15,9 +15,7 @@ import pytest
 from conftest import BOOK, MNIST_NAMES, find_mnist
 from idx_files import write_dataset
 
-from lowmem_cnn import data as data_module
-
-
+from lowmem_cnn.data import idx as data_module
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

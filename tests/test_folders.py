@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, need_module, run_lowmem
-from lowmem_cnn import folders
-from lowmem_cnn.data import open_directory
-from lowmem_cnn.errors import LowmemError
-from lowmem_cnn.folders import SkippedFilesWarning, is_image_folder, open_folder
-from lowmem_cnn.imaging import ImageRefused, mnist_style
-from lowmem_cnn.planner import chosen_plan
+from lowmem_cnn.data import folders
+from lowmem_cnn.data.idx import open_directory
+from lowmem_cnn.common.errors import LowmemError
+from lowmem_cnn.data.folders import SkippedFilesWarning, is_image_folder, open_folder
+from lowmem_cnn.data.imaging import ImageRefused, mnist_style
+from lowmem_cnn.memory.planner import chosen_plan
 
 need_module("PIL")
 from PIL import Image  # noqa: E402
@@ -432,7 +432,7 @@ def test_predict_peak_on_a_huge_blank_picture(tmp_path, book_params):
 
 
 def test_big_jpeg_is_drawn_at_a_reduced_scale(tmp_path):
-    from lowmem_cnn.imaging import image_row
+    from lowmem_cnn.data.imaging import image_row
 
     y, x = np.mgrid[0:2000, 0:3000]
     photo = np.stack([(x % 256), (y % 256), ((x + y) % 256)], axis=2).astype(np.uint8)
@@ -447,10 +447,10 @@ def test_big_jpeg_is_drawn_at_a_reduced_scale(tmp_path):
 
 
 def test_book_network_reads_a_png_folder_as_it_reads_mnist(tmp_path, mnist_dir, book_params):
-    from lowmem_cnn.config import load_config
-    from lowmem_cnn.model import Network
-    from lowmem_cnn.params import load_params
-    from lowmem_cnn.training import check_image_shape, data_identity
+    from lowmem_cnn.files.config import load_config
+    from lowmem_cnn.engine.model import Network
+    from lowmem_cnn.files.params import load_params
+    from lowmem_cnn.training.run import check_image_shape, data_identity
 
     network = Network(load_config().network)
     load_params(book_params, network)

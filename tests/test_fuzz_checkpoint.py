@@ -27,8 +27,8 @@ from hypothesis import strategies as st
 from conftest import run_lowmem
 from idx_files import write_dataset
 
-from lowmem_cnn.checkpoint import MAGIC, VERSION, check_run_meta, read_checkpoint
-from lowmem_cnn.errors import LowmemError
+from lowmem_cnn.files.checkpoint import MAGIC, VERSION, check_run_meta, read_checkpoint
+from lowmem_cnn.common.errors import LowmemError
 
 ROOT = Path(__file__).resolve().parent.parent
 CRASH_CHILD = Path(__file__).with_name("crash_child.py")
@@ -318,7 +318,7 @@ def test_a_mutated_checkpoint_is_read_as_it_is_or_refused(made, mutate, rnd):
 def test_a_crafted_header_costs_what_its_limit_says(made):
     """A header of the objects json.loads makes most of costs at most 32 bytes a byte of
     header (about 24 measured); one over HEADER_LIMIT is refused unread."""
-    from lowmem_cnn.checkpoint import HEADER_LIMIT
+    from lowmem_cnn.files.checkpoint import HEADER_LIMIT
 
     home, _, original = made
     _, region = split(original)
@@ -413,8 +413,8 @@ def order_changed(rnd, data):
 def test_a_mutated_run_is_resumed_or_refused(made, mutate, rnd):
     """training.resume of a checkpoint whose metadata or arrays no longer fit the run:
     a LowmemError, or a run ready to go on (the mutation changed nothing it uses)."""
-    from lowmem_cnn import training
-    from lowmem_cnn.data import DataOptions
+    from lowmem_cnn.training import run as training
+    from lowmem_cnn.data.idx import DataOptions
 
     home, data_dir, original = made
     path = home / "run.ckpt"
@@ -435,9 +435,9 @@ def test_every_setting_of_a_run_is_checked():
     the option, or by checkpoint's own list."""
     from dataclasses import fields
 
-    from lowmem_cnn.checkpoint import _run_fields
-    from lowmem_cnn.run_options import OPTIONS
-    from lowmem_cnn.training import Settings
+    from lowmem_cnn.files.checkpoint import _run_fields
+    from lowmem_cnn.training.run_options import OPTIONS
+    from lowmem_cnn.training.run import Settings
 
     unchecked = [f.name for f in fields(Settings) if f.name not in OPTIONS and f.name not in _run_fields()]
     assert not unchecked

@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 from conftest import refusal_line, run_lowmem
 from idx_files import write_dataset
-from lowmem_cnn.config import describe_network, load_config, network_from_description, shipped_configs
-from lowmem_cnn.errors import LowmemError
+from lowmem_cnn.files.config import describe_network, load_config, network_from_description, shipped_configs
+from lowmem_cnn.common.errors import LowmemError
 
 SHIPPED = {name: (resources.files("lowmem_cnn") / "configs" / f"{name}.toml").read_bytes()
            for name in shipped_configs()}

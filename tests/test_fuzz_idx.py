@@ -25,10 +25,10 @@ from hypothesis import strategies as st
 
 from conftest import need_module, refusal_line, run_lowmem
 from idx_files import NAMES, images_bytes, labels_bytes
-from lowmem_cnn import folders
-from lowmem_cnn.data import open_directory
-from lowmem_cnn.datasets import cache_dir
-from lowmem_cnn.errors import LowmemError
+from lowmem_cnn.data import folders
+from lowmem_cnn.data.idx import open_directory
+from lowmem_cnn.data.datasets import cache_dir
+from lowmem_cnn.common.errors import LowmemError
 
 # What tracemalloc may see a read take beyond its files' bytes: a decompression's
 # chunks (data._CHUNK, 1 MiB: what a header declares beyond it is never asked for at
@@ -445,7 +445,7 @@ def test_two_downloads_fill_one_cache_at_once(tmp_path, monkeypatch):
     yet decompressed it: with temporary files of their own, both end with the four
     verified files (with one fixed temporary name, the second removed the first's)."""
     from idx_files import write_dataset
-    from lowmem_cnn import data as data_module
+    from lowmem_cnn.data import idx as data_module
     from test_data import _Server
 
     served = write_dataset(tmp_path / "served", gz=True)  # small files served as MNIST

@@ -10,9 +10,9 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from conftest import need_module, run_python
-from lowmem_cnn.data import open_directory
-from lowmem_cnn.imaging import ImageRefused, _cover_box, image_row, is_color, mnist_style
-from lowmem_cnn.planner import chosen_plan
+from lowmem_cnn.data.idx import open_directory
+from lowmem_cnn.data.imaging import ImageRefused, _cover_box, image_row, is_color, mnist_style
+from lowmem_cnn.memory.planner import chosen_plan
 
 need_module("PIL")
 from PIL import Image  # noqa: E402
@@ -31,9 +31,9 @@ def digit_page(mnist_dir, index, size, ink=(0, 0, 0)):
 
 
 def test_big_photo_of_a_digit_within_a_small_budget(tmp_path, mnist_dir, book_params):
-    from lowmem_cnn.config import load_config
-    from lowmem_cnn.model import Network
-    from lowmem_cnn.params import load_params
+    from lowmem_cnn.files.config import load_config
+    from lowmem_cnn.engine.model import Network
+    from lowmem_cnn.files.params import load_params
 
     network = Network(load_config().network)
     load_params(book_params, network)
@@ -71,11 +71,11 @@ def test_is_color_from_the_header(tmp_path):
 
 MEASURE = textwrap.dedent("""
     import json, resource, sys
-    from lowmem_cnn.budget import map_large_arrays
+    from lowmem_cnn.memory.budget import map_large_arrays
     map_large_arrays()
     from PIL import Image
     Image.init()
-    from lowmem_cnn import imaging
+    from lowmem_cnn.data import imaging
     needed = {}
     real = imaging.decode_bytes
     def spy(*args, **kwargs):

@@ -6,12 +6,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lowmem_cnn import columns as columns_module
-from lowmem_cnn import book_layout
-from lowmem_cnn.columns import column_tiles, tile_rows, windows
-from lowmem_cnn.layers import (Affine, Convolution, Gradients, MaxPooling, ReLU,
+from lowmem_cnn.engine import columns as columns_module
+from lowmem_cnn.files import book_layout
+from lowmem_cnn.engine.columns import column_tiles, tile_rows, windows
+from lowmem_cnn.engine.layers import (Affine, Convolution, Gradients, MaxPooling, ReLU,
                                softmax_cross_entropy)
-from lowmem_cnn.workspace import Context, Recording, Workspace
+from lowmem_cnn.engine.workspace import Context, Recording, Workspace
 
 
 def reference_conv(x, w, b, stride, pad):

@@ -5,11 +5,11 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from lowmem_cnn.config import load_config
-from lowmem_cnn.errors import LowmemError
-from lowmem_cnn.model import Network
-from lowmem_cnn.conv_pool import ConvolutionPooling
-from lowmem_cnn.planner import (MAX_TRAIN_MICRO_BATCH, activation_peak, chosen_plan, make_plan,
+from lowmem_cnn.files.config import load_config
+from lowmem_cnn.common.errors import LowmemError
+from lowmem_cnn.engine.model import Network
+from lowmem_cnn.engine.conv_pool import ConvolutionPooling
+from lowmem_cnn.memory.planner import (MAX_TRAIN_MICRO_BATCH, activation_peak, chosen_plan, make_plan,
                                 training_state_bytes)
 
 TINY = """
@@ -65,7 +65,7 @@ def tiny(tmp_path):
 
 
 def loss_of(net, images, labels):
-    from lowmem_cnn.layers import softmax_cross_entropy
+    from lowmem_cnn.engine.layers import softmax_cross_entropy
 
     return softmax_cross_entropy(net.scores(net.to_input(images)), labels, len(labels))[0] / len(labels)
 
@@ -223,7 +223,7 @@ def test_activation_peak_grows_with_the_micro_batch():
 
 
 def test_planning_computes_and_changes_nothing():
-    from lowmem_cnn.planner import _make_plan, make_plan, measure_baseline
+    from lowmem_cnn.memory.planner import _make_plan, make_plan, measure_baseline
 
     network = Network(load_config("deep_convnet").network, np.float32, 2)
     network.init_params(np.random.default_rng(0))

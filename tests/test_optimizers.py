@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from lowmem_cnn.errors import LowmemError
-from lowmem_cnn.optimizers import make_optimizer
+from lowmem_cnn.common.errors import LowmemError
+from lowmem_cnn.engine.optimizers import make_optimizer
 
 
 def book_steps(name, lr, params, grads_seq):
@@ -95,7 +95,7 @@ def test_gradient_sets_are_added_in_order(name):
 
 @pytest.mark.parametrize("name", ["momentum", "adam"])
 def test_decaying_state_does_not_stay_subnormal(name):
-    from lowmem_cnn.optimizers import FLUSH_EVERY
+    from lowmem_cnn.engine.optimizers import FLUSH_EVERY
 
     tiny = np.finfo(np.float32).tiny
     param = np.ones(1000, np.float32)

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from idx_files import NAMES, write_dataset
-from lowmem_cnn.checkpoint import read_checkpoint
-from lowmem_cnn.errors import LowmemError
-from lowmem_cnn.files import atomic_write
+from lowmem_cnn.files.checkpoint import read_checkpoint
+from lowmem_cnn.common.errors import LowmemError
+from lowmem_cnn.common.writing import atomic_write
 
 CRASH_CHILD = Path(__file__).with_name("crash_child.py")
 SMALL_RUN = ["--limit", "300", "--epochs", "1", "--max-ram", "1G"]
@@ -264,7 +264,7 @@ def test_atomic_write_replaces_no_device(tmp_path):
 
 
 def test_one_runs_two_files_that_are_one_are_named_so_not_as_in_use(tmp_path):
-    from lowmem_cnn.locks import RunLock
+    from lowmem_cnn.common.locks import RunLock
 
     path = tmp_path / "params.pkl"
     first = RunLock(path, "checkpoint")

@@ -8,11 +8,11 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from lowmem_cnn.config import load_config
-from lowmem_cnn.errors import LowmemError
-from lowmem_cnn.model import Network
-from lowmem_cnn.planner import chosen_plan
-from lowmem_cnn.params import load_params, save_params
+from lowmem_cnn.files.config import load_config
+from lowmem_cnn.common.errors import LowmemError
+from lowmem_cnn.engine.model import Network
+from lowmem_cnn.memory.planner import chosen_plan
+from lowmem_cnn.files.params import load_params, save_params
 
 
 @pytest.fixture
@@ -210,8 +210,8 @@ def test_unwritable_directory_on_save(network, tmp_path):
 
 
 def test_book_fixture_on_real_test_set(book_params, mnist_dir):
-    from lowmem_cnn.data import open_directory
-    from lowmem_cnn.training import evaluate
+    from lowmem_cnn.data.idx import open_directory
+    from lowmem_cnn.training.run import evaluate
 
     data = open_directory(mnist_dir)
     predictions = {}

@@ -22,7 +22,8 @@ import ctypes
 def no_library(*args, **kwargs):
     raise OSError("no such library")
 ctypes.CDLL = no_library  # no C library to find mallopt in
-from lowmem_cnn import budget, cli
+from lowmem_cnn import cli
+from lowmem_cnn.memory import budget
 assert budget.map_large_arrays() is False
 sys.argv = ["lowmem-cnn", *sys.argv[1:]]
 cli.main()
@@ -90,7 +91,7 @@ def test_images_read_with_seek_match_pread(mnist_dir, monkeypatch):
 
     import numpy as np
 
-    from lowmem_cnn.data import open_directory, open_images
+    from lowmem_cnn.data.idx import open_directory, open_images
 
     gc.collect()  # readers earlier tests let go of close their files now, not mid-test
     pread = open_directory(mnist_dir).train.images
@@ -121,8 +122,8 @@ def test_a_file_that_shrank_is_an_error(tmp_path, monkeypatch, has_preadv):
     import numpy as np
     from idx_files import images_bytes
 
-    from lowmem_cnn.data import open_images
-    from lowmem_cnn.errors import LowmemError
+    from lowmem_cnn.data.idx import open_images
+    from lowmem_cnn.common.errors import LowmemError
 
     if not has_preadv:
         monkeypatch.delattr(os, "preadv")

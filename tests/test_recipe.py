@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from conftest import run_lowmem
 
-from lowmem_cnn.augment import Augmentation
-from lowmem_cnn.config import load_config
-from lowmem_cnn.errors import LowmemError
-from lowmem_cnn.optimizers import make_optimizer
-from lowmem_cnn.schedule import Schedule
-from lowmem_cnn.training import held_out
+from lowmem_cnn.data.augment import Augmentation
+from lowmem_cnn.files.config import load_config
+from lowmem_cnn.common.errors import LowmemError
+from lowmem_cnn.engine.optimizers import make_optimizer
+from lowmem_cnn.training.schedule import Schedule
+from lowmem_cnn.training.run import held_out
 
 CRASH_CHILD = Path(__file__).with_name("crash_child.py")
 

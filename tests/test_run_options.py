@@ -16,13 +16,13 @@ from test_checkpoint import CRASH_CHILD
 from test_folder_cli import named_folder
 
 from conftest import run_lowmem
-from lowmem_cnn.checkpoint import read_checkpoint, write_checkpoint
+from lowmem_cnn.files.checkpoint import read_checkpoint, write_checkpoint
 from lowmem_cnn.cli import main
-from lowmem_cnn.config import TRAINING_KEYS, load_config
-from lowmem_cnn.errors import LowmemError
-from lowmem_cnn.params import TRAINING_FIELDS, meta_path, read_description, read_params, write_params
-from lowmem_cnn.run_options import RUN_OPTIONS, check_settings
-from lowmem_cnn.training import Settings, apply_given
+from lowmem_cnn.files.config import TRAINING_KEYS, load_config
+from lowmem_cnn.common.errors import LowmemError
+from lowmem_cnn.files.params import TRAINING_FIELDS, meta_path, read_description, read_params, write_params
+from lowmem_cnn.training.run_options import RUN_OPTIONS, check_settings
+from lowmem_cnn.training.run import Settings, apply_given
 
 NETWORK = ('[network]\ninput_shape = [1, 28, 28]\n[[network.layers]]\ntype = "affine"\n'
            'units = 10\n')

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from conftest import run_lowmem
 
-from lowmem_cnn.config import load_config
-from lowmem_cnn.errors import LowmemError
-from lowmem_cnn.model import Network
-from lowmem_cnn.planner import (MARGIN_BYTES, activation_peak, make_plan, measure_baseline,
+from lowmem_cnn.files.config import load_config
+from lowmem_cnn.common.errors import LowmemError
+from lowmem_cnn.engine.model import Network
+from lowmem_cnn.memory.planner import (MARGIN_BYTES, activation_peak, make_plan, measure_baseline,
                                 recorded_plan)
 
 HUGE = {

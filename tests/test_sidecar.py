@@ -15,9 +15,9 @@ import pytest
 
 from conftest import ROOT, run_lowmem, run_python
 from idx_files import write_dataset
-from lowmem_cnn.config import load_config
-from lowmem_cnn.errors import LowmemError
-from lowmem_cnn.params import (load_params, meta_path, network_for, read_description, read_params,
+from lowmem_cnn.files.config import load_config
+from lowmem_cnn.common.errors import LowmemError
+from lowmem_cnn.files.params import (load_params, meta_path, network_for, read_description, read_params,
                                save_params, write_params)
 
 SIMPLE_TOML = ROOT / "configs" / "simple_convnet.toml"
@@ -126,7 +126,7 @@ def test_the_description_names_the_pickle_it_was_written_with(pair):
 def test_a_failed_description_write_keeps_both_old_files(pair, monkeypatch):
     import errno
 
-    from lowmem_cnn.model import Network
+    from lowmem_cnn.engine.model import Network
 
     before = snapshot(pair.parent)
     network = Network(load_config().network)
@@ -146,7 +146,7 @@ def test_a_failed_description_write_keeps_both_old_files(pair, monkeypatch):
 
 
 def test_a_pickle_rewritten_without_its_description_is_refused(pair):
-    from lowmem_cnn.model import Network
+    from lowmem_cnn.engine.model import Network
 
     params = read_params(pair, 10**8)
     params["b1"] = params["b1"] + 1

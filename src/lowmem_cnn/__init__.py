@@ -19,7 +19,7 @@ if BLAS_SINGLE_THREADED:
 def default_threads() -> int:
     """One thread per usable core when the BLAS can be made single-threaded (see
     blas.py), else one."""
-    from lowmem_cnn.blas import can_limit
+    from lowmem_cnn.engine.blas import can_limit
 
     if not can_limit():
         return 1

@@ -31,13 +31,13 @@ from pathlib import Path
 
 import numpy as np
 
-from lowmem_cnn.budget import check_threads, current_rss, map_large_arrays, resolve_budget
-from lowmem_cnn import book_layout
-from lowmem_cnn.config import NetworkConfig
-from lowmem_cnn.errors import LowmemError
-from lowmem_cnn.layers import softmax
-from lowmem_cnn.model import Network
-from lowmem_cnn.planner import BudgetError, Work, check_book_parameters_fit
+from lowmem_cnn.memory.budget import check_threads, current_rss, map_large_arrays, resolve_budget
+from lowmem_cnn.files import book_layout
+from lowmem_cnn.files.config import NetworkConfig
+from lowmem_cnn.common.errors import LowmemError
+from lowmem_cnn.engine.layers import softmax
+from lowmem_cnn.engine.model import Network
+from lowmem_cnn.memory.planner import BudgetError, Work, check_book_parameters_fit
 
 __all__ = ["load_mnist", "SimpleConvNet", "DeepConvNet", "Trainer"]
 
@@ -68,7 +68,7 @@ def load_mnist(normalize=True, flatten=True, one_hot_label=False):
     The files are found (and MNIST downloaded and verified) as the CLI does:
     $LOWMEM_CNN_DATA, else the user cache.
     """
-    from lowmem_cnn.data import open_data
+    from lowmem_cnn.data.idx import open_data
 
     data = open_data()
     result = []
@@ -142,7 +142,7 @@ class Engine:
 
     def use_plan(self, work: Work):
         """The plan of `work` (made now, or the one made before for the same work)."""
-        from lowmem_cnn.planner import measure_baseline, plan_work
+        from lowmem_cnn.memory.planner import measure_baseline, plan_work
 
         if self._baseline is not None and self._others_now() > self._others + REPLAN_GROWTH:
             self.reset()
@@ -385,7 +385,7 @@ class _BookNetwork:
         """Write `params` as the book does (a pickled dict of arrays), atomically, and
         beside it FILE.json, the network's description, as `lowmem-cnn train` does: the
         command line then evaluates the file without being told the network."""
-        from lowmem_cnn.params import write_params
+        from lowmem_cnn.files.params import write_params
 
         params = {key: np.ascontiguousarray(self._param(key))
                   for key in self.network.expected_book_shapes()}
@@ -393,11 +393,11 @@ class _BookNetwork:
 
     def load_params(self, file_name="params.pkl"):
         """Read a parameter file (the book's or ours) into `params`. Read with
-        lowmem_cnn.params' restricted unpickler, and its description, if any, as the
+        lowmem_cnn.files.params' restricted unpickler, and its description, if any, as the
         command line reads it: a file that asks to run anything, whose keys, shapes or
         values do not fit, or whose description is not its own, is refused with
         LowmemError."""
-        from lowmem_cnn.params import param_file_limit, read_checked
+        from lowmem_cnn.files.params import param_file_limit, read_checked
 
         expected = self.network.expected_book_shapes()
         loaded = read_checked(Path(file_name), expected, param_file_limit(self.network))
@@ -410,7 +410,7 @@ class _BookNetwork:
         input [N, C, H, W] as `predict` takes it; `softmax`: probabilities, not scores),
         atomically, stamped with `opset` (None: the oldest that expresses the network;
         see docs/onnx.md). Needs the onnx extra (pip install 'lowmem-cnn[onnx]')."""
-        from lowmem_cnn.export import save_onnx
+        from lowmem_cnn.files.export import save_onnx
 
         self.sync_to_engine()
         save_onnx(self.network, Path(file_name), softmax=softmax, opset=opset)
@@ -540,7 +540,7 @@ class Trainer:
     def __init__(self, network, x_train, t_train, x_test, t_test, epochs=20, mini_batch_size=100,
                  optimizer="SGD", optimizer_param={"lr": 0.01},  # noqa: B006 (the book's default)
                  evaluate_sample_num_per_epoch=None, verbose=True, *, max_ram=None):
-        from lowmem_cnn.optimizers import make_optimizer
+        from lowmem_cnn.engine.optimizers import make_optimizer
 
         if not isinstance(network, _BookNetwork):
             raise ValueError(f"network is a {type(network).__name__}: give a SimpleConvNet or "
@@ -571,8 +571,8 @@ class Trainer:
     def train(self):
         from tqdm.auto import tqdm
 
-        from lowmem_cnn.data import ArrayImages, Split
-        from lowmem_cnn.training import training_run
+        from lowmem_cnn.data.idx import ArrayImages, Split
+        from lowmem_cnn.training.run import training_run
 
         engine = self.network.network
         sample = self.evaluate_sample_num_per_epoch

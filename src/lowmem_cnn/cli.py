@@ -13,14 +13,14 @@ import click
 import numpy as np
 
 from lowmem_cnn import __version__, default_threads
-from lowmem_cnn.augment import Augmentation
-from lowmem_cnn.budget import format_size, map_large_arrays, peak_rss, resolve_budget
-from lowmem_cnn.config import DEFAULT_CONFIG, load_config
-from lowmem_cnn.data import NoBar
-from lowmem_cnn.errors import LowmemError
-from lowmem_cnn.model import Network
-from lowmem_cnn.run_options import RUN_OPTIONS, TEST_SPLIT
-from lowmem_cnn.training import CHECKPOINT_SECONDS
+from lowmem_cnn.data.augment import Augmentation
+from lowmem_cnn.memory.budget import format_size, map_large_arrays, peak_rss, resolve_budget
+from lowmem_cnn.files.config import DEFAULT_CONFIG, load_config
+from lowmem_cnn.data.idx import NoBar
+from lowmem_cnn.common.errors import LowmemError
+from lowmem_cnn.engine.model import Network
+from lowmem_cnn.training.run_options import RUN_OPTIONS, TEST_SPLIT
+from lowmem_cnn.training.run import CHECKPOINT_SECONDS
 
 # predict decodes and runs this many pictures at a time.
 PREDICT_CHUNK = 100
@@ -34,7 +34,7 @@ def _user_errors(command):
     said in terms of --max-ram."""
     @wraps(command)
     def run(*args, **kwargs):
-        from lowmem_cnn.planner import BudgetError
+        from lowmem_cnn.memory.planner import BudgetError
 
         try:
             return command(*args, **kwargs)
@@ -102,7 +102,7 @@ def _sayer(as_json):
 def _data_options(data_dir, image_size, test_split, strict, say):
     """The data options of a command (see data.DataOptions), with the CLI's bars,
     warnings and story."""
-    from lowmem_cnn.data import DataOptions
+    from lowmem_cnn.data.idx import DataOptions
 
     return DataOptions(data_dir, _image_size(image_size), test_split, strict,
                        progress=_download_bar,
@@ -123,7 +123,7 @@ def _image_size(text):
 
 
 def _describe_plan(network, plan, say):
-    from lowmem_cnn.conv_pool import ConvolutionPooling
+    from lowmem_cnn.engine.conv_pool import ConvolutionPooling
 
     rows, images = [], []
     for layer, size in zip(network.tiled, plan.tiles, strict=True):
@@ -141,7 +141,7 @@ def _describe_plan(network, plan, say):
 def _budget(max_ram, threads, say):
     """The budget in bytes, said with where it came from (--threads is checked first:
     before anything is made for its threads)."""
-    from lowmem_cnn.budget import check_threads, explain_default_budget
+    from lowmem_cnn.memory.budget import check_threads, explain_default_budget
 
     check_threads(threads)
     if max_ram:
@@ -259,8 +259,8 @@ def train(out, limit, checkpoint_path, checkpoint_every, resume, plot, max_ram, 
     Ctrl-C or SIGTERM: the current update finishes, a checkpoint is written, and
     `lowmem-cnn train --resume` continues the run exactly. Another train on the same
     checkpoint or parameter file is refused while this one runs."""
-    from lowmem_cnn import training
-    from lowmem_cnn.files import check_file_names
+    from lowmem_cnn.training import run as training
+    from lowmem_cnn.common.writing import check_file_names
 
     check_file_names([("--out", out), ("--checkpoint", checkpoint_path), ("--plot", plot)])
     checkpointing = training.Checkpointing(checkpoint_path or out.with_name(out.name + ".ckpt"),
@@ -361,7 +361,7 @@ def train(out, limit, checkpoint_path, checkpoint_every, resume, plot, max_ram, 
 
 def _check_train_outputs(out, checkpoint, plot, data_dir):
     """train's files, checked before any work (files.check_outputs)."""
-    from lowmem_cnn.files import check_outputs
+    from lowmem_cnn.common.writing import check_outputs
 
     # params.meta_path, without importing params before the plan measures the baseline
     # (0.5 MiB of RSS)
@@ -378,7 +378,7 @@ def _data_files(data_dir, outputs) -> list:
     pictures, a file in any of its folders (read as a picture next time)."""
     import os
 
-    from lowmem_cnn.data import FILES, cache_dir, data_directory, is_image_folder
+    from lowmem_cnn.data.idx import FILES, cache_dir, data_directory, is_image_folder
 
     directory, _ = data_directory(data_dir)
     folder = directory is not None and is_image_folder(directory)
@@ -399,8 +399,8 @@ def _data_files(data_dir, outputs) -> list:
 def _check_reading_params(params, outputs, inputs=()):
     """The outputs of a command that reads the parameter file `params` (and its
     description) and `inputs`, checked before any work (files.check_outputs)."""
-    from lowmem_cnn.files import check_file_names, check_outputs
-    from lowmem_cnn.params import meta_path
+    from lowmem_cnn.common.writing import check_file_names, check_outputs
+    from lowmem_cnn.files.params import meta_path
 
     check_file_names([("PARAMS", params)])
     check_outputs(outputs, [("the parameter file", params),
@@ -462,10 +462,10 @@ class _TrainReport:
 def evaluate_command(params, batch_size, split, misclassified, max_ram, data_dir, image_size,
                      test_split, strict, config_name, dtype, threads, as_json):
     """Accuracy, per-class accuracy and confusion matrix of a parameter file."""
-    from lowmem_cnn.params import load_params
-    from lowmem_cnn.planner import Work, check_parameters_fit
+    from lowmem_cnn.files.params import load_params
+    from lowmem_cnn.memory.planner import Work, check_parameters_fit
     from lowmem_cnn.session import Session
-    from lowmem_cnn.training import MAX_READ_IMAGES, evaluate
+    from lowmem_cnn.training.run import MAX_READ_IMAGES, evaluate
 
     outputs = [("--misclassified", misclassified)]
     _check_reading_params(params, outputs, _data_files(data_dir, outputs))
@@ -532,12 +532,12 @@ def profile_memory(batch_size, train, plot, max_ram, data_dir, image_size, test_
                    config_name, dtype, threads, as_json):
     """Per layer: what the book's whole-batch im2col would allocate against the tiles
     used here; then the planned peak and the measured peak RSS of running the batch."""
-    from lowmem_cnn.planner import Work, check_parameters_fit
+    from lowmem_cnn.memory.planner import Work, check_parameters_fit
     from lowmem_cnn.profiling import layer_table, run_batch
     from lowmem_cnn.session import Session
-    from lowmem_cnn.training import MAX_READ_IMAGES
+    from lowmem_cnn.training.run import MAX_READ_IMAGES
 
-    from lowmem_cnn.files import check_outputs
+    from lowmem_cnn.common.writing import check_outputs
 
     outputs = [("--plot", plot)]
     check_outputs(outputs, _data_files(data_dir, outputs))
@@ -600,11 +600,11 @@ def predict(params, images, config_name, max_ram, as_json):
     MNIST's first: grayscale, white on black, centred in 28x28. A file that cannot be
     used (not a picture, damaged, too large, not a regular file) gets one error line
     instead; the exit status is then 1."""
-    from lowmem_cnn.data import decode_room
-    from lowmem_cnn.imaging import image_row, mnist_style, require_pillow
-    from lowmem_cnn.layers import softmax
-    from lowmem_cnn.params import load_params
-    from lowmem_cnn.planner import Work, check_parameters_fit, plan_work
+    from lowmem_cnn.data.idx import decode_room
+    from lowmem_cnn.data.imaging import image_row, mnist_style, require_pillow
+    from lowmem_cnn.engine.layers import softmax
+    from lowmem_cnn.files.params import load_params
+    from lowmem_cnn.memory.planner import Work, check_parameters_fit, plan_work
     from lowmem_cnn.session import network_config
 
     require_pillow()
@@ -679,7 +679,7 @@ def export_command(params, out, config_name, softmax, opset):
     The input is float32 [N, C, H, W]: pixels / 255. The model's metadata holds the
     class names, the input shape and the preprocessing; see the README."""
     try:  # Ctrl-C: one line, as train says it (importing onnx alone takes a second or more)
-        from lowmem_cnn.export import export_params
+        from lowmem_cnn.files.export import export_params
 
         _check_reading_params(params, [("OUT", out)])
         done = export_params(params, out, config_name, softmax, opset)

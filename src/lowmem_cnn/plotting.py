@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lowmem_cnn.errors import LowmemError
-from lowmem_cnn.files import atomic_write
+from lowmem_cnn.common.errors import LowmemError
+from lowmem_cnn.common.writing import atomic_write
 
 
 def _pyplot():

@@ -2,10 +2,10 @@
 
 import math
 
-from lowmem_cnn.budget import peak_rss
-from lowmem_cnn.conv_pool import ConvolutionPooling
-from lowmem_cnn.layers import Convolution
-from lowmem_cnn.training import MAX_READ_IMAGES
+from lowmem_cnn.memory.budget import peak_rss
+from lowmem_cnn.engine.conv_pool import ConvolutionPooling
+from lowmem_cnn.engine.layers import Convolution
+from lowmem_cnn.training.run import MAX_READ_IMAGES
 
 
 def layer_table(network, plan, batch_size: int) -> list[dict]:

@@ -12,10 +12,10 @@ from dataclasses import replace
 
 import numpy as np
 
-from lowmem_cnn.config import DEFAULT_CONFIG, load_config
-from lowmem_cnn.data import DataOptions
-from lowmem_cnn.errors import LowmemError
-from lowmem_cnn.model import Network
+from lowmem_cnn.files.config import DEFAULT_CONFIG, load_config
+from lowmem_cnn.data.idx import DataOptions
+from lowmem_cnn.common.errors import LowmemError
+from lowmem_cnn.engine.model import Network
 
 
 def network_config(config_name, params=None):
@@ -26,7 +26,7 @@ def network_config(config_name, params=None):
     among them), None for MNIST-style digits."""
     if not params:
         return load_config(config_name or DEFAULT_CONFIG).network, None
-    from lowmem_cnn.params import network_for
+    from lowmem_cnn.files.params import network_for
 
     config, description = network_for(params, config_name)
     return config, (description if description and description.get("classes") else None)
@@ -72,14 +72,14 @@ class Session:
 
     def make_plan(self, work):
         """The plan of `work` (planner.Work) on this network and budget."""
-        from lowmem_cnn.planner import plan_work
+        from lowmem_cnn.memory.planner import plan_work
 
         self.plan = plan_work(self.network, work, self.budget)
         return self.plan
 
     def open_data(self):
         """The data set (a folder is open already), checked against the network's input."""
-        from lowmem_cnn.training import check_image_shape
+        from lowmem_cnn.training.run import check_image_shape
 
         data = self.data or self.data_options.open(self.budget)
         check_image_shape(self.network, data.test)

@@ -43,10 +43,11 @@ from pathlib import Path
 
 import numpy as np
 
-from lowmem_cnn import __version__, book_layout
-from lowmem_cnn.conv_pool import ConvolutionPooling
-from lowmem_cnn.errors import LowmemError
-from lowmem_cnn.layers import Affine, BatchNormalization, Convolution, Dropout, MaxPooling, ReLU
+from lowmem_cnn import __version__
+from lowmem_cnn.files import book_layout
+from lowmem_cnn.engine.conv_pool import ConvolutionPooling
+from lowmem_cnn.common.errors import LowmemError
+from lowmem_cnn.engine.layers import Affine, BatchNormalization, Convolution, Dropout, MaxPooling, ReLU
 
 # The graph's own declaration, as each node makes one: its weights are initializers
 # that are not also graph inputs, which IR version 4 allows first, and IR 4's opset
@@ -84,8 +85,8 @@ def export_params(params, out, config_name=None, softmax: bool = False, opset: i
     """Write the network of the parameter file `params` (its config and classes as
     session.network_config finds them, or `config_name`) to `out` as an ONNX model,
     stamped with `opset` (None: the network's oldest)."""
-    from lowmem_cnn.model import Network
-    from lowmem_cnn.params import load_params
+    from lowmem_cnn.engine.model import Network
+    from lowmem_cnn.files.params import load_params
     from lowmem_cnn.session import network_config
 
     onnx = onnx_module()  # missing: said before anything is read
@@ -100,7 +101,7 @@ def save_onnx(network, out, softmax: bool = False, opset: int | None = None) -> 
     """Write `network` (its parameters as they are now) to `out` as an ONNX model,
     stamped with `opset` (None: the network's oldest), checked by onnx.checker first;
     atomically: an existing file is replaced whole or not at all."""
-    from lowmem_cnn.files import atomic_write
+    from lowmem_cnn.common.writing import atomic_write
 
     onnx = onnx_module()
     model = build_model(network, softmax, opset)
@@ -144,12 +145,12 @@ def preprocessing(config) -> str:
         return (f"not in the graph, do it before: {'RGB' if c == 3 else 'grayscale'}; scaled to "
                 f"cover {h}x{w} and centre-cropped, EXIF "
                 f"orientation applied, alpha dropped; then pixels / 255 (as predict does: "
-                f"lowmem_cnn.imaging.image_row(path, ({h}, {w}), {c}) gives the pixels)")
+                f"lowmem_cnn.data.imaging.image_row(path, ({h}, {w}), {c}) gives the pixels)")
     if (c, h, w) == (1, 28, 28):  # MNIST's digits (imaging.mnist_style, as predict does)
         return ("not in the graph, do it before: made to look like MNIST's digits: grayscale, "
                 "white on black (inverted if dark on light), scaled to fit 20x20 and centred by "
                 "its centre of mass in 28x28; then pixels / 255 (as predict does: "
-                "lowmem_cnn.imaging.mnist_style(path) gives the pixels). MNIST's own images "
+                "lowmem_cnn.data.imaging.mnist_style(path) gives the pixels). MNIST's own images "
                 "are already so")
     return "not in the graph, do it before: pixels / 255"
 

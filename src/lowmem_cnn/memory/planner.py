@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lowmem_cnn.conv_pool import ConvolutionPooling
-from lowmem_cnn.errors import LowmemError
-from lowmem_cnn.optimizers import CHUNK
+from lowmem_cnn.engine.conv_pool import ConvolutionPooling
+from lowmem_cnn.common.errors import LowmemError
+from lowmem_cnn.engine.optimizers import CHUNK
 
 # Column tiles of about this size: large enough that the per-tile Python work is
 # small against the GEMM (a 100-image conv forward took 5.2 ms in 25 KiB tiles, 3.2 ms
@@ -66,7 +66,7 @@ class BudgetError(LowmemError):
     def __init__(self, needed: int, budget: int, what: str, held: int | None = None,
                  option: str = "the budget of "):
         self.needed, self.budget, self.what, self.held, self.option = needed, budget, what, held, option
-        from lowmem_cnn.budget import format_size
+        from lowmem_cnn.memory.budget import format_size
 
         held_text = f"; the process already holds {format_size(held)}" if held is not None else ""
         super().__init__(f"{option}{budget:,} bytes is too small: {what} needs at least "
@@ -204,8 +204,8 @@ def check_parameters_fit(network, budget: int, optimizer_copies: int | None = No
     plan refused it. Parameters that take less than SMALL_PARAMETERS to make are made
     anyway, so that the plan (which measures them) names the exact minimum.
     """
-    from lowmem_cnn.budget import current_rss
-    from lowmem_cnn.model import INIT_CHUNK
+    from lowmem_cnn.memory.budget import current_rss
+    from lowmem_cnn.engine.model import INIT_CHUNK
 
     params = network.param_bytes()
     train = optimizer_copies is not None
@@ -227,7 +227,7 @@ def check_parameters_fit(network, budget: int, optimizer_copies: int | None = No
 def check_book_parameters_fit(network, budget: int):
     """Refuse a budget that cannot hold the book's classes' parameters: the float64
     dict in the book's layout, the engine's copy, and the drawing of the largest."""
-    from lowmem_cnn.budget import current_rss
+    from lowmem_cnn.memory.budget import current_rss
 
     count = network.param_bytes() // network.dtype.itemsize
     largest = max(math.prod(shape) for shape in network.expected_book_shapes().values())
@@ -379,7 +379,7 @@ def chosen_plan(network, micro_batch: int, threads: int = 1, tiles: tuple | None
     """A plan chosen by hand, not against a budget (the baseline's warm-up, tests,
     benchmarks): `micro_batch` images a thread, for training and evaluation alike;
     `tiles` one per tiled layer (default: whole micro-batches)."""
-    from lowmem_cnn.workspace import WHOLE
+    from lowmem_cnn.engine.workspace import WHOLE
 
     tiles = (WHOLE,) * len(network.tiled) if tiles is None else tuple(tiles)
     return Plan(budget=0, baseline=0, fixed=0, micro_batch=micro_batch, eval_micro_batch=micro_batch,
@@ -392,7 +392,7 @@ def measure_baseline(network, train: bool) -> int:
     Two images through the network make the BLAS library set up its thread buffers
     and NumPy its caches, so the measurement includes them.
     """
-    from lowmem_cnn.budget import current_rss
+    from lowmem_cnn.memory.budget import current_rss
 
     images = np.zeros((2, network.input_size), np.uint8)
     warm_up = chosen_plan(network, 2)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lowmem_cnn.errors import LowmemError
+from lowmem_cnn.common.errors import LowmemError
 
 
 def cache_dir() -> Path:

@@ -15,14 +15,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from lowmem_cnn import book_layout
-from lowmem_cnn.config import NetworkConfig
-from lowmem_cnn.conv_pool import ConvolutionPooling
-from lowmem_cnn.errors import LowmemError
-from lowmem_cnn.executor import run_shared
-from lowmem_cnn.layers import (Convolution, Gradients, MaxPooling, ReLU, build_layer,
+from lowmem_cnn.files import book_layout
+from lowmem_cnn.files.config import NetworkConfig
+from lowmem_cnn.engine.conv_pool import ConvolutionPooling
+from lowmem_cnn.common.errors import LowmemError
+from lowmem_cnn.engine.executor import run_shared
+from lowmem_cnn.engine.layers import (Convolution, Gradients, MaxPooling, ReLU, build_layer,
                                softmax_cross_entropy)
-from lowmem_cnn.workspace import Context, Recording, Workspace
+from lowmem_cnn.engine.workspace import Context, Recording, Workspace
 
 # A convolution with at most this many input channels is fused with the pooling after
 # it (see conv_pool.py). With more channels im2col's columns are cheap to copy and the

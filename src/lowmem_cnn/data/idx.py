@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from lowmem_cnn.datasets import ArrayImages, NoBar  # noqa: F401 (the faces import them from here)
-from lowmem_cnn.datasets import Dataset, ImageRows, Split, cache_dir, open_regular
-from lowmem_cnn.errors import LowmemError
-from lowmem_cnn.files import atomic_write
+from lowmem_cnn.data.datasets import ArrayImages, NoBar  # noqa: F401 (the faces import them from here)
+from lowmem_cnn.data.datasets import Dataset, ImageRows, Split, cache_dir, open_regular
+from lowmem_cnn.common.errors import LowmemError
+from lowmem_cnn.common.writing import atomic_write
 
 IMAGES_MAGIC, LABELS_MAGIC = 0x00000803, 0x00000801
 IMAGES_OFFSET = 16  # bytes of an images file's header: magic and three dimensions
@@ -383,7 +383,7 @@ class DataOptions:
         each decoded within the room the budget leaves; or the IDX files."""
         folder = None
         if self.is_folder():
-            from lowmem_cnn.folders import TEST_FRACTION  # (imported by is_folder already)
+            from lowmem_cnn.data.folders import TEST_FRACTION  # (imported by is_folder already)
 
             folder = FolderOptions(tuple(self.image_size or size), channels,
                                    self.test_fraction or TEST_FRACTION, self.strict,
@@ -398,8 +398,8 @@ class DataOptions:
 def decode_room(budget: int) -> int:
     """Bytes one picture may take to decode: what the budget leaves (the decoding pass
     holds one picture at a time)."""
-    from lowmem_cnn.budget import current_rss, format_size
-    from lowmem_cnn.planner import MARGIN_BYTES
+    from lowmem_cnn.memory.budget import current_rss, format_size
+    from lowmem_cnn.memory.planner import MARGIN_BYTES
 
     held = current_rss()
     room = budget - held - MARGIN_BYTES
@@ -424,8 +424,7 @@ def is_image_folder(data_dir: Path | None) -> bool:
         return False
     # Imported only for a directory to look at: folders.py and what it brings (json,
     # imaging) add 0.4 MiB of RSS that MNIST from the cache does not need.
-    from lowmem_cnn import folders
-
+    from lowmem_cnn.data import folders
     return folders.is_image_folder(directory)
 
 
@@ -434,7 +433,7 @@ def open_data(data_dir: Path | None = None, progress=None, folder: FolderOptions
     MNIST): four IDX files, or with `folder` a folder of pictures."""
     directory, source = data_directory(data_dir)
     if directory is not None and folder is not None and is_image_folder(directory):
-        from lowmem_cnn.folders import open_folder  # see is_image_folder
+        from lowmem_cnn.data.folders import open_folder  # see is_image_folder
 
         return open_folder(directory, folder.image_size, folder.channels, folder.test_fraction,
                            folder.split_seed, strict=folder.strict, max_decode_bytes=folder.max_decode_bytes,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lowmem_cnn.errors import LowmemError
+from lowmem_cnn.common.errors import LowmemError
 
 # Mixed into the seed of an update's Generator, so that its draws are not the dropout's.
 AUGMENT_KEY = 0x617567

@@ -9,9 +9,9 @@ import os
 import re
 from pathlib import Path
 
-from lowmem_cnn.config import shown
-from lowmem_cnn.datasets import open_regular
-from lowmem_cnn.errors import LowmemError
+from lowmem_cnn.files.config import shown
+from lowmem_cnn.data.datasets import open_regular
+from lowmem_cnn.common.errors import LowmemError
 
 _STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
 _BRACKET = re.compile(r"[\[\]{}]")

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lowmem_cnn.errors import LowmemError
+from lowmem_cnn.common.errors import LowmemError
 
 BOX = 20
 SIZE = 28

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from lowmem_cnn.errors import LowmemError
+from lowmem_cnn.common.errors import LowmemError
 
 # On Windows the locked byte is read-protected, so the pid is written before it.
 _LOCKED_BYTE = 64

@@ -19,8 +19,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from lowmem_cnn.errors import LowmemError
-from lowmem_cnn.locks import still_at, try_lock
+from lowmem_cnn.common.errors import LowmemError
+from lowmem_cnn.common.locks import still_at, try_lock
 
 # Times a new temporary file may be taken from under its writer (by another writer's
 # clean-up, in the instant before it is locked) before the write is given up on.

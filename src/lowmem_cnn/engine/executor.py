@@ -1,6 +1,6 @@
 """Work split over the threads: the one way lowmem-cnn runs things in parallel."""
 
-from lowmem_cnn.blas import single_threaded
+from lowmem_cnn.engine.blas import single_threaded
 
 
 def run_shared(pool, threads: int, work, parts: list) -> list:

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from lowmem_cnn.augment import NO_AUGMENTATION, Augmentation
-from lowmem_cnn.errors import LowmemError
-from lowmem_cnn.planner import EVAL_READ, MNIST_TRAIN_IMAGES, Work
-from lowmem_cnn.run_options import OPTIONS
-from lowmem_cnn.schedule import Schedule
+from lowmem_cnn.data.augment import NO_AUGMENTATION, Augmentation
+from lowmem_cnn.common.errors import LowmemError
+from lowmem_cnn.memory.planner import EVAL_READ, MNIST_TRAIN_IMAGES, Work
+from lowmem_cnn.training.run_options import OPTIONS
+from lowmem_cnn.training.schedule import Schedule
 
 # Train accuracy after each epoch is measured on this many training images (the first ones).
 TRAIN_SAMPLE = 10_000
@@ -389,7 +389,7 @@ class TrainingRun:
                     keeps_best=self.keep_best, picture=picture, recorded=self.recorded_plan)
 
     def _plan(self, picture: str | None = None):
-        from lowmem_cnn.planner import plan_work
+        from lowmem_cnn.memory.planner import plan_work
 
         self.plan = plan_work(self.network, self._work(picture), self.budget)
         return self.plan
@@ -435,7 +435,7 @@ class TrainingRun:
         return meta, arrays
 
     def save_checkpoint(self, finished: bool = False):
-        from lowmem_cnn.checkpoint import write_checkpoint
+        from lowmem_cnn.files.checkpoint import write_checkpoint
 
         loop = self.loop
         if loop.position:  # within an epoch (an epoch's end is checked by _end_epoch)
@@ -484,7 +484,7 @@ class TrainingRun:
         if recorded.get("data") and recorded["data"] != self.settings.data:
             raise LowmemError(f"{self.checkpointing.path}: the run was started on other data "
                               f"(fingerprint {recorded['data']}, this data's is {self.settings.data})")
-        from lowmem_cnn.checkpoint import check_run_arrays
+        from lowmem_cnn.files.checkpoint import check_run_arrays
 
         check_run_arrays(self.checkpointing.path, meta, arrays, self)
         self.loop.restore(meta, arrays)
@@ -580,7 +580,7 @@ class TrainingRun:
         Saving with all of it still held took a 128x128 RGB run 4.8 MiB over its plan
         and 0.3 MiB over --max-ram 512M.
         """
-        from lowmem_cnn.params import save_params
+        from lowmem_cnn.files.params import save_params
 
         if self.keep_best and self._best_arrays:  # the best epoch's, not the last's
             for kind, arrays in (("param", self.network.params()), ("state", self.network.state())):
@@ -595,7 +595,7 @@ class TrainingRun:
     def _training_record(self) -> dict | None:
         """How the saved parameters were trained (params.TRAINING_FIELDS), and which
         pictures of a folder were held out for testing (params.SPLIT_FIELDS)."""
-        from lowmem_cnn.run_options import DESCRIBED_OPTIONS
+        from lowmem_cnn.training.run_options import DESCRIBED_OPTIONS
 
         s = self.settings
         if s is None:
@@ -615,7 +615,7 @@ class TrainingRun:
     def release_locks(self):
         """Let other runs have the checkpoint and the parameter file (the run is over, or
         stopped with its checkpoint written)."""
-        from lowmem_cnn.locks import release_all
+        from lowmem_cnn.common.locks import release_all
 
         release_all(self.locks)
 
@@ -631,7 +631,7 @@ class AlreadyFinished(Exception):
 
 def _finished_or_unfinished(path: Path):
     """The metadata of a checkpoint at `path` (None if there is none)."""
-    from lowmem_cnn.checkpoint import read_checkpoint
+    from lowmem_cnn.files.checkpoint import read_checkpoint
 
     if not path.exists():
         return None
@@ -652,8 +652,8 @@ def start(settings: Settings, checkpointing: Checkpointing, data, report=lambda 
     input and scores. Then the budget is checked against the network before any
     array is allocated, and (IDX files) before the data is read or downloaded; with
     `picture`, room is left for drawing it at the end (planner.check_picture_room)."""
-    from lowmem_cnn.config import load_config
-    from lowmem_cnn.locks import RunLock, released_on_error
+    from lowmem_cnn.files.config import load_config
+    from lowmem_cnn.common.locks import RunLock, released_on_error
 
     with released_on_error() as locks:
         locks.append(RunLock(checkpointing.path, "checkpoint"))
@@ -679,9 +679,9 @@ def resume(checkpointing: Checkpointing, max_ram: int | None, data, report=lambd
     folder is read as the run began): (TrainingRun, data set). Raises AlreadyFinished
     for a run that is over. `given`: the settings the user gave again (see
     apply_given): the same as recorded, or more epochs."""
-    from lowmem_cnn.budget import check_threads, format_size
-    from lowmem_cnn.checkpoint import check_run_meta, read_checkpoint
-    from lowmem_cnn.locks import RunLock, released_on_error
+    from lowmem_cnn.memory.budget import check_threads, format_size
+    from lowmem_cnn.files.checkpoint import check_run_meta, read_checkpoint
+    from lowmem_cnn.common.locks import RunLock, released_on_error
 
     with released_on_error() as locks:
         locks.append(RunLock(checkpointing.path, "checkpoint"))
@@ -698,7 +698,7 @@ def resume(checkpointing: Checkpointing, max_ram: int | None, data, report=lambd
         if "out" not in (given or {}):
             _check_recorded_out(settings.out, checkpointing.path)
         if settings.classes is None and data.is_folder():  # told before anything is opened
-            from lowmem_cnn.data import data_directory
+            from lowmem_cnn.data.idx import data_directory
 
             directory, source = data_directory(data.data_dir)
             raise LowmemError(f"{source or directory} is a folder of pictures; this run was started "
@@ -792,7 +792,7 @@ def training_run(network, optimizer: str, lr: float, budget: int, epochs: int, b
     name and checked (optimizers.make_optimizer); `weight_decay` applies to the weights
     (W1, W2, ...: not the biases, nor batch normalization's gamma and beta).
     `options`: TrainingRun's."""
-    from lowmem_cnn.optimizers import make_optimizer
+    from lowmem_cnn.engine.optimizers import make_optimizer
 
     weights = [key for key, _, name in network.param_names() if name == "W"]
     optimizer = make_optimizer(optimizer, lr, weight_decay, weights, **(optimizer_options or {}))
@@ -800,9 +800,9 @@ def training_run(network, optimizer: str, lr: float, budget: int, epochs: int, b
 
 
 def _build(settings, checkpointing, open_data, report, locks, picture, meta=None, arrays=None):
-    from lowmem_cnn.config import describe_network, load_config, network_from_description
-    from lowmem_cnn.model import Network
-    from lowmem_cnn.planner import check_parameters_fit
+    from lowmem_cnn.files.config import describe_network, load_config, network_from_description
+    from lowmem_cnn.engine.model import Network
+    from lowmem_cnn.memory.planner import check_parameters_fit
 
     if settings.network is not None:  # resumed: the network the run began with
         try:  # (its initial weights are not described: the checkpoint has the weights)

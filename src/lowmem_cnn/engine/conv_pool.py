@@ -22,8 +22,8 @@ import math
 
 import numpy as np
 
-from lowmem_cnn.columns import windows
-from lowmem_cnn.layers import Layer, column_sums
+from lowmem_cnn.engine.columns import windows
+from lowmem_cnn.engine.layers import Layer, column_sums
 
 
 class ConvolutionPooling(Layer):

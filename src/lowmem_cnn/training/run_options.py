@@ -12,10 +12,10 @@ records, every reader of what it wrote accepts too.
 import math
 from dataclasses import dataclass
 
-from lowmem_cnn.augment import Augmentation
-from lowmem_cnn.errors import LowmemError
-from lowmem_cnn.optimizers import OPTIMIZERS
-from lowmem_cnn.schedule import SCHEDULES
+from lowmem_cnn.data.augment import Augmentation
+from lowmem_cnn.common.errors import LowmemError
+from lowmem_cnn.engine.optimizers import OPTIMIZERS
+from lowmem_cnn.training.schedule import SCHEDULES
 
 # Far beyond any run this tool makes (an MNIST epoch takes seconds at best), small
 # enough that nothing computed from them overflows: epochs, warm-up epochs, patience.

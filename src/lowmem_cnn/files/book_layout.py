@@ -11,8 +11,8 @@ import math
 
 import numpy as np
 
-from lowmem_cnn.conv_pool import ConvolutionPooling
-from lowmem_cnn.layers import Affine, Convolution
+from lowmem_cnn.engine.conv_pool import ConvolutionPooling
+from lowmem_cnn.engine.layers import Affine, Convolution
 
 
 def engine_view(layer, name: str, array: np.ndarray) -> np.ndarray:

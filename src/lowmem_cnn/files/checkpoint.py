@@ -24,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from lowmem_cnn.config import MAX_LAYERS, checked_classes, checked_input_shape, shown, shown_name
-from lowmem_cnn.datasets import open_regular
-from lowmem_cnn.errors import LowmemError
-from lowmem_cnn.files import atomic_write
-from lowmem_cnn.reading import parse_json
+from lowmem_cnn.files.config import MAX_LAYERS, checked_classes, checked_input_shape, shown, shown_name
+from lowmem_cnn.data.datasets import open_regular
+from lowmem_cnn.common.errors import LowmemError
+from lowmem_cnn.common.writing import atomic_write
+from lowmem_cnn.common.reading import parse_json
 
 MAGIC = b"LOWMEM-CNN CHECKPOINT\n"
 # 2: the plan records tile sizes per tiled layer ("tiles"), fused layers included
@@ -260,7 +260,7 @@ def _rng_state(value) -> bool:
 
 
 def _plan(value) -> bool:
-    from lowmem_cnn.workspace import WHOLE
+    from lowmem_cnn.engine.workspace import WHOLE
 
     return (isinstance(value, dict) and set(value) == {"micro_batch", "eval_micro_batch", "tiles", "threads"}
             and _whole(value["micro_batch"], 1, 2**31) and _whole(value["eval_micro_batch"], 1, 2**31)
@@ -293,8 +293,8 @@ def check_run_meta(path: Path, meta: dict):
     training.resume reads: a LowmemError that names the field otherwise."""
     from dataclasses import MISSING, fields
 
-    from lowmem_cnn.run_options import check_settings
-    from lowmem_cnn.training import Settings
+    from lowmem_cnn.training.run_options import check_settings
+    from lowmem_cnn.training.run import Settings
 
     what = f"{path}: not a usable training checkpoint"
     run = meta.get("run")

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field, make_dataclass, replace
 from importlib import resources
 from pathlib import Path
 
-from lowmem_cnn.errors import LowmemError
-from lowmem_cnn.layers import FRACTIONS, LAYER_TYPES, REQUIRED, SAME_AS_SIZE
-from lowmem_cnn.run_options import CONFIG_OPTIONS
+from lowmem_cnn.common.errors import LowmemError
+from lowmem_cnn.engine.layers import FRACTIONS, LAYER_TYPES, REQUIRED, SAME_AS_SIZE
+from lowmem_cnn.training.run_options import CONFIG_OPTIONS
 
 DEFAULT_CONFIG = "simple_convnet"
 
@@ -129,7 +129,7 @@ def parse_config(where, data: bytes) -> dict:
 
 
 def _read(name_or_path: str, shipped_only: bool = False) -> tuple[str, dict]:
-    from lowmem_cnn.reading import read_small_regular_file  # it imports this module
+    from lowmem_cnn.common.reading import read_small_regular_file  # it imports this module
 
     path = Path(name_or_path)
     if not shipped_only and (path.suffix == ".toml" or os.path.lexists(path)):

@@ -13,8 +13,8 @@ with the same result to the bit.
 
 import numpy as np
 
-from lowmem_cnn.errors import LowmemError
-from lowmem_cnn.executor import run_shared
+from lowmem_cnn.common.errors import LowmemError
+from lowmem_cnn.engine.executor import run_shared
 
 CHUNK = 1 << 16
 # State that decays (Adam's m and v, Momentum's v) of a weight whose gradient stays

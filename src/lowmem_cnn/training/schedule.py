@@ -12,7 +12,7 @@ rates as one that was never stopped.
 import math
 from dataclasses import dataclass
 
-from lowmem_cnn.errors import LowmemError
+from lowmem_cnn.common.errors import LowmemError
 
 SCHEDULES = ("constant", "cosine", "step")
 

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from lowmem_cnn.config import DEFAULT_CONFIG, canonical_layers, shown, shown_name
-from lowmem_cnn.errors import LowmemError
-from lowmem_cnn.files import atomic_write
-from lowmem_cnn.reading import parse_json, read_regular_file, read_small_regular_file
-from lowmem_cnn.run_options import DESCRIBED_OPTIONS
+from lowmem_cnn.files.config import DEFAULT_CONFIG, canonical_layers, shown, shown_name
+from lowmem_cnn.common.errors import LowmemError
+from lowmem_cnn.common.writing import atomic_write
+from lowmem_cnn.common.reading import parse_json, read_regular_file, read_small_regular_file
+from lowmem_cnn.training.run_options import DESCRIBED_OPTIONS
 
 
 # --- reading: a pickle of a dict of arrays, interpreted here ---------------------------
@@ -478,7 +478,7 @@ def read_checked(path, expected_shapes: dict, max_bytes: int) -> dict:
 
 
 def _check_described_shapes(path, config, params: dict):
-    from lowmem_cnn.model import Network
+    from lowmem_cnn.engine.model import Network
 
     where = meta_path(path)
     for key, shape in Network(config).expected_book_shapes().items():
@@ -530,7 +530,7 @@ def write_params(path, params: dict, config, dtype, training: dict | None = None
     renames leaves the new description beside the old pickle, which every reader refuses
     (the SHA-256 differs), never a new pickle taken for what an old description says.
     """
-    from lowmem_cnn.config import describe_network
+    from lowmem_cnn.files.config import describe_network
 
     path = Path(path)
     with atomic_write(path, "parameter file") as f:
@@ -581,8 +581,8 @@ def read_description(path) -> dict | None:
 def _description(path) -> tuple[dict, object] | None:
     """(the checked description, the NetworkConfig it says, or None for an earlier
     lowmem-cnn's, which names a config), or None."""
-    from lowmem_cnn.config import network_from_description, shipped_configs
-    from lowmem_cnn.model import Network
+    from lowmem_cnn.files.config import network_from_description, shipped_configs
+    from lowmem_cnn.engine.model import Network
 
     where = meta_path(path)
     data = read_small_regular_file(where, DESCRIPTION_LIMIT, _DESCRIPTION)
@@ -642,7 +642,7 @@ def _check_training(training):
     """The optional record of how the parameters were trained (TRAINING_FIELDS, and
     SPLIT_FIELDS for a network trained on a folder whose split was drawn), each value
     checked by its option's declaration (run_options): what train accepts, this reads."""
-    from lowmem_cnn.run_options import MAX_EPOCHS, OPTIONS, SPLIT_SEED, TEST_SPLIT
+    from lowmem_cnn.training.run_options import MAX_EPOCHS, OPTIONS, SPLIT_SEED, TEST_SPLIT
 
     if (not isinstance(training, dict) or not set(TRAINING_FIELDS) <= set(training)
             or set(training) - set(TRAINING_FIELDS) not in (set(), set(SPLIT_FIELDS))):
@@ -674,7 +674,7 @@ def network_for(path, config_name=None) -> tuple:
     network. Without one (the book's files): the config named, else the shipped config
     whose parameter names and shapes are exactly the file's, else a one-line error
     naming the closest."""
-    from lowmem_cnn.config import load_config
+    from lowmem_cnn.files.config import load_config
 
     found = _description(path)
     if found is None:
@@ -703,7 +703,7 @@ def network_for(path, config_name=None) -> tuple:
 def _check_fits_file(path: Path, config):
     """A description whose network has more values than the parameter file has bytes for
     is refused before the network's memory is planned (a float is 2 bytes at least)."""
-    from lowmem_cnn.model import Network
+    from lowmem_cnn.engine.model import Network
 
     try:
         size = path.stat().st_size
@@ -717,8 +717,8 @@ def _check_fits_file(path: Path, config):
 
 def _shipped_match(path: Path):
     """The shipped config whose parameter names and shapes are exactly the file's."""
-    from lowmem_cnn.config import load_config, shipped_configs
-    from lowmem_cnn.model import Network
+    from lowmem_cnn.files.config import load_config, shipped_configs
+    from lowmem_cnn.engine.model import Network
 
     shipped = {}
     for name in shipped_configs():

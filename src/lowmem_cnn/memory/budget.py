@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from lowmem_cnn.errors import LowmemError
+from lowmem_cnn.common.errors import LowmemError
 
 # Without --max-ram the run may use this share of the RAM that is available now.
 DEFAULT_SHARE_OF_AVAILABLE = 0.5

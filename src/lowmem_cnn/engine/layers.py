@@ -28,9 +28,9 @@ import math
 
 import numpy as np
 
-from lowmem_cnn.columns import ConvGeometry, add_columns, column_tiles, windows
-from lowmem_cnn.errors import LowmemError
-from lowmem_cnn.workspace import Context
+from lowmem_cnn.engine.columns import ConvGeometry, add_columns, column_tiles, windows
+from lowmem_cnn.common.errors import LowmemError
+from lowmem_cnn.engine.workspace import Context
 
 # The affine weight gradient is made in slices of about this size (see Affine.backward).
 GRADIENT_SLICE_BYTES = 1 << 18
