@@ -7,7 +7,7 @@ other did not. Here the two take turns every --segment batches, in the order
 lowmem-cnn, PyTorch, PyTorch, lowmem-cnn (so that a drift in speed falls on both
 alike), for --rounds rounds: the ratio of their total times compares the same minutes.
 
-lowmem-cnn trains as `lowmem-cnn train --config CONFIG` does (training.training_run:
+lowmem-cnn trains as `lowmem-cnn train --config CONFIG` does (training.run.training_run:
 the plan for --max-ram, the next batch read from the IDX file while one is computed,
 and the config's whole [training] table: optimizer, rate, batch, and for a recipe such
 as photos its augmentation, weight decay and learning-rate schedule over its epochs);
@@ -49,7 +49,7 @@ class LowmemRun:
     """A lowmem-cnn training run, advanced a number of updates at a time: the run
     `lowmem-cnn train --config CONFIG --max-ram BUDGET --data-dir DIR` makes (its
     Settings from the config's [training] table, as cli.train fills them, made into a
-    run as training._build does), without the evaluations between epochs."""
+    run as training.starting._build does), without the evaluations between epochs."""
 
     def __init__(self, config_name, budget, data_dir, epochs=None, limit=None):
         """`epochs`, `limit`: as train's --epochs and --limit (default: the config's, all)."""

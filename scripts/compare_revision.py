@@ -18,7 +18,6 @@ same.
 """
 
 import argparse
-import importlib
 import inspect
 import os
 import statistics
@@ -36,12 +35,12 @@ import numpy as np  # noqa: E402
 from lowmem_cnn.memory.budget import map_large_arrays, parse_size  # noqa: E402
 from lowmem_cnn.data.idx import open_directory  # noqa: E402
 from lowmem_cnn.memory.planner import make_plan  # noqa: E402
-from profile_layers import load_revision  # noqa: E402
+from profile_layers import load_revision, module  # noqa: E402
 
 
 def network(package: str, config: str, threads: int):
-    load_config = importlib.import_module(package + ".config").load_config
-    model = importlib.import_module(package + ".model")
+    load_config = module(package, "config").load_config
+    model = module(package, "model")
     net = model.Network(load_config(config).network, np.float32, threads=threads)
     net.init_params(np.random.default_rng(0))
     return net
@@ -53,7 +52,7 @@ def batch_runner(package: str, net, plan):
     tiles, whichever API `net`'s revision has; it returns the mean loss."""
     api = list(inspect.signature(net.accumulate_gradient).parameters)[2]
     if api == "plan":  # since 6db8776: a plan is a value, handed to what runs it
-        own = importlib.import_module(package + ".planner").chosen_plan(
+        own = module(package, "planner").chosen_plan(
             net, plan.micro_batch, plan.threads, plan.tiles)
 
         def batch(images, labels):

@@ -47,23 +47,35 @@ from lowmem_cnn.engine.workspace import WHOLE  # noqa: E402
 
 def load_revision(ref: str):
     """The lowmem_cnn package of git revision `ref`, imported as lowmem_cnn_ref (from a
-    temporary directory removed when the process exits)."""
+    temporary directory removed when the process exits); its layers module."""
     root = Path(tempfile.mkdtemp(prefix="lowmem_ref_"))
     atexit.register(shutil.rmtree, root, ignore_errors=True)
     package = root / "lowmem_cnn_ref"
-    package.mkdir()
-    names = subprocess.run(["git", "ls-tree", "--name-only", f"{ref}:src/lowmem_cnn"],
+    names = subprocess.run(["git", "ls-tree", "-r", "--name-only", f"{ref}:src/lowmem_cnn"],
                            cwd=HERE.parent, check=True, capture_output=True, text=True).stdout
     for name in names.split():
         if name.endswith(".py"):
             text = subprocess.run(["git", "show", f"{ref}:src/lowmem_cnn/{name}"], cwd=HERE.parent,
                                   check=True, capture_output=True, text=True).stdout
+            (package / name).parent.mkdir(parents=True, exist_ok=True)
             (package / name).write_text(text.replace("lowmem_cnn.", "lowmem_cnn_ref."))
     (package / "__init__.py").write_text("")
     sys.path.insert(0, str(root))
-    import lowmem_cnn_ref.layers
+    return module("lowmem_cnn_ref", "layers")
 
-    return lowmem_cnn_ref.layers
+
+# where a module is: in the folders since they came (engine/, files/, memory/), or flat before
+FOLDERS = {"layers": "engine", "workspace": "engine", "conv_pool": "engine", "model": "engine",
+           "config": "files", "planner": "memory", "budget": "memory"}
+
+
+def module(package: str, name: str):
+    """Module `name` of `package` (lowmem_cnn or a revision's lowmem_cnn_ref), wherever
+    that revision keeps it."""
+    try:
+        return importlib.import_module(f"{package}.{FOLDERS[name]}.{name}")
+    except ModuleNotFoundError:
+        return importlib.import_module(f"{package}.{name}")
 
 
 def images_and_labels(m):
@@ -84,9 +96,9 @@ class Variant:
     def __init__(self, package: str, network, planned: tuple, tile_bytes: int | None, m: int):
         """`planned`: the plan's tile sizes; `tile_bytes`: column tiles of that many bytes
         in the unfused convolutions instead (0: the whole micro-batch of m images)."""
-        self.layers_module = importlib.import_module(package + ".layers")
-        self.workspace_module = importlib.import_module(package + ".workspace")
-        self.conv_pool_module = importlib.import_module(package + ".conv_pool")
+        self.layers_module = module(package, "layers")
+        self.workspace_module = module(package, "workspace")
+        self.conv_pool_module = module(package, "conv_pool")
         self.network = network
         s = network.dtype.itemsize
         tiles = tuple(size if tile_bytes is None or not isinstance(layer, self.layers_module.Convolution)
@@ -95,7 +107,9 @@ class Variant:
                       for layer, size in zip(network.tiled, planned, strict=True))
         self.by_layer = dict(zip(map(id, network.tiled), tiles, strict=True))
         self.ws = self.workspace_module.Workspace()
-        self.grads = network._gradient_sets()[0][1]  # one Gradients per layer
+        sums = network._gradient_sets()[0]  # a ThreadSums; before, (flat, per layer)
+        self.grads = sums.layer_grads if hasattr(sums, "layer_grads") else sums[1]  # one per layer
+        self.statistics = {"statistics": sums.statistics} if hasattr(sums, "statistics") else {}
 
     def tile(self, layer) -> str:
         """The layer's tile: column rows (a convolution) or images (a fused one)."""
@@ -109,10 +123,11 @@ class Variant:
         """One micro-batch, as Network._gradient, each layer's call timed into `times`."""
         clock = time.thread_time if os.environ.get("CPU_CLOCK") else time.perf_counter
         network, layers = self.network, self.network.layers
-        for g in self.grads:
+        for g in (*self.grads, *self.statistics.get("statistics", {}).values()):
             g.restart()
         noise = np.random.default_rng(0) if network.draws_noise else None
-        ctx = self.workspace_module.Context(self.ws, True, self.by_layer, noise, len(labels))
+        ctx = self.workspace_module.Context(self.ws, True, self.by_layer, noise, len(labels),
+                                            **self.statistics)
         x = network.to_input(images, self.ws)
         saved = []
         for i, layer in enumerate(layers):
@@ -132,12 +147,12 @@ def revision_network(ref: str, network):
     """The network of revision `ref` (same config, same weights), or exit when its layers
     take another API than this tree's."""
     load_revision(ref)
-    layers = importlib.import_module("lowmem_cnn_ref.layers")
+    layers = module("lowmem_cnn_ref", "layers")
     if list(inspect.signature(layers.Convolution.forward).parameters) != ["self", "x", "ctx"]:
         sys.exit(f"--compare {ref}: its layers take another API than this tree's (before 6db8776: "
                  f"forward(x, train, ws, noise)), which this script does not drive; compare whole "
                  f"training batches with: python scripts/compare_revision.py {ref}")
-    model = importlib.import_module("lowmem_cnn_ref.model")
+    model = module("lowmem_cnn_ref", "model")
     theirs = model.Network(network.config, network.dtype, threads=1)
     theirs.load_book_params(network.book_params())
     return theirs

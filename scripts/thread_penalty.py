@@ -57,16 +57,15 @@ def micro_batches(work: Work, thread: int, stop: threading.Event, out: list):
     """Micro-batches on `thread`'s workspace and gradient set until `stop`; (wall, user
     CPU, voluntary switches) of each appended to `out`."""
     net, images, labels, m = work.net, work.images, work.labels, work.m
-    sets = net._gradient_sets()[thread][1]
-    tiles = net._tiles(work.plan)
+    sums = net._gradient_sets()[thread]
+    tiles = net.tile_map(work.plan.tiles)
     part = slice(m * thread, m * (thread + 1))
     while not stop.is_set():
         before, began = resource.getrusage(resource.RUSAGE_THREAD), time.perf_counter()
-        for grads in sets:
-            grads.restart()
+        sums.restart()
         noise = np.random.default_rng([thread]) if net.draws_noise else None
-        ctx = Context(net.workspaces[thread], True, tiles, noise, 2 * m)
-        net._gradient(images[part], labels[part], ctx, sets)
+        ctx = Context(net.workspaces[thread], True, tiles, noise, 2 * m, sums.statistics)
+        net._gradient(images[part], labels[part], ctx, sums.layer_grads)
         wall, after = time.perf_counter() - began, resource.getrusage(resource.RUSAGE_THREAD)
         out.append((wall, after.ru_utime - before.ru_utime, after.ru_nvcsw - before.ru_nvcsw))
 

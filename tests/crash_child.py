@@ -19,8 +19,10 @@ import os
 import signal
 import sys
 
+from lowmem_cnn.common.writing import HashingWriter
 from lowmem_cnn.files import checkpoint
-from lowmem_cnn.training import run as training
+from lowmem_cnn.training.epochs import EpochLoop
+from lowmem_cnn.training.run import TrainingRun
 from lowmem_cnn.cli import main
 
 
@@ -31,7 +33,7 @@ def act(action):
 
 def install(options):
     if options.at_update:
-        steps, done = training.EpochLoop.steps, [0]
+        steps, done = EpochLoop.steps, [0]
 
         def counted_steps(self, plan):
             for item in steps(self, plan):
@@ -40,9 +42,9 @@ def install(options):
                     act(options.action)
                 yield item
 
-        training.EpochLoop.steps = counted_steps
+        EpochLoop.steps = counted_steps
     if options.at_epoch_end:
-        end_epoch, ended = training.TrainingRun._end_epoch, [0]
+        end_epoch, ended = TrainingRun._end_epoch, [0]
 
         def counted_end(self, epoch):
             record = end_epoch(self, epoch)
@@ -51,9 +53,9 @@ def install(options):
                 act(options.action)
             return record
 
-        training.TrainingRun._end_epoch = counted_end
+        TrainingRun._end_epoch = counted_end
     if options.in_checkpoint:
-        write, out = checkpoint.write_checkpoint, checkpoint._HashingWriter.write
+        write, out = checkpoint.write_checkpoint, HashingWriter.write
         started, pieces = [0], [0]
 
         def counted_write(path, meta, arrays):
@@ -68,7 +70,7 @@ def install(options):
             return out(self, data)
 
         checkpoint.write_checkpoint = counted_write
-        checkpoint._HashingWriter.write = piece
+        HashingWriter.write = piece
 
 
 def parse(argv):

@@ -13,7 +13,7 @@ import pytest
 from conftest import run_lowmem
 
 from lowmem_cnn.files.config import load_config
-from lowmem_cnn.engine.layers import BatchNormalization, Gradients
+from lowmem_cnn.engine.layers import BatchNormalization, Gradients, Statistics
 from lowmem_cnn.engine.model import Network
 from lowmem_cnn.memory.planner import chosen_plan
 from lowmem_cnn.engine.workspace import Context, Workspace
@@ -57,8 +57,12 @@ def layer(shape, rng):
 
 
 def grads_of(bn):
-    return Gradients({name: np.zeros(shape) for name, shape in
-                      {**bn.param_shapes, **bn.state_shapes}.items()})
+    return Gradients({name: np.zeros(shape) for name, shape in bn.param_shapes.items()})
+
+
+def statistics_of(bn):
+    """The Statistics a thread gives batch normalization, apart from its gradients."""
+    return Statistics({name: np.zeros(shape) for name, shape in bn.state_shapes.items()})
 
 
 @pytest.mark.parametrize("shape, m", [((5,), 7), ((4, 3, 6), 3)])
@@ -73,18 +77,21 @@ def test_forward_and_backward_follow_the_books_formulas(shape, m):
     dout = rng.standard_normal(x.shape)
     dx_expected, dgamma, dbeta = book_backward(dout.reshape(rows.shape), bn.gamma, cache)
 
-    ctx = Context(Workspace(), True, batch_images=m)
+    statistics = statistics_of(bn)
+    statistics.restart()
+    ctx = Context(Workspace(), True, batch_images=m, statistics={id(bn): statistics})
     out, saved = bn.forward(x.copy(), ctx)
     np.testing.assert_allclose(out.reshape(rows.shape), expected, rtol=1e-12, atol=1e-12)
     grads = grads_of(bn)
     grads.restart()
     dx = bn.backward(dout.copy(), saved, grads, ctx)
     np.testing.assert_allclose(dx.reshape(rows.shape), dx_expected, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(grads["gamma"], dgamma, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(grads["beta"], dbeta, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(grads.value("gamma"), dgamma, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(grads.value("beta"), dbeta, rtol=1e-12, atol=1e-12)
     # the batch's statistics, for the running ones
-    np.testing.assert_allclose(grads["running_mean"], cache[3], rtol=1e-12)
-    np.testing.assert_allclose(grads["running_var"], cache[4], rtol=1e-12)
+    np.testing.assert_allclose(statistics.value("running_mean"), cache[3], rtol=1e-12)
+    np.testing.assert_allclose(statistics.value("running_var"), cache[4], rtol=1e-12)
+    assert set(grads.names()) == {"gamma", "beta"}  # statistics are no gradients
 
     # evaluation: the running statistics
     out, _ = bn.forward(x.copy(), Context())
@@ -132,8 +139,8 @@ def test_layer_gradients_numerically(shape, m):
     grads.restart()
     dx = bn.backward(weights.copy(), saved, grads, ctx)
     np.testing.assert_allclose(dx, numerical_gradient(loss, x), rtol=1e-6, atol=1e-8)
-    np.testing.assert_allclose(grads["gamma"], numerical_gradient(loss, bn.gamma), rtol=1e-6, atol=1e-8)
-    np.testing.assert_allclose(grads["beta"], numerical_gradient(loss, bn.beta), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(grads.value("gamma"), numerical_gradient(loss, bn.gamma), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(grads.value("beta"), numerical_gradient(loss, bn.beta), rtol=1e-6, atol=1e-8)
 
 
 TINY_BN = """

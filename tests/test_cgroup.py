@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 from idx_files import write_dataset
 
+import lowmem_cnn
 from lowmem_cnn.memory import budget
 from lowmem_cnn.memory.budget import CgroupLimit, cgroup_limit, cgroup_room, resolve_budget
 from lowmem_cnn.common.errors import LowmemError
@@ -468,7 +469,7 @@ def test_a_run_in_a_1gib_cgroup_keeps_to_it(memory_cgroup, tmp_path):
     # an 11 GiB budget and the run died of SIGKILL, status 137).
     config = tmp_path / "big.toml"
     config.write_text(re.sub(r"units = 100\b", "units = 40000", (
-        Path(budget.__file__).parent / "configs" / "simple_convnet.toml").read_text()))
+        Path(lowmem_cnn.__file__).parent / "configs" / "simple_convnet.toml").read_text()))
     assert "units = 40000" in config.read_text()
     result = _run_in(memory_cgroup, "train", *common, "--config", str(config),
                      "--out", str(tmp_path / "q.pkl"), cwd=tmp_path)

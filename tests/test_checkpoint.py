@@ -301,18 +301,19 @@ def test_a_lock_file_removed_as_its_holder_let_go_is_not_taken_for_the_lock(tmp_
 
 def test_a_refused_start_lets_go_of_the_lock_it_took(tmp_path):
     # the parameter file is in use: start refuses after it has locked the checkpoint
-    from lowmem_cnn.training import run as training
+    from lowmem_cnn.training.run import Checkpointing, Settings
+    from lowmem_cnn.training.starting import start
     from lowmem_cnn.data.idx import DataOptions
     from lowmem_cnn.common.locks import RunLock
 
     out = tmp_path / "params.pkl"
     held = RunLock(out, "parameter file")
-    settings = training.Settings(config="simple_convnet", dtype="float32", epochs=1, batch_size=100,
-                                 lr=0.001, optimizer="adam", seed=0, limit=None, out=str(out),
-                                 max_ram=2**30, threads=1)
-    checkpointing = training.Checkpointing(tmp_path / "params.pkl.ckpt", None)
+    settings = Settings(config="simple_convnet", dtype="float32", epochs=1, batch_size=100,
+                        lr=0.001, optimizer="adam", seed=0, limit=None, out=str(out),
+                        max_ram=2**30, threads=1)
+    checkpointing = Checkpointing(tmp_path / "params.pkl.ckpt", None)
     with pytest.raises(LowmemError, match="in use by process"):
-        training.start(settings, checkpointing, DataOptions(tmp_path / "no data"))
+        start(settings, checkpointing, DataOptions(tmp_path / "no data"))
     assert lock_files(tmp_path) == [".params.pkl.lock"]  # only the one still held
     held.release()
     assert not lock_files(tmp_path)

@@ -17,7 +17,7 @@ from lowmem_cnn.engine.layers import Dropout
 from lowmem_cnn.engine.model import Network
 from lowmem_cnn.memory.planner import chosen_plan
 from lowmem_cnn.engine.workspace import Context, Workspace
-from lowmem_cnn.files.params import read_params
+from lowmem_cnn.files.pickles import read_params
 
 from conftest import run_lowmem
 
@@ -194,7 +194,7 @@ def test_memory_plot_draws_no_bars_for_layers_without_columns(tmp_path, monkeypa
 
     net = Network(load_config().network)
     net.init_params(np.random.default_rng(0))
-    rows = layer_table(net, make_plan(net, 2**30, 40 * 2**20, False, 100, 0), 10_000)
+    rows = layer_table(net, make_plan(net, 2**30, 40 * 2**20, False, 100, 0), 10_000, False)
     assert [r["layer"].split()[0] for r in rows] == ["conv", "pool", "relu", "affine", "relu",
                                                       "affine"]
     seen = drawn_memory_plot(rows, tmp_path, monkeypatch)

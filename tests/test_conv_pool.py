@@ -57,8 +57,8 @@ def test_fused_layer_equals_conv_then_pool(case, tile_images):
     together = Gradients({"W": np.full_like(conv.W, 7.0), "b": np.full_like(conv.b, 7.0)})
     together.restart()  # stale values: the first add overwrites them
     dx = fused.backward(dout.copy(), saved, together, fused_ctx)
-    np.testing.assert_allclose(together["W"], separate["W"], rtol=1e-10, atol=1e-10)
-    np.testing.assert_allclose(together["b"], separate["b"], rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(together.value("W"), separate.value("W"), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(together.value("b"), separate.value("b"), rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(dx, expected_dx, rtol=1e-10, atol=1e-10)
 
 

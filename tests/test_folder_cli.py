@@ -13,7 +13,7 @@ import pytest
 from test_folders import make_folder
 
 from conftest import ROOT, run_lowmem
-from lowmem_cnn.files.params import meta_path
+from lowmem_cnn.files.description import meta_path
 
 _spec = importlib.util.spec_from_file_location("make_photo_folder", ROOT / "scripts" / "make_photo_folder.py")
 make_photo_folder = importlib.util.module_from_spec(_spec)

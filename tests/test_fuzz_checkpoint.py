@@ -411,17 +411,18 @@ def order_changed(rnd, data):
 @given(mutate=st.sampled_from([meta_field, array_of_other_shape, array_removed, order_changed]),
        rnd=st.randoms(use_true_random=False))
 def test_a_mutated_run_is_resumed_or_refused(made, mutate, rnd):
-    """training.resume of a checkpoint whose metadata or arrays no longer fit the run:
+    """starting.resume of a checkpoint whose metadata or arrays no longer fit the run:
     a LowmemError, or a run ready to go on (the mutation changed nothing it uses)."""
-    from lowmem_cnn.training import run as training
+    from lowmem_cnn.training.run import Checkpointing
+    from lowmem_cnn.training.starting import AlreadyFinished, resume
     from lowmem_cnn.data.idx import DataOptions
 
     home, data_dir, original = made
     path = home / "run.ckpt"
     path.write_bytes(mutate(rnd, original))
     try:
-        run, _ = training.resume(training.Checkpointing(path), BUDGET, DataOptions(data_dir))
-    except training.AlreadyFinished:
+        run, _ = resume(Checkpointing(path), BUDGET, DataOptions(data_dir))
+    except AlreadyFinished:
         return
     except LowmemError as err:
         assert "\n" not in str(err)

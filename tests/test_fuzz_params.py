@@ -34,8 +34,10 @@ from test_fuzz_checkpoint import (BUDGET, EXTREMES, MEMORY_SLACK, TINY_CONFIG, M
 from lowmem_cnn.files.config import load_config
 from lowmem_cnn.common.errors import LowmemError
 from lowmem_cnn.engine.model import Network
-from lowmem_cnn.files.params import (meta_path, network_for, param_file_limit, read_checked, read_description,
-                               read_params, save_params)
+from lowmem_cnn.files.description import meta_path, read_description
+from lowmem_cnn.files.network_file import network_for
+from lowmem_cnn.files.params import param_file_limit, read_checked, save_params
+from lowmem_cnn.files.pickles import read_params
 
 FUZZ = settings(max_examples=500, derandomize=True, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow])
@@ -368,7 +370,7 @@ def test_eval_reads_every_protocol_and_byte_order_alike(made):
 def test_the_most_a_crafted_pickle_makes_the_reader_hold(made):
     """Its memo full of views of empty bytes (each set into the dict, so the stack stays
     small): 4.0 MiB measured; one more value remembered is refused."""
-    from lowmem_cnn.files.params import _MOST_MEMO
+    from lowmem_cnn.files.pickles import _MOST_MEMO
 
     home = made[0]
     start = b"\x80\x04}\x8c\x01a\x94N\x94s"  # {} and 'a' and None remembered as 0 and 1

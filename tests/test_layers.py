@@ -7,7 +7,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lowmem_cnn.engine import columns as columns_module
-from lowmem_cnn.files import book_layout
 from lowmem_cnn.engine.columns import column_tiles, tile_rows, windows
 from lowmem_cnn.engine.layers import (Affine, Convolution, Gradients, MaxPooling, ReLU,
                                softmax_cross_entropy)
@@ -52,7 +51,7 @@ def make_conv(rng, in_shape, filters, size, stride, pad, tile_rows, dtype=np.flo
     contexts ({id(conv): tile_rows}: a tile is no attribute of the layer)."""
     conv = Convolution(in_shape, filters, size, stride, pad)
     book_w = rng.standard_normal((filters, in_shape[2], size, size)).astype(dtype)
-    conv.W = np.ascontiguousarray(book_layout.from_book(conv, "W", book_w, book_w.dtype))
+    conv.W = np.ascontiguousarray(conv.from_book("W", book_w, book_w.dtype))
     conv.b = rng.standard_normal(filters).astype(dtype)
     return conv, book_w, {id(conv): tile_rows}
 
@@ -116,9 +115,9 @@ def check_conv_against_reference(conv, book_w, x, rng, tiles, ws=None, rtol=1e-1
                                    atol=10 * rtol)
     else:
         assert dx is None
-    np.testing.assert_allclose(book_layout.to_book(conv, "W", grads["W"]), dw4.transpose(3, 2, 0, 1),
+    np.testing.assert_allclose(conv.to_book("W", grads.value("W")), dw4.transpose(3, 2, 0, 1),
                                rtol=10 * rtol, atol=10 * rtol)
-    np.testing.assert_allclose(grads["b"], dout.sum(axis=(0, 1, 2)), rtol=10 * rtol,
+    np.testing.assert_allclose(grads.value("b"), dout.sum(axis=(0, 1, 2)), rtol=10 * rtol,
                                atol=10 * rtol)
 
 
@@ -255,7 +254,7 @@ def test_memory_states_exactly_what_the_layer_holds(train, need_input_grad, shap
             assert pad == 0 or ws.holds(saved)
             grads = Gradients({"W": np.zeros_like(conv.W), "b": np.zeros_like(conv.b)})
             dx = conv.backward(dout.copy(), saved, grads, ctx)
-            results += [grads["W"], grads["b"]]
+            results += [grads.value("W"), grads.value("b")]
             if need_input_grad:
                 assert ws.holds(dx) or np.shares_memory(dx, given)
                 results.append(dx.copy())
@@ -277,7 +276,7 @@ def test_memory_states_exactly_what_the_layer_holds(train, need_input_grad, shap
         dx = conv.backward(out, saved, stale, ctx)
         assert (dx is None) == (not need_input_grad)
         assert dx is None or dx.shape == x.shape
-        assert (stale["W"] == 7).all() and (stale["b"] == 7).all()
+        assert (stale.value("W") == 7).all() and (stale.value("b") == 7).all()
     np.testing.assert_array_equal(dry_x, x)
     np.testing.assert_array_equal(conv.W, params[0])
     np.testing.assert_array_equal(conv.b, params[1])
@@ -345,7 +344,7 @@ def test_convolutions_in_a_row_share_a_workspace(train):
                                         strict=True):
                 g = Gradients({"W": np.zeros_like(conv.W), "b": np.zeros_like(conv.b)})
                 dx = conv.backward(dout.copy(), keep, g, Context(ws_for(conv), train, tiles))
-                grads.append((dx.copy(), g["W"], g["b"]))
+                grads.append((dx.copy(), g.value("W"), g.value("b")))
         return outs, grads
 
     shared = PoisonedWorkspace()
@@ -386,7 +385,7 @@ def test_one_row_tiles_and_ragged_tiles_agree(channels):
         out, saved = conv.forward(x.copy(), ctx)
         grads = Gradients({"W": np.zeros_like(conv.W), "b": np.zeros_like(conv.b)})
         dx = conv.backward(dout.copy(), saved, grads, ctx)
-        results.append((out, dx, grads["W"]))
+        results.append((out, dx, grads.value("W")))
     for result in results[1:]:
         for a, b in zip(result, results[0], strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
@@ -438,7 +437,7 @@ def check_layer_gradients(layer, x, rng, params=(), tiles=None):
     grads.restart()
     dx = layer.backward(dout.copy(), saved, grads, ctx)
     for name in params:
-        np.testing.assert_allclose(added[name] - 1, grads[name], rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(added.value(name) - 1, grads.value(name), rtol=1e-12, atol=1e-12)
 
     def loss():
         return float((layer.forward(x.copy(), Context(Workspace(), False, tiles))[0] * dout).sum())
@@ -446,7 +445,7 @@ def check_layer_gradients(layer, x, rng, params=(), tiles=None):
     if dx is not None:
         np.testing.assert_allclose(dx, numerical_grad(loss, x), rtol=1e-5, atol=1e-7)
     for name in params:
-        np.testing.assert_allclose(grads[name], numerical_grad(
+        np.testing.assert_allclose(grads.value(name), numerical_grad(
             loss, getattr(layer, name)), rtol=1e-5, atol=1e-7)
 
 
@@ -486,11 +485,11 @@ def test_softmax_cross_entropy_gradient_numerically():
 def test_book_layout_round_trip():
     rng = np.random.default_rng(7)
     conv, book_w, _ = make_conv(rng, (7, 7, 3), 4, 3, 1, 0, 5)
-    np.testing.assert_array_equal(book_layout.to_book(conv, "W", conv.W), book_w)
+    np.testing.assert_array_equal(conv.to_book("W", conv.W), book_w)
     affine = Affine((2, 3, 4), 6)  # maps flatten in (C, H, W) order in the book
     book = rng.standard_normal((24, 6))
-    inside = book_layout.from_book(affine, "W", book, book.dtype)
-    np.testing.assert_array_equal(book_layout.to_book(affine, "W", inside), book)
+    inside = affine.from_book("W", book, book.dtype)
+    np.testing.assert_array_equal(affine.to_book("W", inside), book)
     x_hwc = rng.standard_normal((1, 2, 3, 4))
     np.testing.assert_allclose(x_hwc.reshape(1, -1) @ inside,
                                x_hwc.transpose(0, 3, 1, 2).reshape(1, -1) @ book)

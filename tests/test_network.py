@@ -9,8 +9,9 @@ from lowmem_cnn.files.config import load_config
 from lowmem_cnn.common.errors import LowmemError
 from lowmem_cnn.engine.model import Network
 from lowmem_cnn.engine.conv_pool import ConvolutionPooling
-from lowmem_cnn.memory.planner import (MAX_TRAIN_MICRO_BATCH, activation_peak, chosen_plan, make_plan,
-                                training_state_bytes)
+from lowmem_cnn.memory.planner import (BASELINE_JITTER, MARGIN_BYTES, MARGIN_SHARE, MAX_TRAIN_MICRO_BATCH,
+                                       BudgetError, activation_peak, chosen_plan, make_plan,
+                                       training_state_bytes)
 
 TINY = """
 [network]
@@ -162,6 +163,22 @@ def measured_peak(net, train, plan, images, labels):
         tracemalloc.stop()
 
 
+def held_by_a_real_run(net, train, plan, images, labels):
+    """What the plan's threads' workspaces hold once `plan` has run on `images`, from
+    empty workspaces: real arrays, not the planner's dry run."""
+    net.release_memory()
+    if train:
+        net.accumulate_gradient(images, labels, plan)
+    else:
+        net.predict(images, plan)
+    return sum(ws.held_bytes() for ws in net.workspaces[: plan.threads])
+
+
+def planned_peak(baseline, fixed, activations):
+    """The planned peak as planner.py's docstring states it."""
+    return baseline + fixed + activations + MARGIN_BYTES + int(MARGIN_SHARE * (fixed + activations))
+
+
 @pytest.mark.parametrize("config", ["simple_convnet", "deep_convnet"])
 @pytest.mark.parametrize("train", [False, True])
 @pytest.mark.parametrize("threads", [1, 2])
@@ -173,7 +190,7 @@ def test_plans_hold_what_the_run_allocates(config, train, threads):
     labels = rng.integers(0, 10, 200)
     baseline = 40 * 2**20
     fixed = training_state_bytes(net, 2) if train else 0
-    previous, measured = {}, {}  # previous: threads -> their last micro-batch
+    previous, measured, held = {}, {}, {}  # previous: threads -> their last micro-batch
     for budget_mib in (48, 52, 56, 64, 80, 96, 128, 256, 512, 2048):
         budget = budget_mib * 2**20
         try:
@@ -181,7 +198,6 @@ def test_plans_hold_what_the_run_allocates(config, train, threads):
         except LowmemError as err:
             assert "at least" in str(err)
             continue
-        assert 1 <= plan.micro_batch <= 100
         # more room never means smaller batches on as many threads (more threads may
         # take smaller ones)
         assert plan.micro_batch >= previous.get(plan.threads, 0)
@@ -196,10 +212,17 @@ def test_plans_hold_what_the_run_allocates(config, train, threads):
                 # two micro-batches a thread: a thread's later ones add to its gradients
                 n = 2 * plan.threads * micro_batch
                 measured[key] = measured_peak(net, training, plan, images[:n], labels[:n])
+                held[key] = held_by_a_real_run(net, training, plan, images[:n], labels[:n])
             assert measured[key] <= plan.activations + SMALL_ARRAYS, (
                 f"{budget_mib} MiB, {'training' if training else 'evaluation'} micro-batches "
                 f"of {micro_batch}: {measured[key]:,} bytes allocated, "
                 f"{plan.activations:,} planned")
+        # the plan's activations are, to the byte, what real workspaces hold on its threads
+        # (the larger of training's and evaluation's: the workspaces are emptied between
+        # them), and with those real bytes the peak is within the budget
+        real = max(held[(training, m, plan.threads, plan.tiles)] for training, m in runs)
+        assert plan.activations == real, (budget_mib, plan)
+        assert planned_peak(baseline, fixed, real) == plan.peak <= budget
     # with all the room it wants, the batch is shared equally by all the threads, whatever
     # the tighter plans before chose
     assert plan.threads == threads
@@ -207,11 +230,35 @@ def test_plans_hold_what_the_run_allocates(config, train, threads):
     assert measured
 
 
-def test_budget_below_minimum_is_refused_with_the_minimum():
+@pytest.mark.parametrize("train", [False, True])
+def test_budget_below_minimum_is_refused_with_the_minimum(train):
+    """A budget above the baseline but below what one image needs is refused, and the
+    minimum the refusal names is the least budget that is planned."""
     net = Network(load_config().network)
     net.init_params(np.random.default_rng(0))
-    with pytest.raises(LowmemError, match=r"needs at least [\d,]+ bytes"):
-        make_plan(net, 30 * 2**20, 40 * 2**20, False, 100, 0)
+    baseline = 40 * 2**20  # any: the planner counts on top of it
+    fixed = training_state_bytes(net, 2) if train else 0
+    # micro-batches of one image, every tile of one row (or image): what real workspaces
+    # hold for them (two: the second adds to the gradients), then the planned peak as
+    # planner.py states it
+    one_image = chosen_plan(net, 1, 1, (1,) * len(net.tiled))
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (2, net.input_size), dtype=np.uint8)
+    need = planned_peak(baseline, fixed, held_by_a_real_run(net, train, one_image, images, [3, 5]))
+    net.release_memory()
+    budget = (baseline + need) // 2
+    assert baseline < budget < need
+    with pytest.raises(BudgetError) as refused:
+        make_plan(net, budget, baseline, train, 100, fixed)
+    # named with room for another run's baseline (see planner.BASELINE_JITTER)
+    named = need + BASELINE_JITTER
+    assert refused.value.needed == named and refused.value.held == baseline
+    assert f"needs at least {named:,} bytes" in str(refused.value)
+    # the minimum is exact: one byte less is refused, the minimum itself is planned
+    with pytest.raises(BudgetError):
+        make_plan(net, need - 1, baseline, train, 100, fixed)
+    plan = make_plan(net, need, baseline, train, 100, fixed)
+    assert (plan.micro_batch, plan.threads, plan.peak) == (1, 1, need)
 
 
 def test_activation_peak_grows_with_the_micro_batch():

@@ -211,7 +211,7 @@ def test_unwritable_directory_on_save(network, tmp_path):
 
 def test_book_fixture_on_real_test_set(book_params, mnist_dir):
     from lowmem_cnn.data.idx import open_directory
-    from lowmem_cnn.training.run import evaluate
+    from lowmem_cnn.training.evaluation import evaluate
 
     data = open_directory(mnist_dir)
     predictions = {}

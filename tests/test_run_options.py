@@ -20,9 +20,12 @@ from lowmem_cnn.files.checkpoint import read_checkpoint, write_checkpoint
 from lowmem_cnn.cli import main
 from lowmem_cnn.files.config import TRAINING_KEYS, load_config
 from lowmem_cnn.common.errors import LowmemError
-from lowmem_cnn.files.params import TRAINING_FIELDS, meta_path, read_description, read_params, write_params
+from lowmem_cnn.files.description import TRAINING_FIELDS, meta_path, read_description
+from lowmem_cnn.files.params import write_params
+from lowmem_cnn.files.pickles import read_params
 from lowmem_cnn.training.run_options import RUN_OPTIONS, check_settings
-from lowmem_cnn.training.run import Settings, apply_given
+from lowmem_cnn.training.run import Settings
+from lowmem_cnn.training.starting import apply_given
 
 NETWORK = ('[network]\ninput_shape = [1, 28, 28]\n[[network.layers]]\ntype = "affine"\n'
            'units = 10\n')

@@ -17,8 +17,10 @@ from conftest import ROOT, run_lowmem, run_python
 from idx_files import write_dataset
 from lowmem_cnn.files.config import load_config
 from lowmem_cnn.common.errors import LowmemError
-from lowmem_cnn.files.params import (load_params, meta_path, network_for, read_description, read_params,
-                               save_params, write_params)
+from lowmem_cnn.files.description import meta_path, read_description
+from lowmem_cnn.files.network_file import network_for
+from lowmem_cnn.files.params import load_params, save_params, write_params
+from lowmem_cnn.files.pickles import read_params
 
 SIMPLE_TOML = ROOT / "configs" / "simple_convnet.toml"
 

@@ -32,8 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from lowmem_cnn.memory.budget import check_threads, current_rss, map_large_arrays, resolve_budget
-from lowmem_cnn.files import book_layout
-from lowmem_cnn.files.config import NetworkConfig
+from lowmem_cnn.engine.network_config import NetworkConfig
 from lowmem_cnn.common.errors import LowmemError
 from lowmem_cnn.engine.layers import softmax
 from lowmem_cnn.engine.model import Network
@@ -105,10 +104,9 @@ def _read_images(image_file, normalize: bool) -> np.ndarray:
 
 def engine_views(network: Network, arrays: dict) -> dict:
     """key -> a view of arrays[key] (in the engine's layout, like network.params() or a
-    gradient set) with the book's axes (book_layout.engine_view): writing into the view
-    writes the engine's array; np.reshape of the book's array fits it."""
-    return {key: book_layout.engine_view(layer, name, arrays[key])
-            for key, layer, name in network.param_names()}
+    gradient set) with the book's axes (Layer.book_view): writing into the view writes
+    the engine's array; np.reshape of the book's array fits it."""
+    return {key: layer.book_view(name, arrays[key]) for key, layer, name in network.param_names()}
 
 
 class Engine:
@@ -393,7 +391,7 @@ class _BookNetwork:
 
     def load_params(self, file_name="params.pkl"):
         """Read a parameter file (the book's or ours) into `params`. Read with
-        lowmem_cnn.files.params' restricted unpickler, and its description, if any, as the
+        lowmem_cnn.files.pickles' restricted unpickler, and its description, if any, as the
         command line reads it: a file that asks to run anything, whose keys, shapes or
         values do not fit, or whose description is not its own, is refused with
         LowmemError."""
@@ -554,7 +552,7 @@ class Trainer:
         self.batch_size = _count(mini_batch_size, "mini_batch_size")
         settings = dict(optimizer_param)
         self._optimizer = (optimizer, settings.pop("lr", 0.01), settings)
-        try:  # checked now; training.training_run makes the run's own
+        try:  # checked now; training.run.training_run makes the run's own
             self.optimizer = make_optimizer(*self._optimizer[:2], **settings)
         except LowmemError as err:
             raise ValueError(f"{err} (optimizer={optimizer!r}, optimizer_param={optimizer_param!r})"

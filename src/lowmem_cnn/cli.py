@@ -4,13 +4,11 @@ import json
 import re
 import signal
 import sys
-import time
 import warnings
 from functools import wraps
 from pathlib import Path
 
 import click
-import numpy as np
 
 from lowmem_cnn import __version__, default_threads
 from lowmem_cnn.data.augment import Augmentation
@@ -18,12 +16,9 @@ from lowmem_cnn.memory.budget import format_size, map_large_arrays, peak_rss, re
 from lowmem_cnn.files.config import DEFAULT_CONFIG, load_config
 from lowmem_cnn.data.idx import NoBar
 from lowmem_cnn.common.errors import LowmemError
-from lowmem_cnn.engine.model import Network
 from lowmem_cnn.training.run_options import RUN_OPTIONS, TEST_SPLIT
 from lowmem_cnn.training.run import CHECKPOINT_SECONDS
 
-# predict decodes and runs this many pictures at a time.
-PREDICT_CHUNK = 100
 BUDGET_HELP = ("Peak RAM (resident set size) the process may use: bytes, or K/M/G/T and "
                "KiB..TiB (powers of 1024), KB..TB (powers of 1000), e.g. 512M, 2G, 1.5GiB. "
                "Default: half of the RAM available now (cgroup limit included).")
@@ -123,16 +118,14 @@ def _image_size(text):
 
 
 def _describe_plan(network, plan, say):
-    from lowmem_cnn.engine.conv_pool import ConvolutionPooling
-
-    rows, images = [], []
+    sizes = {"rows": [], "images": []}  # by the layers' tile_unit
     for layer, size in zip(network.tiled, plan.tiles, strict=True):
-        (images if isinstance(layer, ConvolutionPooling) else rows).append(f"{size:,}")
+        sizes[layer.tile_unit].append(f"{size:,}")
     tiles = ""
-    if rows:
-        tiles += f"conv column tiles of {', '.join(rows)} rows; "
-    if images:
-        tiles += f"conv+pool tiles of {', '.join(images)} images; "
+    if sizes["rows"]:
+        tiles += f"conv column tiles of {', '.join(sizes['rows'])} rows; "
+    if sizes["images"]:
+        tiles += f"conv+pool tiles of {', '.join(sizes['images'])} images; "
     say(f"plan: {plan.threads} thread{'s' if plan.threads > 1 else ''} of {plan.micro_batch} images "
         f"at a time (evaluation {plan.eval_micro_batch}); {tiles}planned peak "
         f"{format_size(plan.peak)} (baseline {format_size(plan.baseline)})")
@@ -190,7 +183,7 @@ def _run_options(command):
 
 
 def _given_again(options: dict, **others) -> dict:
-    """What the user gave with --resume, as training.apply_given takes it: the declared
+    """What the user gave with --resume, as starting.apply_given takes it: the declared
     options given, and of `others` (Settings field -> value) those given on the command
     line (not click's defaults)."""
     from click.core import ParameterSource
@@ -259,12 +252,13 @@ def train(out, limit, checkpoint_path, checkpoint_every, resume, plot, max_ram, 
     Ctrl-C or SIGTERM: the current update finishes, a checkpoint is written, and
     `lowmem-cnn train --resume` continues the run exactly. Another train on the same
     checkpoint or parameter file is refused while this one runs."""
-    from lowmem_cnn.training import run as training
     from lowmem_cnn.common.writing import check_file_names
+    from lowmem_cnn.training import starting
+    from lowmem_cnn.training.run import Checkpointing, Settings, Stopped
 
     check_file_names([("--out", out), ("--checkpoint", checkpoint_path), ("--plot", plot)])
-    checkpointing = training.Checkpointing(checkpoint_path or out.with_name(out.name + ".ckpt"),
-                                           checkpoint_every)
+    checkpointing = Checkpointing(checkpoint_path or out.with_name(out.name + ".ckpt"),
+                                  checkpoint_every)
     # a resumed run's --out is known once its checkpoint is read: checked then too
     _check_train_outputs(None if resume else out, checkpointing.path, plot, data_dir)
     say = _sayer(as_json)
@@ -278,8 +272,8 @@ def train(out, limit, checkpoint_path, checkpoint_every, resume, plot, max_ram, 
                              threads=threads, strict=strict, test_fraction=test_split,
                              image_size=image_size and list(_image_size(image_size)))
         try:
-            run, _ = training.resume(checkpointing, budget, data, say, picture, given)
-        except training.AlreadyFinished as done:
+            run, _ = starting.resume(checkpointing, budget, data, say, picture, given)
+        except starting.AlreadyFinished as done:
             say(f"{checkpointing.path}: this run finished all {done.settings.epochs} epochs; its "
                 f"parameters are in {done.settings.out}")
             return
@@ -296,10 +290,9 @@ def train(out, limit, checkpoint_path, checkpoint_every, resume, plot, max_ram, 
                 options[option.name] = (getattr(defaults, option.name) if option.in_config
                                         else option.default)
         options["augment"] = str(Augmentation.parse(options["augment"]))
-        settings = training.Settings(config=config_name, dtype=dtype, limit=limit, out=str(out),
-                                     max_ram=_budget(max_ram, threads, say), threads=threads,
-                                     **options)
-        run, _ = training.start(settings, checkpointing, data, say, picture)
+        settings = Settings(config=config_name, dtype=dtype, limit=limit, out=str(out),
+                            max_ram=_budget(max_ram, threads, say), threads=threads, **options)
+        run, _ = starting.start(settings, checkpointing, data, say, picture)
     # Ctrl-C or SIGTERM from here on asks the run to stop after its current update
     stop = _StopRequest()
     settings, loop = run.settings, run.loop
@@ -310,14 +303,14 @@ def train(out, limit, checkpoint_path, checkpoint_every, resume, plot, max_ram, 
         + (f"; from epoch {loop.epochs_done + 1}, update {loop.position}" if resume else ""))
     report = _TrainReport(loop.count, settings.epochs, say)
     out = Path(settings.out)
-    # a run that diverges is stopped and said in one line (training.Diverged), not in
+    # a run that diverges is stopped and said in one line (training.run.Diverged), not in
     # NumPy's warnings on the way there
     warnings.filterwarnings("ignore", r"(overflow|invalid value|divide by zero) encountered",
                             RuntimeWarning)
     try:  # the run holds its locks: let go of them however it ends
         history = run.run(report.updated, report.epoch_ends, report.epoch_starts, stop)
         run.finish(out)
-    except training.Stopped as stopped:
+    except Stopped as stopped:
         report.close()
         where = (f"in epoch {stopped.epoch} after update {stopped.position}" if stopped.position
                  else f"after epoch {stopped.epoch - 1}")
@@ -363,7 +356,7 @@ def _check_train_outputs(out, checkpoint, plot, data_dir):
     """train's files, checked before any work (files.check_outputs)."""
     from lowmem_cnn.common.writing import check_outputs
 
-    # params.meta_path, without importing params before the plan measures the baseline
+    # description.meta_path, without importing it before the plan measures the baseline
     # (0.5 MiB of RSS)
     description = out and out.with_name(out.name + ".json")
     outputs = [("--out", out), ("--out's description", description),
@@ -400,7 +393,7 @@ def _check_reading_params(params, outputs, inputs=()):
     """The outputs of a command that reads the parameter file `params` (and its
     description) and `inputs`, checked before any work (files.check_outputs)."""
     from lowmem_cnn.common.writing import check_file_names, check_outputs
-    from lowmem_cnn.files.params import meta_path
+    from lowmem_cnn.files.description import meta_path
 
     check_file_names([("PARAMS", params)])
     check_outputs(outputs, [("the parameter file", params),
@@ -462,51 +455,26 @@ class _TrainReport:
 def evaluate_command(params, batch_size, split, misclassified, max_ram, data_dir, image_size,
                      test_split, strict, config_name, dtype, threads, as_json):
     """Accuracy, per-class accuracy and confusion matrix of a parameter file."""
-    from lowmem_cnn.files.params import load_params
-    from lowmem_cnn.memory.planner import Work, check_parameters_fit
-    from lowmem_cnn.session import Session
-    from lowmem_cnn.training.run import MAX_READ_IMAGES, evaluate
+    from lowmem_cnn.session import evaluate_params
 
     outputs = [("--misclassified", misclassified)]
     _check_reading_params(params, outputs, _data_files(data_dir, outputs))
     say = _sayer(as_json)
-    run = Session(_budget(max_ram, threads, say), config_name, dtype, threads,
-                  _data_options(data_dir, image_size, test_split, strict, say), params)
-    check_parameters_fit(run.network, run.budget, loading=True)
-    load_params(params, run.network)
-    work = Work("evaluate", batch_size, read=min(batch_size, MAX_READ_IMAGES),
-                picture="digits" if misclassified else None)
-    run.make_plan(work)  # refused before the data is read or downloaded
-    data = run.open_data()
-    run.make_plan(work)
-    _describe_plan(run.network, run.plan, say)
-    chosen = getattr(data, split)
-    began = time.perf_counter()
-    result = evaluate(run.network, chosen, run.plan, batch_size,
-                      keep_wrong=100 if misclassified else 0)
-    seconds = time.perf_counter() - began
-    if misclassified:
-        from lowmem_cnn.plotting import plot_misclassified
-
-        run.network.release_memory()
-        indices = np.array([i for i, _, _ in result.wrong], np.int64)
-        images = chosen.images
-        plot_misclassified(images.read(indices), [run.class_name(t) for _, t, _ in result.wrong],
-                           [run.class_name(p) for _, _, p in result.wrong],
-                           (images.channels, images.rows, images.cols), misclassified)
-        say(f"{len(result.wrong)} misclassified images drawn in {misclassified}")
+    done = evaluate_params(params, _budget(max_ram, threads, say),
+                           _data_options(data_dir, image_size, test_split, strict, say), config_name,
+                           dtype, threads, split, batch_size, misclassified,
+                           lambda network, plan: _describe_plan(network, plan, say), say)
+    result, names, seconds = done.evaluation, done.classes, done.seconds
     peak = peak_rss()
     if as_json:
         click.echo(json.dumps({
             "accuracy": result.accuracy, "correct": result.correct, "n": result.n,
             "per_class_accuracy": result.per_class().tolist(),
-            "confusion": result.confusion.tolist(), "split": split,
-            "classes": [run.class_name(k) for k in range(len(result.confusion))],
-            "seconds": seconds, "peak_rss_bytes": peak, "max_ram_bytes": run.budget,
+            "confusion": result.confusion.tolist(), "split": split, "classes": names,
+            "seconds": seconds, "peak_rss_bytes": peak, "max_ram_bytes": done.budget,
         }))
         return
     click.echo(f"accuracy: {result.accuracy:.4f} ({result.correct:,} of {result.n:,} {split} images)")
-    names = [run.class_name(k) for k in range(len(result.confusion))]
     click.echo("per class: " + "  ".join(f"{name}: {a:.4f}"
                                          for name, a in zip(names, result.per_class(), strict=True)))
     click.echo("confusion matrix (rows: true label, columns: predicted):")
@@ -515,7 +483,7 @@ def evaluate_command(params, batch_size, split, misclassified, max_ram, data_dir
     for name, row in zip(names, result.confusion, strict=True):
         click.echo(f"{name[:width - 1]:>{width}}" + "".join(f"{v:>{width}}" for v in row))
     click.echo(f"{seconds:.2f} s; peak RSS: {peak:,} bytes ({format_size(peak)}); "
-               f"budget {run.budget:,} bytes")
+               f"budget {done.budget:,} bytes")
 
 
 @main.command("profile-memory")
@@ -532,54 +500,36 @@ def profile_memory(batch_size, train, plot, max_ram, data_dir, image_size, test_
                    config_name, dtype, threads, as_json):
     """Per layer: what the book's whole-batch im2col would allocate against the tiles
     used here; then the planned peak and the measured peak RSS of running the batch."""
-    from lowmem_cnn.memory.planner import Work, check_parameters_fit
-    from lowmem_cnn.profiling import layer_table, run_batch
-    from lowmem_cnn.session import Session
-    from lowmem_cnn.training.run import MAX_READ_IMAGES
-
     from lowmem_cnn.common.writing import check_outputs
+    from lowmem_cnn.profiling import profile_memory as profiled
 
     outputs = [("--plot", plot)]
     check_outputs(outputs, _data_files(data_dir, outputs))
     say = _sayer(as_json)
-    run = Session(_budget(max_ram, threads, say), config_name, dtype, threads,
-                  _data_options(data_dir, image_size, test_split, strict, say))
-    network = run.network
-    check_parameters_fit(network, run.budget, 0 if train else None)
-    network.init_params(np.random.default_rng(0))
-    # forward (and backward) of one batch: no evaluations between epochs to make room for
-    work = Work("train" if train else "evaluate", batch_size, read=min(batch_size, MAX_READ_IMAGES),
-                picture="memory" if plot else None)
-    run.make_plan(work)  # refused before the data is read or downloaded
-    data = run.open_data()
-    run.make_plan(work)
-    rows = layer_table(network, run.plan, batch_size)
-    measured = run_batch(network, data.test, run.plan, batch_size, train)
-    if plot:
-        from lowmem_cnn.plotting import plot_memory
-
-        network.release_memory()
-        plot_memory(rows, run.budget, plot)
-        say(f"memory per layer drawn in {plot}")
+    done = profiled(_budget(max_ram, threads, say),
+                    _data_options(data_dir, image_size, test_split, strict, say), batch_size, train,
+                    config_name, dtype, threads, plot, say)
+    rows, plan, measured = done.rows, done.plan, done.measured
     if as_json:
         click.echo(json.dumps({
             "batch_size": batch_size, "mode": "train" if train else "eval", "layers": rows,
-            "micro_batch": run.plan.micro_batch, "planned_peak_bytes": run.plan.peak,
-            "measured_peak_bytes": measured, "max_ram_bytes": run.budget,
+            "micro_batch": plan.micro_batch, "planned_peak_bytes": plan.peak,
+            "measured_peak_bytes": measured, "max_ram_bytes": done.budget,
         }))
         return
     click.echo(f"{batch_size:,} images, {'forward and backward' if train else 'forward'}, "
-               f"{dtype}, {run.plan.micro_batch} images at a time")
-    click.echo(f"{'layer':<36}{'output (C,H,W)':>16}{'book im2col':>16}{'tiled':>14}{'windows':>11}")
+               f"{dtype}, {plan.micro_batch} images at a time")
+    click.echo(f"{'layer':<36}{'output (C,H,W)':>16}{'book im2col':>16}{'columns here':>14}"
+               f"{'tile':>14}")
     for row in rows:
         shape = "x".join(map(str, row["output_shape"]))
         book = f"{row['book_im2col_bytes']:,}" if row["book_im2col_bytes"] else "-"
-        tiled = f"{row['tiled_bytes']:,}" if row["book_im2col_bytes"] else "-"
-        tile = f"{row['tile_rows']:,}" if row["tile_rows"] else "-"
-        click.echo(f"{row['layer']:<36}{shape:>16}{book:>16}{tiled:>14}{tile:>11}")
-    click.echo(f"planned peak: {run.plan.peak:,} bytes ({format_size(run.plan.peak)}); "
+        tiled = f"{row['tiled_bytes']:,}" if row["book_im2col_bytes"] or row["tiled_bytes"] else "-"
+        tile = f"{row['tile']:,} {row['tile_unit']}" if row["tile_unit"] else "-"
+        click.echo(f"{row['layer']:<36}{shape:>16}{book:>16}{tiled:>14}{tile:>14}")
+    click.echo(f"planned peak: {plan.peak:,} bytes ({format_size(plan.peak)}); "
                f"measured peak RSS: {measured:,} bytes ({format_size(measured)}); "
-               f"budget {run.budget:,} bytes")
+               f"budget {done.budget:,} bytes")
 
 
 @main.command()
@@ -600,44 +550,15 @@ def predict(params, images, config_name, max_ram, as_json):
     MNIST's first: grayscale, white on black, centred in 28x28. A file that cannot be
     used (not a picture, damaged, too large, not a regular file) gets one error line
     instead; the exit status is then 1."""
-    from lowmem_cnn.data.idx import decode_room
-    from lowmem_cnn.data.imaging import image_row, mnist_style, require_pillow
-    from lowmem_cnn.engine.layers import softmax
-    from lowmem_cnn.files.params import load_params
-    from lowmem_cnn.memory.planner import Work, check_parameters_fit, plan_work
-    from lowmem_cnn.session import network_config
+    from lowmem_cnn.session import predict_pictures
 
-    require_pillow()
-    budget = resolve_budget(max_ram, 1)
-    config, meta = network_config(config_name, params)
-    network = Network(config)
-    check_parameters_fit(network, budget, loading=True)
-    load_params(params, network)
-    c, h, w = config.input_shape
-    if not meta and (c != 1 or (h, w) != (28, 28)):
-        raise LowmemError(f"{config.name} takes {c}x{h}x{w} inputs, not 28x28 digits")
-    names = config.class_names or [str(k) for k in range(network.classes)]
-    chunk_size = min(len(images), PREDICT_CHUNK)
-    plan = plan_work(network, Work("predict", chunk_size, read=chunk_size, outputs=chunk_size),
-                     budget)
     failed = 0
-    for start in range(0, len(images), chunk_size):  # a few pictures at a time, however many
-        chunk = images[start : start + chunk_size]
-        rows, refusals = [], {}  # a picture that cannot be read is one line; the others go on
-        for path in chunk:
-            room = decode_room(budget)
-            try:
-                rows.append(image_row(path, (h, w), c, room) if meta else mnist_style(path, room))
-            except LowmemError as err:
-                refusals[len(rows) + len(refusals)] = err
-        probabilities = iter(softmax(network.predict_scores(np.stack(rows), plan)
-                                     .astype(np.float64)) if rows else [])
-        for i, path in enumerate(chunk):
-            if i in refusals:
-                _print_refusal(path, refusals[i], as_json)
-            else:
-                _print_prediction(path, next(probabilities), names, as_json)
-        failed += len(refusals)
+    for done in predict_pictures(params, images, config_name, max_ram):
+        if done.error is not None:  # the picture cannot be used: one line, and the others go on
+            _print_refusal(done.path, done.error, as_json)
+            failed += 1
+        else:
+            _print_prediction(done.path, done.probabilities, done.classes, as_json)
     if failed:
         sys.exit(1)
 

@@ -4,17 +4,45 @@ A small file is read only if it is a regular one and no larger than its kind eve
 JSON text is parsed only once its brackets are known not to nest deeper than its format.
 """
 
-import json
 import os
 import re
+import stat
 from pathlib import Path
 
-from lowmem_cnn.files.config import shown
-from lowmem_cnn.data.datasets import open_regular
 from lowmem_cnn.common.errors import LowmemError
 
 _STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
 _BRACKET = re.compile(r"[\[\]{}]")
+
+
+def shown(value, most: int = 40) -> str:
+    """A value from an untrusted file as a message may print it: escaped, and short."""
+    text = repr(value)
+    return text if len(text) <= most else text[: most - 3] + "..."
+
+
+def shown_name(value) -> str:
+    """A name (a layer type, a setting) as a message says it: as it is if it prints."""
+    return value if isinstance(value, str) and value.isprintable() and len(value) <= 40 else shown(value)
+
+
+def _nonblocking(path, flags):
+    return os.open(path, flags | getattr(os, "O_NONBLOCK", 0))
+
+
+def open_regular(path: Path, what: str, buffering: int = -1):
+    """`path` opened for binary reading if it is a regular file. A FIFO or a device
+    (/dev/zero), or a link to one, is refused: the open does not wait for a writer
+    (O_NONBLOCK) and the kind is checked on the open file. `what` names the kind of
+    file in the error ("an IDX images file")."""
+    try:
+        f = open(path, "rb", buffering=buffering, opener=_nonblocking)
+    except OSError as err:
+        raise LowmemError(f"{path}: cannot read ({err.strerror})") from None
+    if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+        f.close()
+        raise LowmemError(f"{path}: not a regular file, so not {what}")
+    return f
 
 
 def read_small_regular_file(path: Path, limit: int, what: str) -> bytes | None:
@@ -81,6 +109,8 @@ def parse_json(where: Path, data: bytes, what: str, most_nesting: int, constants
     """The JSON value of `data`: UTF-8, nested at most `most_nesting` deep, no NaN or
     Infinity (unless `constants`), no field given twice; a LowmemError naming `where`
     otherwise."""
+    import json  # here: the IDX files are read through open_regular, and need no JSON
+
     refused = f"{where}: not {what}"
     try:
         text = data.decode("utf-8")

@@ -11,6 +11,7 @@ another of its outputs, one that is not a regular file (a device, a FIFO, a dire
 and one whose folder is missing or not writable.
 """
 
+import hashlib
 import os
 import re
 import stat
@@ -64,6 +65,18 @@ def atomic_write(path: Path, what: str = "file"):
         if fd is not None:
             os.close(fd)  # lets go of the lock
     _fsync_dir(path.parent)
+
+
+class HashingWriter:
+    """A file that also hashes what is written to it, so that a file's SHA-256 is known
+    once it is written, without reading it back (parameter files, checkpoints)."""
+
+    def __init__(self, f):
+        self.f, self.sha256 = f, hashlib.sha256()
+
+    def write(self, data):
+        self.sha256.update(data)
+        return self.f.write(data)
 
 
 def _temporary_pattern(path: Path) -> re.Pattern:

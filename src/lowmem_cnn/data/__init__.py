@@ -1,0 +1,2 @@
+"""The data readers: IDX files, folders of pictures, decoding, augmentation. They
+import only common/."""

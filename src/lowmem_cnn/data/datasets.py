@@ -1,14 +1,13 @@
 """What a data set is, whichever files it comes from: splits of images read as rows on
 demand, with their labels in memory.
 
-IDX files (data.py) and image folders (folders.py) both keep their images as rows of
+IDX files (idx.py) and image folders (folders.py) both keep their images as rows of
 C*H*W uint8 values one after another in a file, and both read them with ImageRows; the
-book's in-memory arrays are read as rows by ArrayImages. Both data.py and folders.py
+book's in-memory arrays are read as rows by ArrayImages. Both idx.py and folders.py
 import this module, and it imports neither.
 """
 
 import os
-import stat
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,31 +15,13 @@ from pathlib import Path
 import numpy as np
 
 from lowmem_cnn.common.errors import LowmemError
+from lowmem_cnn.common.reading import open_regular
 
 
 def cache_dir() -> Path:
     """Where decompressed IDX files, downloaded MNIST and decoded folders are kept."""
     root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(root) / "lowmem-cnn"
-
-
-def _nonblocking(path, flags):
-    return os.open(path, flags | getattr(os, "O_NONBLOCK", 0))
-
-
-def open_regular(path: Path, what: str, buffering: int = -1):
-    """`path` opened for binary reading if it is a regular file. A FIFO or a device
-    (/dev/zero), or a link to one, is refused: the open does not wait for a writer
-    (O_NONBLOCK) and the kind is checked on the open file. `what` names the kind of
-    file in the error ("an IDX images file")."""
-    try:
-        f = open(path, "rb", buffering=buffering, opener=_nonblocking)
-    except OSError as err:
-        raise LowmemError(f"{path}: cannot read ({err.strerror})") from None
-    if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-        f.close()
-        raise LowmemError(f"{path}: not a regular file, so not {what}")
-    return f
 
 
 class NoBar:
@@ -178,9 +159,28 @@ class ArrayImages:
         return self._rows[start:stop]
 
 
+class SubsetImages:
+    """Some rows of another reader (an ImageRows or ArrayImages), by index, read as a
+    reader's are: e.g. the validation images held out of a training split."""
+
+    def __init__(self, images, indices: np.ndarray):
+        self._images, self._indices = images, indices
+        self.pixels, self.path = images.pixels, images.path
+        self.channels, self.rows, self.cols = images.channels, images.rows, images.cols
+
+    def __len__(self):
+        return len(self._indices)
+
+    def read(self, indices: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        return self._images.read(self._indices[indices], out)
+
+    def read_range(self, start: int, stop: int) -> np.ndarray:
+        return self._images.read(self._indices[start:stop])
+
+
 @dataclass
 class Split:
-    images: ImageRows | ArrayImages
+    images: ImageRows | ArrayImages | SubsetImages
     labels: np.ndarray
 
     def __len__(self):

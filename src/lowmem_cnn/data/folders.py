@@ -61,8 +61,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lowmem_cnn.data.datasets import Dataset, ImageRows, NoBar, Split, cache_dir, open_regular
+from lowmem_cnn.data.datasets import Dataset, ImageRows, NoBar, Split, cache_dir
 from lowmem_cnn.common.errors import LowmemError
+from lowmem_cnn.common.reading import open_regular, parse_json
 from lowmem_cnn.common.writing import atomic_write
 from lowmem_cnn.data.imaging import DEFAULT_MAX_DECODE_BYTES, ImageRefused, image_row, is_color
 
@@ -281,8 +282,6 @@ def _read_cache(path: Path, listing: _Listing, size, max_decode_bytes) -> _Cache
     """The cache at `path` if it is whole and fits `listing`; None to decode again. The
     file is read as untrusted (a crafted or damaged cache is rebuilt): its counts are
     checked against its size before anything they ask for is read."""
-    from lowmem_cnn.common.reading import parse_json  # it imports config, which the CLI has already
-
     try:
         with open_regular(path, "an image cache") as f:
             head = f.read(HEADER_BYTES)

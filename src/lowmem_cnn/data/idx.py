@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from lowmem_cnn.data.datasets import ArrayImages, NoBar  # noqa: F401 (the faces import them from here)
-from lowmem_cnn.data.datasets import Dataset, ImageRows, Split, cache_dir, open_regular
+from lowmem_cnn.data.datasets import Dataset, ImageRows, Split, cache_dir
 from lowmem_cnn.common.errors import LowmemError
+from lowmem_cnn.common.reading import open_regular
 from lowmem_cnn.common.writing import atomic_write
 
 IMAGES_MAGIC, LABELS_MAGIC = 0x00000803, 0x00000801
@@ -351,11 +352,6 @@ class FolderOptions:
     split_seed: int = 0  # with test_fraction, chooses a drawn split's test pictures
 
 
-# A budget that leaves less than this to decode a picture is refused at once (every
-# decode is estimated at 3 MiB at least, see imaging.decode_bytes).
-MIN_DECODE_BYTES = 4 * 2**20
-
-
 @dataclass
 class DataOptions:
     """Where the data is, and how to read it if it is a folder of pictures; with the
@@ -378,35 +374,22 @@ class DataOptions:
     def is_folder(self) -> bool:
         return is_image_folder(self.data_dir)
 
-    def open(self, budget: int, size=None, channels: int | None = None):
+    def open(self, decode_room, size=None, channels: int | None = None):
         """The data set: a folder's pictures made (C, H, W) = (channels or theirs, size),
-        each decoded within the room the budget leaves; or the IDX files."""
+        each decoded within decode_room() bytes, what the budget leaves (asked only for a
+        folder, once its modules are imported: planner.decode_room); or the IDX files."""
         folder = None
         if self.is_folder():
             from lowmem_cnn.data.folders import TEST_FRACTION  # (imported by is_folder already)
 
             folder = FolderOptions(tuple(self.image_size or size), channels,
                                    self.test_fraction or TEST_FRACTION, self.strict,
-                                   decode_room(budget), self.warn, self.image_progress,
+                                   decode_room(), self.warn, self.image_progress,
                                    self.split_seed)
         data = open_data(self.data_dir, self.progress, folder)
         if self.report:
             self.report(f"data: {data.describe()}")
         return data
-
-
-def decode_room(budget: int) -> int:
-    """Bytes one picture may take to decode: what the budget leaves (the decoding pass
-    holds one picture at a time)."""
-    from lowmem_cnn.memory.budget import current_rss, format_size
-    from lowmem_cnn.memory.planner import MARGIN_BYTES
-
-    held = current_rss()
-    room = budget - held - MARGIN_BYTES
-    if room < MIN_DECODE_BYTES:
-        raise LowmemError(f"the budget of {budget:,} bytes leaves no room to decode pictures: the "
-                          f"process already holds {format_size(held)}")
-    return room
 
 
 def data_directory(data_dir: Path | None) -> tuple[Path | None, str | None]:

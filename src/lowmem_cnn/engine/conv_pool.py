@@ -14,7 +14,7 @@ one contiguous block, so the max over the window is P*P - 1 elementwise maxima o
 whole blocks.
 
 Fused only where it pays: few input channels, where im2col's columns are mostly
-copying (see FUSE_MAX_CHANNELS in model.py). The bias is added after the max (adding
+copying (see Convolution.FUSE_MAX_CHANNELS and fused_with). The bias is added after the max (adding
 a constant commutes with it), on a quarter of the values.
 """
 
@@ -23,13 +23,16 @@ import math
 import numpy as np
 
 from lowmem_cnn.engine.columns import windows
-from lowmem_cnn.engine.layers import Layer, column_sums
+from lowmem_cnn.engine.layers import Layer, _profile_row, column_sums
 
 
 class ConvolutionPooling(Layer):
     """Its tile (ctx.tile) is images whose products are made at once: all of a
     micro-batch's unless the plan says otherwise (each tile costs some 20 NumPy calls,
     and with two threads more calls mean more waiting for the GIL)."""
+
+    tile_unit = "images"
+    column_arrays = ("columns", "dcolumns")
 
     def __init__(self, conv, pool):
         if conv.stride != 1 or pool.stride != pool.size:
@@ -195,7 +198,7 @@ class ConvolutionPooling(Layer):
         pad = self.conv.pad
         return (h + 2 * pad, w + 2 * pad, c)
 
-    # --- parameters and reports, as the convolution's (see also book_layout.py) -----------------------------
+    # --- parameters and reports: the convolution's, then the pooling's ---------------
 
     @property
     def W(self):
@@ -213,8 +216,32 @@ class ConvolutionPooling(Layer):
     def b(self, value):
         self.conv.b = value
 
+    def initial(self, name, rng, weight_init, dtype):
+        return self.conv.initial(name, rng, weight_init, dtype)
+
+    def book_view(self, name, array):
+        return self.conv.book_view(name, array)
+
+    def book_shape(self, name):
+        return self.conv.book_shape(name)
+
+    def tile_size(self, m, tile_bytes, images, itemsize):
+        return min(images, m)
+
+    def onnx(self, graph, x):
+        return self.pool.onnx(graph, self.conv.onnx(graph, x, holder=self))
+
     def book_columns_bytes(self, n) -> int:
         return self.conv.book_columns_bytes(n) + self.pool.book_columns_bytes(n)
+
+    def profile_rows(self, recording, batch_size, tile):
+        """Two rows, as the book has two layers: the columns are the convolution's."""
+        return [_profile_row(self.conv, self.conv.describe() + " (+pool)",
+                             self.conv.book_columns_bytes(batch_size),
+                             recording.bytes_of(self.column_arrays), recording.held_bytes(),
+                             tile, self.tile_unit),
+                _profile_row(self.pool, self.pool.describe() + " (in conv)",
+                             self.pool.book_columns_bytes(batch_size), 0, 0, None, None)]
 
     def describe(self):
         return f"{self.conv.describe()} + {self.pool.describe()}"

@@ -24,6 +24,8 @@ alone held the GIL in 5% of a two-thread run's samples (py-spy --gil --native), 
 other thread waited.
 """
 
+from __future__ import annotations
+
 import math
 
 import numpy as np
@@ -36,49 +38,92 @@ from lowmem_cnn.engine.workspace import Context
 GRADIENT_SLICE_BYTES = 1 << 18
 
 
-class Gradients(dict):
-    """A layer's parameter gradients by name (W, b), for one thread.
+class Sums:
+    """Arrays that a thread's micro-batches add into, by name. A layer can only write
+    one whole or add to it: after `restart()` (a thread's first micro-batch of an
+    update) the first write to each name overwrites the previous mini-batch's value,
+    so the arrays need no zeroing, and a product can be written straight into one
+    (`out`). There is no `sums[name] += value`: that would add onto the previous
+    mini-batch's values. `value(name)` is read-only."""
 
-    `add` adds into the array, except that after `restart()` the first add to each
-    name overwrites it: the arrays then need no zeroing between mini-batches, and a
-    product can be written straight into them.
-    """
-
-    def __init__(self, arrays=()):
-        super().__init__(arrays)
-        self._stale = set()  # names whose array holds a previous mini-batch's gradient
+    def __init__(self, arrays: dict):
+        self._arrays = dict(arrays)
+        self._stale = set()  # names whose array holds a previous mini-batch's values
 
     def restart(self):
-        self._stale = set(self)
+        self._stale = set(self._arrays)
 
-    def overwrites(self, name) -> bool:
+    def fresh(self, name) -> bool:
+        """Whether the next write to `name` is its first of the update (it overwrites)."""
         return name in self._stale
 
-    def written(self, name):
-        """`name`'s array was written whole (e.g. a product with out=)."""
+    def out(self, name) -> np.ndarray:
+        """`name`'s array, for a product to write whole (out=): its first write only."""
+        if name not in self._stale:
+            raise RuntimeError(f"{name} already holds this update's values: add to it")
         self._stale.discard(name)
+        return self._arrays[name]
 
-    def add(self, name, value):
+    def add(self, name, value, rows: tuple | None = None):
+        """Add `value` (any shape of the same size) to `name`'s array, or write it there
+        on the first write of the update; `rows` (lo, hi): add into those rows only,
+        which cannot be a first write."""
+        target = self._arrays[name]
+        if rows is not None:
+            if name in self._stale:
+                raise RuntimeError(f"{name}: a first write must be whole, not rows {rows}")
+            target[rows[0] : rows[1]] += value
+            return
+        target = target.reshape(np.shape(value))
         if name in self._stale:
-            np.copyto(self[name], value)
+            np.copyto(target, value)
             self._stale.discard(name)
         else:
-            self[name] += value
+            target += value
+
+    def value(self, name) -> np.ndarray:
+        view = self._arrays[name].view()
+        view.flags.writeable = False
+        return view
+
+    def names(self):
+        return self._arrays.keys()
+
+
+class Gradients(Sums):
+    """A layer's parameter gradients by name (W, b), for one thread."""
+
+
+class Statistics(Sums):
+    """What a layer measures of a mini-batch in training and keeps apart from the
+    gradients (batch normalization's means and variances), for one thread."""
+
+
+class NotExportable(LowmemError):
+    """A layer that ONNX's operators cannot express (see Layer.onnx)."""
 
 
 # A setting a config must give; a pooling's stride, which is its size unless given.
 REQUIRED, SAME_AS_SIZE = object(), object()
 # Settings that are numbers in [0, 1); every other setting is a whole number.
 FRACTIONS = ("ratio", "momentum")
+# Weights are drawn this many at a time (float64: 512 KiB of temporaries).
+INIT_CHUNK = 1 << 16
 
 
 class Layer:
-    """What every layer is. `param_shapes`: its trained parameters by name (set on the
-    layer as attributes); `state_shapes`: values it keeps with them that are not
-    trained (batch normalization's running statistics). Parameters are numbered as in
-    the book's files (W1, b1, W2, ...); a layer that is not `numbered` takes the number
-    of the layer before it (gamma2 belongs to W2)."""
+    """What every layer is, and what it answers about itself.
 
+    `param_shapes`: its trained parameters by name (set on the layer as attributes);
+    `state_shapes`: values it keeps with them that are not trained (batch
+    normalization's running statistics). Parameters are numbered as in the book's
+    files (W1, b1, W2, ...); a layer that is not `numbered` takes the number of the
+    layer before it (gamma2 belongs to W2). `initial` gives their first values,
+    `book_view` and `book_shape` their layout in the book's files, `onnx` its nodes,
+    `tile_unit` and `tile_size` its tiles, `profile_rows` its row of profile-memory.
+    """
+
+    kind = None  # its `type` in a config's [[network.layers]] (None: made by the engine)
     in_shape: tuple
     out_shape: tuple
     param_shapes: dict = {}
@@ -89,6 +134,14 @@ class Layer:
     # what a config's [[network.layers]] table gives it: the constructor's arguments by
     # name, with their defaults (REQUIRED: none); config.py checks and describes them
     settings: dict = {}
+    takes_map = False  # its input is a map (H, W, C), not a vector
+    # an elementwise nondecreasing function (ReLU): a max over windows after it can go
+    # first (max commutes with it), on fewer values
+    monotone = False
+    takes_max = False  # a max over windows (max-pooling)
+    # what the plan gives it: None (no tiles), "rows" (column rows) or "images"
+    tile_unit = None
+    column_arrays = ()  # the names of its workspace arrays that hold columns (im2col's)
 
     @classmethod
     def from_spec(cls, spec: dict, in_shape):
@@ -111,9 +164,96 @@ class Layer:
     def describe(self) -> str:
         raise NotImplementedError
 
+    # --- its parameters -----------------------------------------------------------
+
+    def initial(self, name: str, rng, weight_init, dtype) -> np.ndarray:
+        """The first value of parameter or state `name`: zeros unless the layer says
+        otherwise."""
+        return np.zeros(self.shape_of(name), dtype)
+
+    def shape_of(self, name: str) -> tuple:
+        return tuple({**self.param_shapes, **self.state_shapes}[name])
+
+    def book_view(self, name: str, array: np.ndarray) -> np.ndarray:
+        """`array` (`name`, in the engine's layout) seen with the book's axes: a view, so
+        writing into it writes the engine's array. The same unless the layer says so."""
+        return array
+
+    def book_shape(self, name: str) -> tuple:
+        return self.shape_of(name)
+
+    def to_book(self, name: str, array: np.ndarray) -> np.ndarray:
+        """A contiguous copy of the engine's `array` in the book's layout."""
+        return np.ascontiguousarray(self.book_view(name, array)).reshape(self.book_shape(name))
+
+    def from_book(self, name: str, array: np.ndarray, dtype) -> np.ndarray:
+        """A new engine array of `dtype` holding `array`, given in the book's layout."""
+        engine = np.empty(self.shape_of(name), dtype)
+        view = self.book_view(name, engine)
+        np.copyto(view, np.reshape(array, view.shape), casting="unsafe")
+        return engine
+
+    # --- how the engine runs it ---------------------------------------------------
+
+    def fused_with(self, following) -> Layer | None:
+        """One layer that computes this one and `following` together, if there is one."""
+        return None
+
+    def tile_size(self, m: int, tile_bytes: int, images: int, itemsize: int) -> int | None:
+        """Its tile for a micro-batch of m images: column rows of about `tile_bytes`, or
+        `images` images at a time (see tile_unit)."""
+        return None
+
+    # --- what it tells the faces --------------------------------------------------
+
+    def onnx(self, graph, x: str) -> str:
+        """Add its ONNX nodes to `graph` (export.Graph) after the value named `x`; the
+        name of its output."""
+        try:
+            named = f"{self.describe()!r} ({type(self).__name__})"
+        except NotImplementedError:
+            named = type(self).__name__
+        raise NotExportable(f"its layer {named} has no ONNX export")
+
     def book_columns_bytes(self, n) -> int:
         """What the book's whole-batch im2col allocates for n images (float64)."""
         return 0
+
+    def profile_rows(self, recording, batch_size: int, tile: int | None) -> list[dict]:
+        """Its rows of profile-memory: the book's whole-batch columns for `batch_size`
+        images, and what it asked of `recording` (a workspace it ran alone in)."""
+        return [_profile_row(self, self.describe(), self.book_columns_bytes(batch_size),
+                             recording.bytes_of(self.column_arrays), recording.held_bytes(),
+                             tile, self.tile_unit)]
+
+
+def _profile_row(layer, name, book_bytes, column_bytes, workspace_bytes, tile, unit) -> dict:
+    shape = layer.out_shape
+    return {
+        "layer": name,
+        # the book's (C, H, W) order, for readers of the book
+        "output_shape": [shape[2], shape[0], shape[1]] if len(shape) == 3 else list(shape),
+        "book_im2col_bytes": book_bytes,
+        "tiled_bytes": column_bytes,  # its column tiles here (pooling makes none)
+        "workspace_bytes": workspace_bytes,
+        "tile": tile if unit else None,
+        "tile_unit": unit,
+    }
+
+
+def drawn_weights(shape, rng, weight_init, dtype) -> np.ndarray:
+    """Weights from a normal distribution of std `weight_init`, or He's (weight_init
+    "he": std sqrt(2 / the inputs of one output, shape[0]), as the book's DeepConvNet).
+    Drawn in float64 a chunk at a time, so that the temporaries stay small (the draws
+    are the same as one whole-array draw's)."""
+    std = np.sqrt(2.0 / shape[0]) if weight_init == "he" else weight_init
+    value = np.empty(shape, dtype)
+    flat = value.reshape(-1)
+    for lo in range(0, flat.size, INIT_CHUNK):
+        part = rng.standard_normal(min(INIT_CHUNK, flat.size - lo))
+        part *= std
+        flat[lo : lo + len(part)] = part
+    return value
 
 
 def column_sums(rows: np.ndarray, ones: np.ndarray) -> np.ndarray:
@@ -146,7 +286,15 @@ class Convolution(Layer):
     pads above size - 1.
     """
 
+    kind = "conv"
     settings = {"filters": REQUIRED, "size": REQUIRED, "stride": 1, "pad": 0}
+    takes_map = True
+    tile_unit = "rows"
+    column_arrays = ("columns", "grad_columns")
+    # A convolution with at most this many input channels is fused with the max-pooling
+    # after it (see conv_pool.py). With more channels im2col's columns are cheap to copy
+    # and the fused layer's extra multiply-adds cost more than it saves.
+    FUSE_MAX_CHANNELS = 4
 
     def __init__(self, in_shape, filters: int, size: int, stride: int = 1, pad: int = 0):
         self.geometry = g = ConvGeometry(tuple(in_shape), filters, size, stride, pad)
@@ -245,13 +393,8 @@ class Convolution(Layer):
             return
         # each position of the group holds part of the filter's gradient
         total = total.reshape(k, k + g - 1, c, g, f)
-        target = grads["W"].reshape(k, k, c, f)
         for t in range(g):
-            if grads.overwrites("W"):
-                np.copyto(target, total[:, t : t + k, :, t, :])
-                grads.written("W")
-            else:
-                target += total[:, t : t + k, :, t, :]
+            grads.add("W", total[:, t : t + k, :, t, :])
 
     def _input_grad(self, dout, kept, tile, flipped, padded, images, buffer):
         """Stride 1: the input gradient is the convolution of the output gradient, padded
@@ -301,6 +444,47 @@ class Convolution(Layer):
         np.copyto(inner, grad[:, p : p + h, p : p + w, :])
         return inner
 
+    # --- what it answers about itself -------------------------------------------
+
+    def initial(self, name, rng, weight_init, dtype):
+        if name == "W":
+            return drawn_weights(self.param_shapes["W"], rng, weight_init, dtype)
+        return super().initial(name, rng, weight_init, dtype)
+
+    def book_view(self, name, array):
+        """The book's W is (F, C, FH, FW); the engine's columns are in (FH, FW, C) order,
+        so its W is (FH*FW*C, F)."""
+        if name != "W":
+            return array
+        return array.reshape(self.size, self.size, self.in_shape[2], self.filters).transpose(3, 2, 0, 1)
+
+    def book_shape(self, name):
+        if name != "W":
+            return self.shape_of(name)
+        return (self.filters, self.in_shape[2], self.size, self.size)
+
+    def fused_with(self, following):
+        """A stride-1 convolution with few input channels and the non-overlapping
+        max-pooling after it: one ConvolutionPooling."""
+        if (following.takes_max and following.stride == following.size and self.stride == 1
+                and self.in_shape[2] <= self.FUSE_MAX_CHANNELS):
+            from lowmem_cnn.engine.conv_pool import ConvolutionPooling  # it builds on this module
+
+            return ConvolutionPooling(self, following)
+        return None
+
+    def tile_size(self, m, tile_bytes, images, itemsize):
+        return min(max(1, tile_bytes // (self.width * itemsize)), m * self.rows_per_image)
+
+    def onnx(self, graph, x, holder=None):
+        """Conv-1: explicit kernel, strides and pads mean the same in every version (W in
+        the book's (F, C, FH, FW), which is ONNX's OIHW). `holder`: the layer whose
+        parameters these are (a fused one's)."""
+        holder = holder or self
+        k, s, p = self.size, self.stride, self.pad
+        return graph.node("Conv", 1, [x, graph.param(holder, "W"), graph.param(holder, "b")],
+                          kernel_shape=[k, k], strides=[s, s], pads=[p, p, p, p])
+
     def book_columns_bytes(self, n) -> int:
         return n * self.rows_per_image * self.width * 8
 
@@ -348,6 +532,9 @@ def _convolve(padded, size, stride, weights, group, tile, out, buffer, bias=None
 
 
 class ReLU(Layer):
+    kind = "relu"
+    monotone = True
+
     def __init__(self, in_shape):
         self.in_shape = self.out_shape = tuple(in_shape)
 
@@ -364,6 +551,9 @@ class ReLU(Layer):
             dout *= mask
         return dout
 
+    def onnx(self, graph, x):
+        return graph.node("Relu", 6, [x])  # Relu-6: Relu-1's consumed_inputs gone, the same max(0, x)
+
     def describe(self):
         return "relu"
 
@@ -377,7 +567,10 @@ class MaxPooling(Layer):
     poolings, forward and backward, 50 images, one thread: 6.25 -> 4.61 ms).
     """
 
+    kind = "pool"
     settings = {"size": REQUIRED, "stride": SAME_AS_SIZE}
+    takes_map = True
+    takes_max = True
 
     def __init__(self, in_shape, size: int, stride: int):
         h, w, c = in_shape
@@ -446,6 +639,11 @@ class MaxPooling(Layer):
                 np.multiply(dout, chosen, out=view)
         return grad
 
+    def onnx(self, graph, x):
+        k, s = self.size, self.stride
+        # MaxPool-1: no pads, the output size rounded down (ceil_mode, from 10, is 0)
+        return graph.node("MaxPool", 1, [x], kernel_shape=[k, k], strides=[s, s])
+
     def book_columns_bytes(self, n) -> int:
         oh, ow, c = self.out_shape
         return n * oh * ow * c * self.size * self.size * 8
@@ -455,6 +653,7 @@ class MaxPooling(Layer):
 
 
 class Affine(Layer):
+    kind = "affine"
     settings = {"units": REQUIRED}
 
     def __init__(self, in_shape, units: int):
@@ -477,18 +676,17 @@ class Affine(Layer):
         # gradient: the product is added to the gradient while in cache, and its buffer
         # stays small
         rows = max(1, GRADIENT_SLICE_BYTES // (self.units * dout.dtype.itemsize))
-        overwrites = not ctx.dry and grads.overwrites("W")
-        if not overwrites:  # (a thread's first micro-batch of an update needs no slices)
+        fresh = not ctx.dry and grads.fresh("W")
+        if not fresh:  # (a thread's first micro-batch of an update needs no slices)
             part = ctx.ws.array(self, "dW", (min(rows, self.inputs), self.units), dout.dtype)
         if ctx.dry:
             return x.reshape(dout.shape[0], *self.in_shape) if self.need_input_grad else None
-        if overwrites:
-            np.dot(x.T, dout, out=grads["W"])
-            grads.written("W")
+        if fresh:
+            np.dot(x.T, dout, out=grads.out("W"))
         else:
             for lo in range(0, self.inputs, rows):
                 hi = min(lo + rows, self.inputs)
-                grads["W"][lo:hi] += np.dot(x[:, lo:hi].T, dout, out=part[: hi - lo])
+                grads.add("W", np.dot(x[:, lo:hi].T, dout, out=part[: hi - lo]), rows=(lo, hi))
         grads.add("b", dout.sum(axis=0))
         if not self.need_input_grad:
             return None
@@ -496,6 +694,25 @@ class Affine(Layer):
         # gradient takes its array (the layers before hand over contiguous outputs).
         grad = np.dot(dout, self.W.T, out=x if x.flags.c_contiguous else None)
         return grad.reshape(dout.shape[0], *self.in_shape)
+
+    def initial(self, name, rng, weight_init, dtype):
+        if name == "W":
+            return drawn_weights(self.param_shapes["W"], rng, weight_init, dtype)
+        return super().initial(name, rng, weight_init, dtype)
+
+    def book_view(self, name, array):
+        """The book flattens a map in (C, H, W) order, the engine in (H, W, C): after a
+        map, its W is seen as (C, H, W, units) where the book has (C*H*W, units)."""
+        if name != "W" or len(self.in_shape) != 3:
+            return array
+        h, w, c = self.in_shape
+        return array.reshape(h, w, c, self.units).transpose(2, 0, 1, 3)
+
+    def onnx(self, graph, x):
+        if len(self.in_shape) == 3:  # a map: C, then H, then W, as the book's rows
+            x = graph.node("Flatten", 1, [x], axis=1)  # Flatten-1 has axis
+        # Gemm-7: the bias [units] broadcast over the rows (Gemm-6 needed broadcast=1)
+        return graph.node("Gemm", 7, [x, graph.param(self, "W"), graph.param(self, "b")])
 
     def describe(self):
         return f"affine {self.inputs}->{self.units}"
@@ -505,8 +722,8 @@ class Dropout(Layer):
     """The book's dropout: training keeps each value with probability 1 - ratio;
     inference scales by 1 - ratio instead, so the book's parameter files mean the same."""
 
+    kind = "dropout"
     draws_noise = True
-
     settings = {"ratio": REQUIRED}
 
     def __init__(self, in_shape, ratio: float):
@@ -538,6 +755,11 @@ class Dropout(Layer):
             dout *= mask
         return dout
 
+    def onnx(self, graph, x):
+        # Mul-7: a scalar broadcast (Mul-6 needed broadcast=1); the book's dropout scales
+        # at inference, so the parameter files mean the same
+        return graph.node("Mul", 7, [x, graph.constant("keep", 1.0 - self.ratio)])
+
     def describe(self):
         return f"dropout {self.ratio}"
 
@@ -560,9 +782,9 @@ class BatchNormalization(Layer):
     configs/photos.toml).
     """
 
+    kind = "batchnorm"
     numbered = False
     EPS = 1e-6  # the book's 10e-7
-
     settings = {"momentum": 0.9}
 
     def __init__(self, in_shape, momentum: float = 0.9):
@@ -586,7 +808,7 @@ class BatchNormalization(Layer):
         xc = ctx.ws.array(self, "xc", rows.shape, x.dtype)  # x - mean, kept for backward
         ones = ctx.ws.array(self, "ones", (len(rows),), x.dtype)
         if ctx.dry:
-            return x, (xc, None, None, None)
+            return x, (xc, None)
         n = len(rows)
         mean = column_sums(rows, ones) / n
         np.subtract(rows, mean, out=xc)
@@ -594,19 +816,21 @@ class BatchNormalization(Layer):
         std = np.sqrt(var + self.EPS)
         np.multiply(xc, self.gamma / std, out=rows)  # the output takes the input's array
         rows += self.beta
-        return rows.reshape(x.shape), (xc, std, mean, var)
+        statistics = ctx.statistics.get(id(self)) if ctx.statistics else None
+        if statistics is not None:
+            # weighted by the micro-batch's share of the mini-batch
+            share = (len(x) / ctx.batch_images) if ctx.batch_images else 1.0
+            statistics.add("running_mean", mean * share)
+            statistics.add("running_var", var * share)
+        return rows.reshape(x.shape), (xc, std)
 
     def backward(self, dout, saved, grads, ctx):
-        xc, std, mean, var = saved
+        xc, std = saved
         ones = ctx.ws.array(self, "ones", (len(xc),), xc.dtype)
         if ctx.dry:
             return dout
         rows = dout.reshape(xc.shape)
         n = len(rows)
-        # the statistics, weighted by the micro-batch's share of the mini-batch
-        share = (len(dout) / ctx.batch_images) if ctx.batch_images else 1.0
-        grads.add("running_mean", mean * share)
-        grads.add("running_var", var * share)
         dbeta = column_sums(rows, ones)
         dgamma = np.einsum("ij,ij->j", xc, rows) / std  # sum of dout * xn
         grads.add("beta", dbeta)
@@ -626,6 +850,20 @@ class BatchNormalization(Layer):
             running = getattr(self, name)
             running *= self.momentum
             running += (1 - self.momentum) * statistics[name]
+
+    def initial(self, name, rng, weight_init, dtype):
+        # scales and variances start at one, shifts and means at zero
+        if name in ("gamma", "running_var"):
+            return np.ones(self.shape_of(name), dtype)
+        return super().initial(name, rng, weight_init, dtype)
+
+    def onnx(self, graph, x):
+        # BatchNormalization-9: per channel C of (N, C, ...) at any rank, running
+        # statistics (before 9, `spatial` chose); from 14 training_mode, here 0
+        return graph.node("BatchNormalization", 9,
+                          [x, *(graph.param(self, name)
+                                for name in ("gamma", "beta", "running_mean", "running_var"))],
+                          epsilon=self.EPS)
 
     def describe(self):
         return f"batchnorm {self.in_shape[-1]}"
@@ -652,22 +890,16 @@ def softmax_cross_entropy(scores: np.ndarray, labels: np.ndarray, batch_total: i
     return float(loss), scores
 
 
-# The layer types a config can name ([[network.layers]] type = ...).
-LAYER_TYPES = {"conv": Convolution, "relu": ReLU, "pool": MaxPooling, "affine": Affine,
-               "dropout": Dropout, "batchnorm": BatchNormalization}
-# Layers that take a map (H, W, C), not a vector.
-_MAP_LAYERS = (Convolution, MaxPooling)
-
-
-def build_layer(spec: dict, in_shape, number: int = 1) -> Layer:
-    """A layer from one [[network.layers]] table of a config (the `number`-th)."""
+def build_layer(spec: dict, in_shape, types: dict, number: int = 1) -> Layer:
+    """A layer from one [[network.layers]] table of a config (the `number`-th), of one
+    of `types` (kind -> class)."""
     kind = spec.get("type")
     name = f"layer {number} ({kind})"
-    cls = LAYER_TYPES.get(kind)
+    cls = types.get(kind)
     if cls is None:
-        raise LowmemError(f"{name}: unknown layer type ({', '.join(LAYER_TYPES)})")
+        raise LowmemError(f"{name}: unknown layer type ({', '.join(types)})")
     try:
-        if issubclass(cls, _MAP_LAYERS) and len(in_shape) != 3:
+        if cls.takes_map and len(in_shape) != 3:
             raise ValueError(f"needs a map, but its input is a vector of {in_shape[0]}")
         return cls.from_spec(spec, tuple(in_shape))
     except KeyError as err:

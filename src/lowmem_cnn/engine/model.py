@@ -11,25 +11,18 @@ thread order at the end, so the result does not depend on timing.
 
 from __future__ import annotations
 
+import math
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 
-from lowmem_cnn.files import book_layout
-from lowmem_cnn.files.config import NetworkConfig
-from lowmem_cnn.engine.conv_pool import ConvolutionPooling
 from lowmem_cnn.common.errors import LowmemError
 from lowmem_cnn.engine.executor import run_shared
-from lowmem_cnn.engine.layers import (Convolution, Gradients, MaxPooling, ReLU, build_layer,
-                               softmax_cross_entropy)
+from lowmem_cnn.engine.layer_types import LAYER_TYPES
+from lowmem_cnn.engine.layers import Gradients, Statistics, build_layer, softmax_cross_entropy
+from lowmem_cnn.engine.network_config import NetworkConfig
 from lowmem_cnn.engine.workspace import Context, Recording, Workspace
-
-# A convolution with at most this many input channels is fused with the pooling after
-# it (see conv_pool.py). With more channels im2col's columns are cheap to copy and the
-# fused layer's extra multiply-adds cost more than it saves.
-FUSE_MAX_CHANNELS = 4
-# Weights are drawn this many at a time (float64: 512 KiB of temporaries).
-INIT_CHUNK = 1 << 16
 
 
 class Network:
@@ -50,17 +43,16 @@ class Network:
         shape = self.input_shape
         layers = []
         for number, spec in enumerate(config.layers, start=1):
-            layer = build_layer(spec, shape, number)
+            layer = build_layer(spec, shape, LAYER_TYPES, number)
             layers.append(layer)
             shape = layer.out_shape
         if len(shape) != 1:
             raise LowmemError(f"{config.name}: the last layer must be affine (scores), not a map")
         self.classes = shape[0]
-        self.layers = _fuse_conv_pool(_pool_before_relu(layers))
-        # the layers that work in tiles, in order: a plan has a tile size for each (a
-        # convolution's is column rows, a fused convolution and pooling's is images)
-        self.tiled = [layer for layer in self.layers
-                      if isinstance(layer, (Convolution, ConvolutionPooling))]
+        self.layers = _fused(_max_before_monotone(layers))
+        # the layers that work in tiles, in order: a plan has a tile size for each (in
+        # the layer's tile_unit)
+        self.tiled = [layer for layer in self.layers if layer.tile_unit]
         # The first layer's input gradient is never needed.
         self.layers[0].need_input_grad = False
         self.draws_noise = any(layer.draws_noise for layer in self.layers)
@@ -98,45 +90,22 @@ class Network:
         yield from self.state_names()
 
     def init_params(self, rng: np.random.Generator):
-        init = self.config.weight_init
         for _, layer, name in self._all_names():
-            shape = {**layer.param_shapes, **layer.state_shapes}[name]
-            # scales (gamma) and variances start at one, other values at zero
-            value = (np.ones if name in ("gamma", "running_var") else np.zeros)(shape, self.dtype)
-            if name == "W":
-                # He: std sqrt(2 / inputs of one output), as the book's DeepConvNet
-                std = np.sqrt(2.0 / shape[0]) if init == "he" else init
-                # drawn in float64 a chunk at a time, so that the temporaries stay small
-                # (the draws are the same as one whole-array draw's)
-                flat = value.reshape(-1)
-                for lo in range(0, flat.size, INIT_CHUNK):
-                    part = rng.standard_normal(min(INIT_CHUNK, flat.size - lo))
-                    part *= std
-                    flat[lo : lo + len(part)] = part
-            setattr(layer, name, value)
+            setattr(layer, name, layer.initial(name, rng, self.config.weight_init, self.dtype))
         self._grads = None
 
     def thread_grads(self, plan) -> list:
         """One set of gradient arrays per thread the plan uses (key -> array), made on
         first use (evaluation needs none). Their sum is the gradient; see also `grads`."""
-        return [flat for flat, _ in self._gradient_sets()[: plan.threads]]
+        return [sums.grads for sums in self._gradient_sets()[: plan.threads]]
 
-    def _gradient_sets(self) -> list:
-        """Per thread: (key -> array, the same arrays as one Gradients per layer). Besides
-        the parameters' gradients, they hold the batch statistics of the layers that keep
-        them (under their state names).
+    def _gradient_sets(self) -> list[ThreadSums]:
+        """Per thread, what its micro-batches add into (see ThreadSums).
 
         One set for every thread built, whatever the plan uses now: a later plan may use
         more, and the baseline (measure_baseline's warm-up) holds them all."""
         if self._grads is None:
-            self._grads = []
-            for _ in self.workspaces:
-                flat = {key: np.zeros_like(getattr(layer, name))
-                        for key, layer, name in self._all_names()}
-                per_layer = {id(layer): Gradients() for layer in self.layers}
-                for key, layer, name in self._all_names():
-                    per_layer[id(layer)][name] = flat[key]
-                self._grads.append((flat, [per_layer[id(layer)] for layer in self.layers]))
+            self._grads = [ThreadSums.of(self) for _ in self.workspaces]
         return self._grads
 
     def params(self) -> dict:
@@ -157,21 +126,20 @@ class Network:
         return first
 
     def expected_book_shapes(self) -> dict:
-        return {key: book_layout.book_shape(layer, name) for key, layer, name in self._all_names()}
+        return {key: layer.book_shape(name) for key, layer, name in self._all_names()}
 
     def load_book_params(self, params: dict):
         """Take checked arrays in the book's layout (see params.check_params)."""
         for key, layer, name in self._all_names():
-            setattr(layer, name, book_layout.from_book(layer, name, params[key], self.dtype))
+            setattr(layer, name, layer.from_book(name, params[key], self.dtype))
         self._grads = None
 
     def book_params(self) -> dict:
-        return {key: book_layout.to_book(layer, name, getattr(layer, name))
-                for key, layer, name in self._all_names()}
+        return {key: layer.to_book(name, getattr(layer, name)) for key, layer, name in self._all_names()}
 
     def param_bytes(self) -> int:
         """Bytes of the parameters and the kept statistics."""
-        return sum(book_layout.size(layer, name) for _, layer, name in self._all_names()
+        return sum(math.prod(layer.shape_of(name)) for _, layer, name in self._all_names()
                    ) * self.dtype.itemsize
 
     # --- running ----------------------------------------------------------------
@@ -197,8 +165,9 @@ class Network:
             np.copyto(x, nhwc, casting="unsafe")  # the caller checked the dtype is real numbers
         return x
 
-    def _tiles(self, plan) -> dict:
-        return dict(zip(map(id, self.tiled), plan.tiles, strict=True))
+    def tile_map(self, tiles) -> dict:
+        """id(layer) -> its tile, from a plan's tiles (one per tiled layer, in order)."""
+        return dict(zip(map(id, self.tiled), tiles, strict=True))
 
     def scores(self, x: np.ndarray, ctx: Context | None = None) -> np.ndarray:
         """The last layer's output; from ctx's workspace if given, so valid until its next
@@ -227,7 +196,7 @@ class Network:
         (forward only, or forward and backward) with `tiles` (one per tiled layer): the
         same calls as a real pass, against a Recording workspace."""
         ws = Recording()
-        ctx = Context(ws, train, dict(zip(map(id, self.tiled), tiles, strict=True)), None, m)
+        ctx = Context(ws, train, self.tile_map(tiles), None, m)
         images = np.broadcast_to(np.zeros((), np.uint8), (m, self.input_size))
         if train:
             self._gradient(images, None, ctx, [None] * len(self.layers))
@@ -235,12 +204,27 @@ class Network:
             self.scores(self.to_input(images, ws), ctx)
         return ws.held_bytes()
 
+    def layer_recordings(self, m: int, train: bool, tiles: tuple) -> list[Recording]:
+        """Per layer, what it asks of a workspace for a micro-batch of m images (forward
+        only, or forward and backward) with `tiles`, run alone: its own figures, the
+        arrays it shares with other layers included."""
+        recordings = []
+        tile_map = self.tile_map(tiles)
+        for layer in self.layers:
+            ctx = Context(Recording(), train, tile_map, None, m)
+            x = np.broadcast_to(np.zeros((), self.dtype), (m, *layer.in_shape))
+            out, saved = layer.forward(x, ctx)
+            if train:
+                layer.backward(out, saved, None, ctx)
+            recordings.append(ctx.ws)
+        return recordings
+
     def held_bytes(self) -> int:
         """Bytes of what release_memory gives back: the workspaces' arrays and the
         gradient sets (so that a caller can tell its own memory from the network's)."""
         held = sum(ws.held_bytes() for ws in self.workspaces)
         if self._grads is not None:
-            held += sum(grad.nbytes for flat, _ in self._grads for grad in flat.values())
+            held += sum(sums.nbytes() for sums in self._grads)
         return held
 
     def release_memory(self):
@@ -271,7 +255,7 @@ class Network:
         micro_batch = plan.eval_micro_batch
         starts = list(range(0, len(images), micro_batch))
         self._use_workspaces(plan, False)
-        tiles = self._tiles(plan)
+        tiles = self.tile_map(plan.tiles)
 
         def work(start, t):
             ctx = Context(self.workspaces[t], False, tiles)
@@ -292,7 +276,7 @@ class Network:
         micro_batch = plan.micro_batch if noisy else plan.eval_micro_batch
         starts = list(range(0, n, micro_batch))
         self._use_workspaces(plan, noisy)
-        tiles = self._tiles(plan)
+        tiles = self.tile_map(plan.tiles)
 
         def work(start, t):
             noise = np.random.default_rng([*noise_key, start]) if noisy else None
@@ -321,56 +305,88 @@ class Network:
         starts = list(range(0, total, micro_batch))
         sets = self._gradient_sets()
         self._use_workspaces(plan, True)
-        tiles = self._tiles(plan)
+        tiles = self.tile_map(plan.tiles)
 
         def work(start, t):
             if start == starts[t]:  # the thread's first micro-batch
-                for grads in sets[t][1]:
-                    grads.restart()
+                sets[t].restart()
             noise = np.random.default_rng([*noise_key, start]) if self.draws_noise else None
-            ctx = Context(self.workspaces[t], True, tiles, noise, total)
+            ctx = Context(self.workspaces[t], True, tiles, noise, total, sets[t].statistics)
             return self._gradient(images[start : start + micro_batch],
-                                  labels[start : start + micro_batch], ctx, sets[t][1], pixels)
+                                  labels[start : start + micro_batch], ctx, sets[t].layer_grads, pixels)
 
         losses = self._map(plan, work, starts)
-        for flat, _ in sets[len(starts) : plan.threads]:  # threads that had no micro-batch
-            for grad in flat.values():
-                grad.fill(0)
+        for sums in sets[len(starts) : plan.threads]:  # threads that had no micro-batch
+            sums.zero()
         self._update_statistics(sets[: plan.threads])
         return float(sum(losses)) / total
 
     def _update_statistics(self, sets):
         """The layers that keep statistics move them by this mini-batch's, which the
         threads' sets hold (added in thread order: the result does not depend on timing)."""
-        for index, layer in enumerate(self.layers):
+        for layer in self.layers:
             if layer.state_shapes:
-                statistics = {name: sum(grads[index][name] for _, grads in sets)
+                statistics = {name: sum(sums.statistics[id(layer)].value(name) for sums in sets)
                               for name in layer.state_shapes}
                 layer.update_state(statistics)
 
 
-def _pool_before_relu(layers):
-    """ReLU then max-pooling equals max-pooling then ReLU (max commutes with a
-    monotone function), and the gradient is the same; the ReLU then touches a
-    quarter of the values. Swap every such pair."""
+@dataclass
+class ThreadSums:
+    """What one thread's micro-batches add into: the gradients (key -> array, and the
+    same arrays as one layers.Gradients per layer) and, apart, the batch statistics of
+    the layers that keep them (id(layer) -> layers.Statistics, under their state names)."""
+
+    grads: dict
+    layer_grads: list
+    statistics: dict
+    statistic_arrays: list
+
+    @classmethod
+    def of(cls, network: Network) -> ThreadSums:
+        grads = {key: np.zeros_like(getattr(layer, name)) for key, layer, name in network.param_names()}
+        layer_grads = [Gradients({name: grads[key] for key, owner, name in network.param_names()
+                                  if owner is layer}) for layer in network.layers]
+        arrays, statistics = [], {}
+        for layer in network.layers:
+            if layer.state_shapes:
+                named = {name: np.zeros_like(getattr(layer, name)) for name in layer.state_shapes}
+                arrays += named.values()
+                statistics[id(layer)] = Statistics(named)
+        return cls(grads, layer_grads, statistics, arrays)
+
+    def restart(self):
+        for sums in (*self.layer_grads, *self.statistics.values()):
+            sums.restart()
+
+    def zero(self):
+        for array in (*self.grads.values(), *self.statistic_arrays):
+            array.fill(0)
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (*self.grads.values(), *self.statistic_arrays))
+
+
+def _max_before_monotone(layers):
+    """A monotone layer (ReLU) then a max over windows equals the max then the
+    monotone layer (max commutes with a nondecreasing function), and the gradient is the
+    same; the monotone layer then touches a quarter of the values. Swap every such pair."""
     layers = list(layers)
     for i in range(len(layers) - 1):
-        if isinstance(layers[i], ReLU) and isinstance(layers[i + 1], MaxPooling):
+        if layers[i].monotone and layers[i + 1].takes_max:
             pool = layers[i + 1]
-            layers[i], layers[i + 1] = pool, ReLU(pool.out_shape)
+            layers[i], layers[i + 1] = pool, type(layers[i])(pool.out_shape)
     return layers
 
 
-def _fuse_conv_pool(layers):
-    """Replace each convolution with few input channels that is followed by a
-    non-overlapping pooling by one ConvolutionPooling layer."""
+def _fused(layers):
+    """Each pair of layers that one layer computes together (see Layer.fused_with),
+    replaced by it."""
     fused = []
     for layer in layers:
-        previous = fused[-1] if fused else None
-        if (isinstance(layer, MaxPooling) and isinstance(previous, Convolution)
-                and layer.stride == layer.size and previous.stride == 1
-                and previous.in_shape[2] <= FUSE_MAX_CHANNELS):
-            fused[-1] = ConvolutionPooling(previous, layer)
+        together = fused[-1].fused_with(layer) if fused else None
+        if together is not None:
+            fused[-1] = together
         else:
             fused.append(layer)
     return fused

@@ -45,6 +45,10 @@ class Workspace:
     def held_bytes(self) -> int:
         return sum(array.nbytes for array in self._arrays.values())
 
+    def bytes_of(self, names) -> int:
+        """Bytes of the arrays held under any of `names` (whatever their owner)."""
+        return sum(array.nbytes for (_, name), array in self._arrays.items() if name in names)
+
     def clear(self):
         self._arrays.clear()
 
@@ -72,6 +76,11 @@ class Recording(Workspace):
     def held_bytes(self) -> int:
         return sum(size * dtype.itemsize for size, dtype in self._sizes.values())
 
+    def bytes_of(self, names) -> int:
+        """Bytes of the arrays recorded under any of `names` (whatever their owner)."""
+        return sum(size * dtype.itemsize for (_, name), (size, dtype) in self._sizes.items()
+                   if name in names)
+
     def clear(self):
         self._sizes.clear()
 
@@ -80,14 +89,17 @@ class Recording(Workspace):
 class Context:
     """What a layer's forward and backward are given besides the data: the thread's
     workspace, training or not, the plan's tile sizes (by layer), the Generator
-    dropout draws its masks from (None: dropout scales, as at test time) and the images
-    of the whole mini-batch (training: batch statistics are weighted by it)."""
+    dropout draws its masks from (None: dropout scales, as at test time), the images
+    of the whole mini-batch (training: batch statistics are weighted by it) and where
+    the batch statistics go."""
 
     ws: Workspace = field(default_factory=Workspace)
     train: bool = False
     tiles: dict = field(default_factory=dict)  # id(layer) -> tile size
     dropout_rng: np.random.Generator | None = None  # (a string: numpy.random is not imported)
     batch_images: int = 0
+    # id(layer) -> the thread's layers.Statistics of the layers that measure the batch
+    statistics: dict | None = None
 
     @property
     def dry(self) -> bool:

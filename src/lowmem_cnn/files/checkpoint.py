@@ -24,11 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from lowmem_cnn.files.config import MAX_LAYERS, checked_classes, checked_input_shape, shown, shown_name
-from lowmem_cnn.data.datasets import open_regular
+from lowmem_cnn.files.config import MAX_LAYERS, checked_classes, checked_input_shape
 from lowmem_cnn.common.errors import LowmemError
-from lowmem_cnn.common.writing import atomic_write
-from lowmem_cnn.common.reading import parse_json
+from lowmem_cnn.common.writing import HashingWriter, atomic_write
+from lowmem_cnn.common.reading import open_regular, parse_json, shown, shown_name
 
 MAGIC = b"LOWMEM-CNN CHECKPOINT\n"
 # 2: the plan records tile sizes per tiled layer ("tiles"), fused layers included
@@ -59,15 +58,6 @@ _DTYPES = {np.dtype(order + code).str: np.dtype(order + code)
            for order in "<>"}
 
 
-class _HashingWriter:
-    def __init__(self, f):
-        self.f, self.digest = f, hashlib.sha256()
-
-    def write(self, data):
-        self.digest.update(data)
-        self.f.write(data)
-
-
 def write_checkpoint(path: Path, meta: dict, arrays: dict):
     descriptors, offset = [], 0
     for name, array in arrays.items():
@@ -80,11 +70,11 @@ def write_checkpoint(path: Path, meta: dict, arrays: dict):
         raise LowmemError(f"cannot write checkpoint {path}: its header ({len(header):,} bytes) is "
                           f"over the {HEADER_LIMIT:,} a checkpoint holds")
     with atomic_write(Path(path), "checkpoint") as f:
-        out = _HashingWriter(f)
+        out = HashingWriter(f)
         out.write(MAGIC + _PREFIX.pack(VERSION, len(header)) + header)
         for array in arrays.values():
             out.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
-        f.write(out.digest.digest())
+        f.write(out.sha256.digest())
 
 
 def _verify(f, path: Path, size: int):
@@ -205,7 +195,7 @@ def _check_header(path: Path, header, region: int) -> tuple[dict, list]:
 def _number(value, low=-math.inf, high=math.inf, finite=True) -> bool:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
-    if not math.isfinite(value):
+    if isinstance(value, float) and not math.isfinite(value):  # (isfinite of a huge int overflows)
         return not finite
     return low <= value <= high
 
@@ -342,6 +332,13 @@ def check_run_meta(path: Path, meta: dict):
             raise LowmemError(f"{what}: its history's epoch {epoch} is {shown(record)}")
 
 
+def network_arrays(network) -> dict:
+    """The network's parameters and statistics as a checkpoint names them (param/W1,
+    state/...): the network's own arrays, so that copying into them sets the network."""
+    return {**{f"param/{key}": value for key, value in network.params().items()},
+            **{f"state/{key}": value for key, value in network.state().items()}}
+
+
 def check_run_arrays(path: Path, meta: dict, arrays: dict, run):
     """The arrays of a training checkpoint are those of the training.TrainingRun `run`: the
     network's parameters and statistics (their shapes and its dtype), the optimizer's
@@ -349,8 +346,7 @@ def check_run_arrays(path: Path, meta: dict, arrays: dict, run):
     (a permutation of the training images, when an epoch is under way)."""
     network, optimizer, loop = run.network, run.optimizer, run.loop
     what = f"{path}: not a usable training checkpoint"
-    kept = {f"param/{key}": value for key, value in network.params().items()}
-    kept.update({f"state/{key}": value for key, value in network.state().items()})
+    kept = network_arrays(network)
     for name, value in kept.items():
         found = arrays.get(name)
         if found is None or found.shape != value.shape:  # a checkpoint from before `network`

@@ -4,36 +4,18 @@ import math
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field, make_dataclass, replace
+from dataclasses import dataclass, field, make_dataclass
 from importlib import resources
 from pathlib import Path
 
 from lowmem_cnn.common.errors import LowmemError
-from lowmem_cnn.engine.layers import FRACTIONS, LAYER_TYPES, REQUIRED, SAME_AS_SIZE
+from lowmem_cnn.common.reading import read_small_regular_file, shown, shown_name
+from lowmem_cnn.engine.layer_types import LAYER_TYPES
+from lowmem_cnn.engine.layers import FRACTIONS, REQUIRED, SAME_AS_SIZE
+from lowmem_cnn.engine.network_config import NetworkConfig
 from lowmem_cnn.training.run_options import CONFIG_OPTIONS
 
 DEFAULT_CONFIG = "simple_convnet"
-
-
-@dataclass(frozen=True)
-class NetworkConfig:
-    name: str
-    input_shape: tuple  # (C, H, W), as the book writes it
-    layers: tuple
-    weight_init: str | float  # "he" (std sqrt(2 / inputs of the layer)) or a fixed std
-    class_names: tuple | None = None  # set for data with named classes (image folders)
-
-    def for_data(self, input_shape, class_names) -> "NetworkConfig":
-        """This network for other data: its input shape (C, H, W), and as many scores as
-        the data has classes (the last affine layer's units)."""
-        layers = [dict(layer) for layer in self.layers]
-        last = max((i for i, layer in enumerate(layers) if layer.get("type") == "affine"),
-                   default=None)
-        if last is None:
-            raise LowmemError(f"{self.name}: has no affine layer to give the classes' scores")
-        layers[last]["units"] = len(class_names)
-        return replace(self, input_shape=tuple(input_shape), layers=tuple(layers),
-                       class_names=tuple(class_names))
 
 
 # A config's [training]: the run options declared `in_config` (run_options), with their
@@ -129,8 +111,6 @@ def parse_config(where, data: bytes) -> dict:
 
 
 def _read(name_or_path: str, shipped_only: bool = False) -> tuple[str, dict]:
-    from lowmem_cnn.common.reading import read_small_regular_file  # it imports this module
-
     path = Path(name_or_path)
     if not shipped_only and (path.suffix == ".toml" or os.path.lexists(path)):
         data = read_small_regular_file(path, CONFIG_BYTES, "a config")
@@ -178,8 +158,9 @@ def _refuse_unknown(where: str, table: dict, known):
         if key not in known:
             near = _nearest(key, known)
             hint = f": did you mean {near[0]}?" if near else ""
+            settings = [name for name in known if name != "type"]  # a layer's type is no setting
             raise ValueError(f"{where} has no {shown_name(key)}{hint} (it takes "
-                             f"{', '.join(known) or 'no setting'})")
+                             f"{', '.join(settings) or 'no setting'})")
 
 
 def _network(data: dict, source: str) -> NetworkConfig:
@@ -216,7 +197,7 @@ def _network(data: dict, source: str) -> NetworkConfig:
                          weight_init=init)
 
 
-# --- a network described as data: beside a parameter file (params.py), in a checkpoint ----
+# --- a network described as data: beside a parameter file (description.py), in a checkpoint
 
 # The settings of each layer type, with their defaults, as the layer classes declare them.
 LAYER_SETTINGS = {name: cls.settings for name, cls in LAYER_TYPES.items()}
@@ -235,17 +216,6 @@ def _nearest(word: str, known) -> list:
     import difflib  # only when a key is unknown
 
     return difflib.get_close_matches(word, known, n=1)
-
-
-def shown(value, most: int = 40) -> str:
-    """A value from an untrusted file as a message may print it: escaped, and short."""
-    text = repr(value)
-    return text if len(text) <= most else text[: most - 3] + "..."
-
-
-def shown_name(value) -> str:
-    """A name (a layer type, a setting) as a message says it: as it is if it prints."""
-    return value if isinstance(value, str) and value.isprintable() and len(value) <= 40 else shown(value)
 
 
 def _check_setting(number, kind, key, value, most=None):

@@ -2,21 +2,13 @@
 
 The graph is the network of `Network.layers`, in the engine's order (a ReLU moved
 behind the max-pooling after it, a convolution and its pooling fused: both give the
-same values as the config's order), NCHW as ONNX's operators are:
+same values as the config's order), NCHW as ONNX's operators are. Each layer writes
+its own nodes (`Layer.onnx`: a convolution's W in the book's (F, C, FH, FW), which is
+ONNX's OIHW; an affine layer's rows in the book's order, after a Flatten; dropout a Mul
+by 1 - ratio, as the book's dropout at inference); a layer ONNX cannot express says
+so. `--softmax` adds a Softmax at the end (probabilities, not scores).
 
-    conv                     -> Conv (W in the book's (F, C, FH, FW), which is ONNX's OIHW)
-    conv fused with its pool -> Conv, then MaxPool
-    pool                     -> MaxPool (no padding, the output size rounded down)
-    relu                     -> Relu
-    affine                   -> Flatten (after a map: C, then H, then W, the book's order),
-                                then Gemm (W in the book's row order)
-    dropout                  -> Mul by 1 - ratio: the book's dropout scales at inference
-                                (layers.Dropout), so the parameter files mean the same
-    batchnorm                -> BatchNormalization with the running mean and variance
-                                (per channel of a map, per unit of a vector), epsilon 1e-6
-    --softmax                -> Softmax at the end (probabilities, not scores)
-
-The opset: each node written below declares the oldest opset at which its operator
+The opset: each node written declares the oldest opset at which its operator
 computes what the engine does (float32, with the attributes written here), and the
 model is stamped with the highest of those, so that old runtimes load it too (a
 runtime refuses a model whose IR version is newer than it knows: onnxruntime 1.16
@@ -44,10 +36,9 @@ from pathlib import Path
 import numpy as np
 
 from lowmem_cnn import __version__
-from lowmem_cnn.files import book_layout
-from lowmem_cnn.engine.conv_pool import ConvolutionPooling
 from lowmem_cnn.common.errors import LowmemError
-from lowmem_cnn.engine.layers import Affine, BatchNormalization, Convolution, Dropout, MaxPooling, ReLU
+from lowmem_cnn.engine.layer_types import LAYER_TYPES
+from lowmem_cnn.engine.layers import Layer, NotExportable
 
 # The graph's own declaration, as each node makes one: its weights are initializers
 # that are not also graph inputs, which IR version 4 allows first, and IR 4's opset
@@ -56,7 +47,8 @@ from lowmem_cnn.engine.layers import Affine, BatchNormalization, Convolution, Dr
 GRAPH_OPSET = 9
 INPUT = "input"
 SCORES, PROBABILITIES = "scores", "probabilities"
-EXPORTED_KINDS = "conv, pool, relu, affine, dropout, batchnorm"
+# the layer types that say their ONNX nodes (Layer.onnx)
+EXPORTED_KINDS = ", ".join(kind for kind, cls in LAYER_TYPES.items() if cls.onnx is not Layer.onnx)
 INSTALL_HINT = "pip install 'lowmem-cnn[onnx]'"
 
 
@@ -114,7 +106,7 @@ def save_onnx(network, out, softmax: bool = False, opset: int | None = None) -> 
         f.write(data)
     c, h, w = network.config.input_shape
     return Exported(out, *stamp, len(data), (c, h, w), PROBABILITIES if softmax else SCORES,
-                    class_names(network))
+                    network.config.named_classes(network.classes))
 
 
 def newest_known(onnx, opset: int | None) -> int:
@@ -124,11 +116,6 @@ def newest_known(onnx, opset: int | None) -> int:
         raise LowmemError(f"--opset {opset}: the installed onnx {onnx.__version__} knows opsets up "
                           f"to {newest}; choose one up to {newest}, or upgrade onnx")
     return newest
-
-
-def class_names(network) -> list:
-    names = network.config.class_names
-    return list(names) if names else [str(k) for k in range(network.classes)]
 
 
 def input_description(config) -> str:
@@ -161,71 +148,20 @@ def build_model(network, softmax: bool = False, opset: int | None = None):
     onnx = onnx_module()
     from onnx import TensorProto, helper, numpy_helper
 
-    keys = {(id(layer), name): key
-            for key, layer, name in (*network.param_names(), *network.state_names())}
-    nodes, weights = [], []
-    declared = [GRAPH_OPSET]  # each node adds the oldest opset at which it means ours
-    counter = iter(range(1, 1 << 30))
-
-    def initializer(layer, name):
-        value = getattr(layer, name)
-        book = book_layout.to_book(layer, name, value) if name == "W" else value
-        key = keys[id(layer), name]
-        weights.append(numpy_helper.from_array(np.ascontiguousarray(book, np.float32), key))
-        return key
-
-    def node(op, since, inputs, **attributes):
-        declared.append(since)
-        output = f"{op.lower()}{next(counter)}"
-        nodes.append(helper.make_node(op, inputs, [output], name=output, **attributes))
-        return output
-
-    def convolution(x, layer, conv):
-        k, s, p = conv.size, conv.stride, conv.pad
-        # Conv-1: explicit kernel, strides and pads mean the same in every version
-        return node("Conv", 1, [x, initializer(layer, "W"), initializer(layer, "b")],
-                    kernel_shape=[k, k], strides=[s, s], pads=[p, p, p, p])
-
-    def pooling(x, pool):
-        k, s = pool.size, pool.stride
-        # MaxPool-1: no pads, the output size rounded down (ceil_mode, from 10, is 0)
-        return node("MaxPool", 1, [x], kernel_shape=[k, k], strides=[s, s])
-
+    built = Graph(network, helper, numpy_helper)
     x = INPUT
     for layer in network.layers:
-        if isinstance(layer, ConvolutionPooling):
-            x = pooling(convolution(x, layer, layer.conv), layer.pool)
-        elif isinstance(layer, Convolution):
-            x = convolution(x, layer, layer)
-        elif isinstance(layer, MaxPooling):
-            x = pooling(x, layer)
-        elif isinstance(layer, ReLU):
-            x = node("Relu", 6, [x])  # Relu-6: Relu-1's consumed_inputs gone, the same max(0, x)
-        elif isinstance(layer, Affine):
-            if len(layer.in_shape) == 3:  # a map: C, then H, then W, as the book's rows
-                x = node("Flatten", 1, [x], axis=1)  # Flatten-1 has axis
-            # Gemm-7: the bias [units] broadcast over the rows (Gemm-6 needed broadcast=1)
-            x = node("Gemm", 7, [x, initializer(layer, "W"), initializer(layer, "b")])
-        elif isinstance(layer, Dropout):
-            keep = f"keep{next(counter)}"
-            weights.append(numpy_helper.from_array(np.array(1.0 - layer.ratio, np.float32), keep))
-            x = node("Mul", 7, [x, keep])  # Mul-7: a scalar broadcast (Mul-6 needed broadcast=1)
-        elif isinstance(layer, BatchNormalization):
-            # BatchNormalization-9: per channel C of (N, C, ...) at any rank, running
-            # statistics (before 9, `spatial` chose); from 14 training_mode, here 0
-            x = node("BatchNormalization", 9,
-                     [x, *(initializer(layer, name)
-                           for name in ("gamma", "beta", "running_mean", "running_var"))],
-                     epsilon=layer.EPS)
-        else:
-            raise LowmemError(f"{network.config.name}: its layer {_described(layer)} has no ONNX "
-                              f"export (exported: {EXPORTED_KINDS})")
+        try:
+            x = layer.onnx(built, x)
+        except NotExportable as err:
+            raise LowmemError(f"{network.config.name}: {err} (exported: {EXPORTED_KINDS})") from None
+    nodes, weights, node = built.nodes, built.weights, built.node
     output = PROBABILITIES if softmax else SCORES
     if softmax:
         # Softmax-1: on [N, classes] with axis 1, the same as Softmax-13's along axis 1
         node("Softmax", 1, [x], axis=1)
     nodes[-1].output[0] = output  # the last node's output is the graph's
-    oldest, newest = max(declared), newest_known(onnx, opset)
+    oldest, newest = max(built.declared), newest_known(onnx, opset)
     if opset is not None and opset < oldest:
         raise LowmemError(f"--opset {opset}: {network.config.name} can be written at opsets "
                           f"{oldest} to {newest} (its oldest is {oldest}, the installed onnx's "
@@ -248,7 +184,7 @@ def build_model(network, softmax: bool = False, opset: int | None = None):
         "input": input_description(network.config),
         "input_shape": json.dumps([c, h, w]),  # channels, height, width
         "preprocessing": preprocessing(network.config),
-        "classes": json.dumps(class_names(network)),
+        "classes": json.dumps(network.config.named_classes(network.classes)),
         "output": (f"'{output}': float32 [N, {network.classes}], "
                    + ("the probabilities" if softmax else "the scores (softmax gives the "
                       "probabilities)") + "; the class is the largest"),
@@ -259,8 +195,35 @@ def build_model(network, softmax: bool = False, opset: int | None = None):
     return model
 
 
-def _described(layer) -> str:
-    try:
-        return f"{layer.describe()!r} ({type(layer).__name__})"
-    except NotImplementedError:
-        return type(layer).__name__
+class Graph:
+    """What a layer adds its ONNX nodes to (Layer.onnx): nodes, with the oldest opset at
+    which each computes what the engine does, and the parameters as initializers."""
+
+    def __init__(self, network, helper, numpy_helper):
+        self._helper, self._numpy_helper = helper, numpy_helper
+        self._keys = {(id(layer), name): key
+                      for key, layer, name in (*network.param_names(), *network.state_names())}
+        self.nodes, self.weights = [], []
+        self.declared = [GRAPH_OPSET]  # each node adds the oldest opset at which it means ours
+        self._counter = iter(range(1, 1 << 30))
+
+    def node(self, op: str, since: int, inputs: list, **attributes) -> str:
+        """Add an `op` node that means ours from opset `since`; its output's name."""
+        self.declared.append(since)
+        output = f"{op.lower()}{next(self._counter)}"
+        self.nodes.append(self._helper.make_node(op, inputs, [output], name=output, **attributes))
+        return output
+
+    def param(self, layer, name: str) -> str:
+        """`layer`'s parameter or state `name`, in the book's layout, as float32 under the
+        parameter file's key."""
+        key = self._keys[id(layer), name]
+        book = layer.to_book(name, getattr(layer, name))
+        self.weights.append(self._numpy_helper.from_array(np.ascontiguousarray(book, np.float32), key))
+        return key
+
+    def constant(self, prefix: str, value: float) -> str:
+        """A float32 scalar."""
+        name = f"{prefix}{next(self._counter)}"
+        self.weights.append(self._numpy_helper.from_array(np.array(value, np.float32), name))
+        return name

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lowmem_cnn.engine.conv_pool import ConvolutionPooling
 from lowmem_cnn.common.errors import LowmemError
 from lowmem_cnn.engine.optimizers import CHUNK
 
@@ -54,6 +53,22 @@ MNIST_TRAIN_IMAGES = 60_000
 DATA_OPENING_BYTES = 512 * 1024
 # A label, a predicted label or a loss term: int64 or float64.
 VALUE_BYTES = 8
+# A budget that leaves less than this to decode a picture is refused at once (every
+# decode is estimated at 3 MiB at least, see imaging.decode_bytes).
+MIN_DECODE_BYTES = 4 * 2**20
+
+
+def decode_room(budget: int) -> int:
+    """Bytes one picture may take to decode: what the budget leaves (the decoding pass
+    holds one picture at a time)."""
+    from lowmem_cnn.memory.budget import current_rss, format_size
+
+    held = current_rss()
+    room = budget - held - MARGIN_BYTES
+    if room < MIN_DECODE_BYTES:
+        raise LowmemError(f"the budget of {budget:,} bytes leaves no room to decode pictures: the "
+                          f"process already holds {format_size(held)}")
+    return room
 
 
 class BudgetError(LowmemError):
@@ -205,7 +220,7 @@ def check_parameters_fit(network, budget: int, optimizer_copies: int | None = No
     anyway, so that the plan (which measures them) names the exact minimum.
     """
     from lowmem_cnn.memory.budget import current_rss
-    from lowmem_cnn.engine.model import INIT_CHUNK
+    from lowmem_cnn.engine.layers import INIT_CHUNK
 
     params = network.param_bytes()
     train = optimizer_copies is not None
@@ -270,15 +285,13 @@ def _make_plan(network, threads: int, budget: int, baseline: int, train: bool,
     one-row tiles fits.
     """
     tiled = network.tiled
-    fused = any(isinstance(layer, ConvolutionPooling) for layer in tiled)
+    fused = any(layer.tile_unit == "images" for layer in tiled)
     s = network.dtype.itemsize
-    fused_images = 1  # images per tile of the fused layers
+    fused_images = 1  # images per tile of the layers whose tiles are images
 
     def tiles_for(m, tile_bytes):
-        """Convolutions: column rows of about tile_bytes; fused layers: fused_images."""
-        return tuple(min(fused_images, m) if isinstance(layer, ConvolutionPooling)
-                     else min(max(1, tile_bytes // (layer.width * s)), m * layer.rows_per_image)
-                     for layer in tiled)
+        """Each layer's tile in its unit: column rows of about tile_bytes, or fused_images."""
+        return tuple(layer.tile_size(m, tile_bytes, fused_images, s) for layer in tiled)
 
     def activations(m, training, tiles):
         return _activations(network, m, training, threads, tiles)

@@ -4,7 +4,7 @@ An option's declaration gives its `train` flag and help (cli.py), whether a conf
 [training] has it and its default there (config.TrainingConfig), the check of its
 value (the command line, a config, a checkpoint's settings and a parameter file's
 description all use it), its field in training.Settings (so in checkpoints), whether
-the parameter file's description records it (params.TRAINING_FIELDS), and what
+the parameter file's description records it (description.TRAINING_FIELDS), and what
 `train --resume` does when it is given again. So whatever `train` accepts and
 records, every reader of what it wrote accepts too.
 """
