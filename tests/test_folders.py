@@ -15,7 +15,8 @@ from conftest import ROOT, need_module, run_lowmem
 from lowmem_cnn.data import folders
 from lowmem_cnn.data.idx import open_directory
 from lowmem_cnn.common.errors import LowmemError
-from lowmem_cnn.data.folders import SkippedFilesWarning, is_image_folder, open_folder
+from lowmem_cnn.data.folders import SkippedFilesWarning, open_folder
+from lowmem_cnn.data.idx import is_image_folder
 from lowmem_cnn.data.imaging import ImageRefused, mnist_style
 from lowmem_cnn.memory.planner import chosen_plan
 

@@ -116,8 +116,8 @@ def test_every_settings_field_the_cli_sets_is_declared_or_the_runs_own():
     settings_fields = {field.name: field for field in fields(Settings)}
     assert declared <= set(settings_fields)
     for option in RUN_OPTIONS:  # a checkpoint without the field means the option's default
-        if option.name not in ("epochs", "batch_size", "lr", "optimizer"):  # always recorded
-            assert settings_fields[option.name].default == option.default, option.name
+        assert settings_fields[option.name].default == option.default, option.name
+        assert settings_fields[option.name].type is option.kind, option.name
     # the shipped configs' [training] keys are all declared ones
     assert set(TRAINING_KEYS) == {option.name for option in RUN_OPTIONS if option.in_config}
     for name in ("simple_convnet", "photos"):

@@ -16,8 +16,7 @@ from lowmem_cnn.memory.budget import format_size, map_large_arrays, peak_rss, re
 from lowmem_cnn.files.config import DEFAULT_CONFIG, load_config
 from lowmem_cnn.data.idx import NoBar
 from lowmem_cnn.common.errors import LowmemError
-from lowmem_cnn.training.run_options import RUN_OPTIONS, TEST_SPLIT
-from lowmem_cnn.training.run import CHECKPOINT_SECONDS
+from lowmem_cnn.training.run_options import CHECKPOINT_SECONDS, RUN_OPTIONS, TEST_SPLIT
 
 BUDGET_HELP = ("Peak RAM (resident set size) the process may use: bytes, or K/M/G/T and "
                "KiB..TiB (powers of 1024), KB..TB (powers of 1000), e.g. 512M, 2G, 1.5GiB. "

@@ -608,11 +608,11 @@ def open_folder(root: Path, image_size=28, channels: int | None = None,
         test_fraction=test_fraction if drawn else None, seed=seed if drawn else None)
 
 
-def is_image_folder(directory: Path) -> bool:
-    """Whether `directory` looks like a folder of pictures rather than of IDX files: it
-    has folders in it and no MNIST-style IDX file."""
+def has_class_folders(directory: Path) -> bool:
+    """Whether `directory` has folders in it (besides those systems leave): a folder of
+    pictures, when it holds no IDX file (idx.is_image_folder)."""
     directory = Path(directory)
-    if not directory.is_dir() or any(directory.glob("*-idx[13]-ubyte*")):
+    if not directory.is_dir():
         return False
     with os.scandir(directory) as entries:
         return any(entry.is_dir() and not _ignored(entry) for entry in entries)

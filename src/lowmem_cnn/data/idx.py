@@ -402,13 +402,14 @@ def data_directory(data_dir: Path | None) -> tuple[Path | None, str | None]:
 
 
 def is_image_folder(data_dir: Path | None) -> bool:
+    """Whether the data directory holds a folder of pictures rather than IDX files."""
     directory, _ = data_directory(data_dir)
-    if directory is None:
+    if directory is None or not directory.is_dir() or any(directory.glob("*-idx[13]-ubyte*")):
         return False
-    # Imported only for a directory to look at: folders.py and what it brings (json,
-    # imaging) add 0.4 MiB of RSS that MNIST from the cache does not need.
+    # Imported only for a directory that may be one: folders.py and what it brings (json,
+    # imaging) add 0.4 MiB of RSS that MNIST does not need.
     from lowmem_cnn.data import folders
-    return folders.is_image_folder(directory)
+    return folders.has_class_folders(directory)
 
 
 def open_data(data_dir: Path | None = None, progress=None, folder: FolderOptions | None = None):

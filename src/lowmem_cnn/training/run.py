@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, make_dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,50 +18,38 @@ from lowmem_cnn.common.errors import LowmemError
 from lowmem_cnn.data.augment import NO_AUGMENTATION, Augmentation
 from lowmem_cnn.memory.planner import EVAL_READ, MNIST_TRAIN_IMAGES, Work
 from lowmem_cnn.training.epochs import EpochLoop
+from lowmem_cnn.training.run_options import CHECKPOINT_SECONDS, RUN_OPTIONS
 from lowmem_cnn.training.evaluation import check_image_shape, evaluate
 from lowmem_cnn.training.schedule import Schedule
 
 # Train accuracy after each epoch is measured on this many training images (the first ones).
 TRAIN_SAMPLE = 10_000
-# Without `checkpoint_every`, the checkpoint is written after this much training time.
-CHECKPOINT_SECONDS = 60
 
 
-@dataclass
-class Settings:
-    """What a run is: recorded in its checkpoint, so that a resumed run is the same run."""
-
-    config: str
-    dtype: str
-    epochs: int
-    batch_size: int
-    lr: float
-    optimizer: str
-    seed: int = 0
-    limit: int | None = None
-    out: str = "params.pkl"
-    max_ram: int = 0  # the budget in bytes
-    threads: int = 1
-    train_images: int | None = None  # known once the data is open
-    data: str | None = None  # data_identity of the training split
+# What a run is: recorded in its checkpoint, so that a resumed run is the same run. The
+# training options' fields come from their declarations (run_options.RUN_OPTIONS, with
+# their defaults); the others are the run's own.
+Settings = make_dataclass("Settings", [
+    ("config", str),
+    ("dtype", str),
+    *((option.name, option.kind, field(default=option.default)) for option in RUN_OPTIONS),
+    ("limit", int | None, field(default=None)),
+    ("out", str, field(default="params.pkl")),
+    ("max_ram", int, field(default=0)),  # the budget in bytes
+    ("threads", int, field(default=1)),
+    ("train_images", int | None, field(default=None)),  # known once the data is open
+    ("data", str | None, field(default=None)),  # data_identity of the training split
     # an image folder: the network's input (C, H, W), the class names, the split
-    input_shape: list | None = None
-    classes: list | None = None
-    test_fraction: float | None = None
-    split_seed: int | None = None  # a drawn split (folders.py): its seed; else None
-    strict: bool = False
-    # what helps photos learn (none of it by default: today's arithmetic)
-    augment: str = "none"  # augment.Augmentation, as text: "flip,crop:4"
-    weight_decay: float = 0.0
-    lr_schedule: str = "constant"  # schedule.SCHEDULES
-    warmup: float = 0.0  # epochs
-    val_split: float = 0.0  # the share of the training images held out for validation
-    keep: str = "last"  # or "best": the parameters of the best validation accuracy
-    patience: int | None = None  # stop after this many epochs without a better one
+    ("input_shape", list | None, field(default=None)),
+    ("classes", list | None, field(default=None)),
+    ("test_fraction", float | None, field(default=None)),
+    ("split_seed", int | None, field(default=None)),  # a drawn split (folders.py): its seed
+    ("strict", bool, field(default=False)),
     # the network trained, as its parameter file's description says it
     # (config.describe_network): a resumed run is this network whatever its config says now
-    network: dict | None = None
-
+    ("network", dict | None, field(default=None)),
+])
+Settings.__module__ = __name__
 
 
 # Mixed into the seed of the Generator that chooses the validation images.

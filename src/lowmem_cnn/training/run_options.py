@@ -22,6 +22,8 @@ from lowmem_cnn.training.schedule import SCHEDULES
 MAX_EPOCHS = 10**6
 # The longest --augment text: "flip,crop:64" is 12 characters.
 MAX_AUGMENT_TEXT = 100
+# Without --checkpoint-every, the checkpoint is written after this much training time.
+CHECKPOINT_SECONDS = 60
 
 
 @dataclass(frozen=True)
