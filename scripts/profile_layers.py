@@ -58,8 +58,8 @@ def load_revision(ref: str):
             text = subprocess.run(["git", "show", f"{ref}:src/lowmem_cnn/{name}"], cwd=HERE.parent,
                                   check=True, capture_output=True, text=True).stdout
             (package / name).parent.mkdir(parents=True, exist_ok=True)
-            (package / name).write_text(text.replace("lowmem_cnn.", "lowmem_cnn_ref."))
-    (package / "__init__.py").write_text("")
+            text = text.replace("lowmem_cnn.", "lowmem_cnn_ref.")
+            (package / name).write_text(text.replace("from lowmem_cnn import", "from lowmem_cnn_ref import"))
     sys.path.insert(0, str(root))
     return module("lowmem_cnn_ref", "layers")
 
