@@ -11,7 +11,7 @@ import pytest
 
 import lowmem_cnn
 from lowmem_cnn.engine.layer_types import LAYER_TYPES
-from lowmem_cnn.engine.layers import Layer
+from lowmem_cnn.engine.layers import Layer, Setting
 from lowmem_cnn.engine.workspace import Recording
 
 PACKAGE = Path(lowmem_cnn.__file__).parent
@@ -51,6 +51,8 @@ SPECS = {"conv": {"filters": 3, "size": 3, "pad": 1}, "pool": {"size": 2}, "avgp
 def test_each_type_answers_for_itself(kind):
     cls = LAYER_TYPES[kind]
     assert cls.kind == kind and re.fullmatch(r"[a-z_]+", kind)
+    # its settings say what they take: no table of setting names elsewhere
+    assert all(isinstance(setting, Setting) for setting in cls.settings.values())
     layer = cls.from_spec(SPECS.get(kind, {}), SHAPES["map" if cls.takes_map else "vector"])
     rng = np.random.default_rng(0)
     for name in (*layer.param_shapes, *layer.state_shapes):

@@ -7,12 +7,12 @@ in layers.py), with no column matrix.
 
 import numpy as np
 
-from lowmem_cnn.engine.layers import REQUIRED, SAME_AS_SIZE, Layer
+from lowmem_cnn.engine.layers import SAME_AS_SIZE, Layer, Setting
 
 
 class AveragePooling(Layer):
     kind = "avgpool"
-    settings = {"size": REQUIRED, "stride": SAME_AS_SIZE}
+    settings = {"size": Setting(), "stride": Setting(SAME_AS_SIZE)}
     takes_map = True
 
     def __init__(self, in_shape, size: int, stride: int):

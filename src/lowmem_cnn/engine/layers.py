@@ -27,6 +27,7 @@ other thread waited.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -105,8 +106,32 @@ class NotExportable(LowmemError):
 
 # A setting a config must give; a pooling's stride, which is its size unless given.
 REQUIRED, SAME_AS_SIZE = object(), object()
-# Settings that are numbers in [0, 1); every other setting is a whole number.
-FRACTIONS = ("ratio", "momentum")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting that a config's [[network.layers]] table gives a layer: its default
+    (REQUIRED: none) and what it takes: a number in [0, 1) if `fraction`, else a whole
+    number from `least`."""
+
+    default: object = REQUIRED
+    fraction: bool = False
+    least: int = 1
+
+    def problem(self, value, most: int | None = None) -> str | None:
+        """What is wrong with `value` for this setting (whole numbers up to `most`)."""
+        if self.fraction:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                return "is not a number in [0, 1)"
+        elif (not isinstance(value, int) or isinstance(value, bool) or value < self.least
+              or (most is not None and value > most)):
+            return (f"is not a {'non-negative' if self.least == 0 else 'positive'} whole number"
+                    + (f" up to {most:,}" if most else ""))
+        return None
+
+    def taken(self, value):
+        """`value` as the layer's constructor takes it."""
+        return float(value) if self.fraction else int(value)
 # Weights are drawn this many at a time (float64: 512 KiB of temporaries).
 INIT_CHUNK = 1 << 16
 
@@ -132,7 +157,7 @@ class Layer:
     need_input_grad = True  # the first layer's input gradient is never needed
     draws_noise = False  # uses ctx.dropout_rng in training
     # what a config's [[network.layers]] table gives it: the constructor's arguments by
-    # name, with their defaults (REQUIRED: none); config.py checks and describes them
+    # name (Setting); config.py checks and describes them
     settings: dict = {}
     takes_map = False  # its input is a map (H, W, C), not a vector
     # an elementwise nondecreasing function (ReLU): a max over windows after it can go
@@ -148,11 +173,11 @@ class Layer:
         """The layer of one [[network.layers]] table (KeyError: a required setting is
         missing)."""
         arguments = {}
-        for key, default in cls.settings.items():
-            value = spec.get(key, spec.get("size") if default is SAME_AS_SIZE else default)
+        for key, setting in cls.settings.items():
+            value = spec.get(key, spec.get("size") if setting.default is SAME_AS_SIZE else setting.default)
             if value is REQUIRED or value is None:
                 raise KeyError(key)
-            arguments[key] = float(value) if key in FRACTIONS else int(value)
+            arguments[key] = setting.taken(value)
         return cls(in_shape, **arguments)
 
     def forward(self, x, ctx: Context):
@@ -287,7 +312,7 @@ class Convolution(Layer):
     """
 
     kind = "conv"
-    settings = {"filters": REQUIRED, "size": REQUIRED, "stride": 1, "pad": 0}
+    settings = {"filters": Setting(), "size": Setting(), "stride": Setting(1), "pad": Setting(0, least=0)}
     takes_map = True
     tile_unit = "rows"
     column_arrays = ("columns", "grad_columns")
@@ -568,7 +593,7 @@ class MaxPooling(Layer):
     """
 
     kind = "pool"
-    settings = {"size": REQUIRED, "stride": SAME_AS_SIZE}
+    settings = {"size": Setting(), "stride": Setting(SAME_AS_SIZE)}
     takes_map = True
     takes_max = True
 
@@ -654,7 +679,7 @@ class MaxPooling(Layer):
 
 class Affine(Layer):
     kind = "affine"
-    settings = {"units": REQUIRED}
+    settings = {"units": Setting()}
 
     def __init__(self, in_shape, units: int):
         self.in_shape = tuple(in_shape)
@@ -724,7 +749,7 @@ class Dropout(Layer):
 
     kind = "dropout"
     draws_noise = True
-    settings = {"ratio": REQUIRED}
+    settings = {"ratio": Setting(fraction=True)}
 
     def __init__(self, in_shape, ratio: float):
         if not 0 <= ratio < 1:
@@ -785,7 +810,7 @@ class BatchNormalization(Layer):
     kind = "batchnorm"
     numbered = False
     EPS = 1e-6  # the book's 10e-7
-    settings = {"momentum": 0.9}
+    settings = {"momentum": Setting(0.9, fraction=True)}
 
     def __init__(self, in_shape, momentum: float = 0.9):
         if not 0 <= momentum < 1:

@@ -11,7 +11,7 @@ from pathlib import Path
 from lowmem_cnn.common.errors import LowmemError
 from lowmem_cnn.common.reading import read_small_regular_file, shown, shown_name
 from lowmem_cnn.engine.layer_types import LAYER_TYPES
-from lowmem_cnn.engine.layers import FRACTIONS, REQUIRED, SAME_AS_SIZE
+from lowmem_cnn.engine.layers import REQUIRED, SAME_AS_SIZE
 from lowmem_cnn.engine.network_config import NetworkConfig
 from lowmem_cnn.training.run_options import CONFIG_OPTIONS
 
@@ -219,15 +219,10 @@ def _nearest(word: str, known) -> list:
 
 
 def _check_setting(number, kind, key, value, most=None):
-    """One setting of a layer: a fraction in [0, 1) or a whole number (at most `most`)."""
-    where = f"layer {number} ({shown_name(kind)}): {shown_name(key)} = {shown(value)}"
-    if key in FRACTIONS:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-            raise ValueError(f"{where} is not a number in [0, 1)")
-    elif (not isinstance(value, int) or isinstance(value, bool)
-          or value < (0 if key == "pad" else 1) or (most is not None and value > most)):
-        raise ValueError(f"{where} is not a {'non-negative' if key == 'pad' else 'positive'} "
-                         "whole number" + (f" up to {most:,}" if most else ""))
+    """One setting of a layer, as the layer declares it (layers.Setting)."""
+    problem = LAYER_SETTINGS[kind][key].problem(value, most)
+    if problem:
+        raise ValueError(f"layer {number} ({shown_name(kind)}): {shown_name(key)} = {shown(value)} {problem}")
 
 
 def checked_input_shape(shape) -> list:
@@ -262,8 +257,8 @@ def _check_layer_values(number, kind, layer: dict):
     for key, value in layer.items():
         if key != "type":
             _check_setting(number, kind, key, value, MAX_WHOLE)
-    missing = [key for key, default in LAYER_SETTINGS[kind].items()
-               if default is REQUIRED and key not in layer]
+    missing = [key for key, setting in LAYER_SETTINGS[kind].items()
+               if setting.default is REQUIRED and key not in layer]
     if missing:
         raise ValueError(f"layer {number} ({kind}): missing {', '.join(missing)}")
 
@@ -279,10 +274,10 @@ def canonical_layers(layers) -> list:
             result.append(dict(layer))
             continue
         full = {"type": layer["type"]}
-        for key, default in settings.items():
-            value = layer.get(key, layer.get("size") if default is SAME_AS_SIZE else default)
+        for key, setting in settings.items():
+            value = layer.get(key, layer.get("size") if setting.default is SAME_AS_SIZE else setting.default)
             if value is not REQUIRED and value is not None:
-                full[key] = float(value) if key in FRACTIONS else value
+                full[key] = float(value) if setting.fraction else value
         result.append(full)
     return result
 
