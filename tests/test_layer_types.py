@@ -15,7 +15,7 @@ from lowmem_cnn.engine.layers import Layer, Setting
 from lowmem_cnn.engine.workspace import Recording
 
 PACKAGE = Path(lowmem_cnn.__file__).parent
-LAYER_CLASSES = {cls.__name__ for cls in LAYER_TYPES.values()} | {"ConvolutionPooling", "Layer"}
+LAYER_CLASSES = {cls.__name__ for cls in LAYER_TYPES.values()} | {"ConvolutionPooling", "Layer", "Pooling"}
 
 
 def layer_class_checks(path: Path, root: Path = PACKAGE) -> list[str]:

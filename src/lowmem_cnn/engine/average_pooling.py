@@ -1,5 +1,5 @@
-"""Average pooling: the mean over each window, taken over strided views (as max-pooling
-in layers.py), with no column matrix.
+"""Average pooling: the mean over each window (layers.Pooling: strided views, no column
+matrix).
 
     out[i, j] = sum of x over the window at (stride i, stride j) / size^2
     dx = dout / size^2, given back to every value of the window
@@ -7,30 +7,11 @@ in layers.py), with no column matrix.
 
 import numpy as np
 
-from lowmem_cnn.engine.layers import SAME_AS_SIZE, Layer, Setting
+from lowmem_cnn.engine.layers import Pooling
 
 
-class AveragePooling(Layer):
+class AveragePooling(Pooling):
     kind = "avgpool"
-    settings = {"size": Setting(), "stride": Setting(SAME_AS_SIZE)}
-    takes_map = True
-
-    def __init__(self, in_shape, size: int, stride: int):
-        h, w, c = in_shape
-        if size > h or size > w:
-            raise ValueError(f"a {size}x{size} pool is larger than its {h}x{w} input")
-        if stride < 1:
-            raise ValueError(f"stride {stride} is not a whole number above 0")
-        self.in_shape = (h, w, c)
-        self.size, self.stride = size, stride
-        self.out_shape = ((h - size) // stride + 1, (w - size) // stride + 1, c)
-
-    def _views(self, x):
-        """One strided view per position in the window, each shaped like the output."""
-        oh, ow, _ = self.out_shape
-        s = self.stride
-        return [x[:, i : i + s * (oh - 1) + 1 : s, j : j + s * (ow - 1) + 1 : s, :]
-                for i in range(self.size) for j in range(self.size)]
 
     def forward(self, x, ctx):
         out = ctx.ws.array(self, "out", (len(x), *self.out_shape), x.dtype)
@@ -68,12 +49,6 @@ class AveragePooling(Layer):
         # AveragePool-1: no pads (so count_include_pad, from 7, changes nothing), the
         # output size rounded down (ceil_mode, from 10, is 0)
         return graph.node("AveragePool", 1, [x], kernel_shape=[k, k], strides=[s, s])
-
-    def book_columns_bytes(self, n) -> int:
-        """The book's pooling makes a column of size^2 values per output (its max-pooling;
-        an average written the same way would make the same)."""
-        oh, ow, c = self.out_shape
-        return n * oh * ow * c * self.size * self.size * 8
 
     def describe(self):
         return f"avgpool {self.size}x{self.size} stride {self.stride}"

@@ -583,24 +583,19 @@ class ReLU(Layer):
         return "relu"
 
 
-class MaxPooling(Layer):
-    """Max over windows, taken over strided views: no column matrix at all.
+class Pooling(Layer):
+    """What the poolings share: size x size windows every `stride` values of each
+    channel, taken as strided views (no column matrix at all)."""
 
-    Training keeps the position of the maximum (0..size*size-1) as uint8; ties go to
-    the first position, as the book's argmax does. Every array comes from the thread's
-    Workspace: fresh ones were faulted in on every micro-batch (DeepConvNet's three
-    poolings, forward and backward, 50 images, one thread: 6.25 -> 4.61 ms).
-    """
-
-    kind = "pool"
     settings = {"size": Setting(), "stride": Setting(SAME_AS_SIZE)}
     takes_map = True
-    takes_max = True
 
     def __init__(self, in_shape, size: int, stride: int):
         h, w, c = in_shape
         if size > h or size > w:
             raise ValueError(f"a {size}x{size} pool is larger than its {h}x{w} input")
+        if stride < 1:
+            raise ValueError(f"stride {stride} is not a whole number above 0")
         self.in_shape = (h, w, c)
         self.size, self.stride = size, stride
         self.out_shape = ((h - size) // stride + 1, (w - size) // stride + 1, c)
@@ -611,6 +606,24 @@ class MaxPooling(Layer):
         s = self.stride
         return [x[:, i : i + s * (oh - 1) + 1 : s, j : j + s * (ow - 1) + 1 : s, :]
                 for i in range(self.size) for j in range(self.size)]
+
+    def book_columns_bytes(self, n) -> int:
+        """The book's pooling makes a column of size^2 values per output (its
+        max-pooling; an average written the same way would make the same)."""
+        oh, ow, c = self.out_shape
+        return n * oh * ow * c * self.size * self.size * 8
+
+
+class MaxPooling(Pooling):
+    """Max over windows. Training keeps the position of the maximum (0..size*size-1) as
+    uint8; ties go to the first position, as the book's argmax does. Every array comes
+    from the thread's Workspace: fresh ones were faulted in on every micro-batch
+    (DeepConvNet's three poolings, forward and backward, 50 images, one thread: 6.25 ->
+    4.61 ms).
+    """
+
+    kind = "pool"
+    takes_max = True
 
     def forward(self, x, ctx):
         ws = ctx.ws
@@ -668,10 +681,6 @@ class MaxPooling(Layer):
         k, s = self.size, self.stride
         # MaxPool-1: no pads, the output size rounded down (ceil_mode, from 10, is 0)
         return graph.node("MaxPool", 1, [x], kernel_shape=[k, k], strides=[s, s])
-
-    def book_columns_bytes(self, n) -> int:
-        oh, ow, c = self.out_shape
-        return n * oh * ow * c * self.size * self.size * 8
 
     def describe(self):
         return f"pool {self.size}x{self.size} stride {self.stride}"
