@@ -2,9 +2,10 @@
 
 Shapes are per image: (H, W, C) for maps, (D,) for vectors. `forward(x, ctx)` returns
 the output and what backward needs (None unless `ctx.train`); `backward(dout, saved,
-grads, ctx)` adds the parameter gradients into `grads` (a Gradients) and returns the
-input gradient. `ctx` (workspace.Context) holds the thread's Workspace, the plan's
-tile sizes and dropout's Generator. A layer takes every array it uses from
+grads, ctx)` writes or adds the parameter gradients into `grads` (a Gradients, which
+allows nothing else) and returns the input gradient. `ctx` (workspace.Context) holds
+the thread's Workspace, the plan's tile sizes, dropout's Generator and where batch
+statistics go (a Statistics per layer that keeps them). A layer takes every array it uses from
 `ctx.ws`, where it uses it; what it returns is then valid until the next micro-batch
 on that thread. Once it has asked for its arrays, a layer returns if `ctx.dry`: that
 is how the planner learns what it holds (see workspace.Recording), so no second table
