@@ -23,7 +23,7 @@ import math
 import numpy as np
 
 from lowmem_cnn.engine.columns import windows
-from lowmem_cnn.engine.layers import Layer, _profile_row, column_sums
+from lowmem_cnn.engine.layers import Layer, column_sums, profile_row
 
 
 class ConvolutionPooling(Layer):
@@ -236,11 +236,11 @@ class ConvolutionPooling(Layer):
 
     def profile_rows(self, recording, batch_size, tile):
         """Two rows, as the book has two layers: the columns are the convolution's."""
-        return [_profile_row(self.conv, self.conv.describe() + " (+pool)",
+        return [profile_row(self.conv, self.conv.describe() + " (+pool)",
                              self.conv.book_columns_bytes(batch_size),
                              recording.bytes_of(self.column_arrays), recording.held_bytes(),
                              tile, self.tile_unit),
-                _profile_row(self.pool, self.pool.describe() + " (in conv)",
+                profile_row(self.pool, self.pool.describe() + " (in conv)",
                              self.pool.book_columns_bytes(batch_size), 0, 0, None, None)]
 
     def describe(self):

@@ -248,12 +248,12 @@ class Layer:
     def profile_rows(self, recording, batch_size: int, tile: int | None) -> list[dict]:
         """Its rows of profile-memory: the book's whole-batch columns for `batch_size`
         images, and what it asked of `recording` (a workspace it ran alone in)."""
-        return [_profile_row(self, self.describe(), self.book_columns_bytes(batch_size),
+        return [profile_row(self, self.describe(), self.book_columns_bytes(batch_size),
                              recording.bytes_of(self.column_arrays), recording.held_bytes(),
                              tile, self.tile_unit)]
 
 
-def _profile_row(layer, name, book_bytes, column_bytes, workspace_bytes, tile, unit) -> dict:
+def profile_row(layer, name, book_bytes, column_bytes, workspace_bytes, tile, unit) -> dict:
     shape = layer.out_shape
     return {
         "layer": name,

@@ -151,16 +151,16 @@ def load_config(name_or_path: str = DEFAULT_CONFIG, shipped_only: bool = False) 
 NETWORK_KEYS = ("name", "input_shape", "weight_init", "layers")
 
 
-def _refuse_unknown(where: str, table: dict, known):
-    """ValueError for the first key of `table` not in `known`, naming the nearest one
-    (a typo such as strid is refused, not trained as a layer of stride 1)."""
+def _refuse_unknown(where: str, table: dict, known, besides=()):
+    """ValueError for the first key of `table` not in `known` nor `besides` (keys taken
+    that are not named among what it takes: a layer's type), naming the nearest one (a
+    typo such as strid is refused, not trained as a layer of stride 1)."""
     for key in table:
-        if key not in known:
-            near = _nearest(key, known)
+        if key not in known and key not in besides:
+            near = _nearest(key, (*besides, *known))
             hint = f": did you mean {near[0]}?" if near else ""
-            settings = [name for name in known if name != "type"]  # a layer's type is no setting
             raise ValueError(f"{where} has no {shown_name(key)}{hint} (it takes "
-                             f"{', '.join(settings) or 'no setting'})")
+                             f"{', '.join(known) or 'no setting'})")
 
 
 def _network(data: dict, source: str) -> NetworkConfig:
@@ -187,7 +187,7 @@ def _network(data: dict, source: str) -> NetworkConfig:
             raise ValueError(f"layer {number} ({shown_name(kind)}): unknown layer type"
                              f"{f': did you mean {near[0]}?' if near else ''} "
                              f"({', '.join(LAYER_SETTINGS)})")
-        _refuse_unknown(f"layer {number} ({kind})", layer, ("type", *LAYER_SETTINGS[kind]))
+        _refuse_unknown(f"layer {number} ({kind})", layer, LAYER_SETTINGS[kind], besides=("type",))
         _check_layer_values(number, kind, layer)
     init = net.get("weight_init", 0.01)
     if init != "he" and not (isinstance(init, (int, float)) and not isinstance(init, bool)
